@@ -1,0 +1,27 @@
+"""Names of the study and trial user attributes sft-optuna writes (what the dashboard and exports read)."""
+
+from __future__ import annotations
+
+STUDY_CONFIG = "sft_optuna.config"
+"""Study: the full validated config (JSON-able dict); workers read it, nothing else."""
+STUDY_FILE = "sft_optuna.study_file"
+"""Study: the path of the study file it was created from."""
+RETRAIN = "sft_optuna.retrain"
+"""Study: the result of ``sft-optuna retrain`` (test accuracy over seeds)."""
+
+HISTORY = "history"
+"""Trial: list of per-epoch figures (train loss, val accuracy, seconds, images/s, peak memory)."""
+REASON = "reason"
+"""Trial: why it ended when not COMPLETE: pruned at epoch k, diverged, out of memory, error, interrupted."""
+LINEAGE = "lineage"
+"""Trial: the number of the first trial of its retry chain (shares its checkpoint)."""
+RETRY_OF = "retry_of"
+"""Trial: the number of the failed trial this one retries."""
+RETRY = "retry"
+"""Trial: how many retries precede it in its lineage (0 for a first attempt)."""
+RESUMED_FROM_EPOCH = "resumed_from_epoch"
+"""Trial: the last epoch restored from the checkpoint (0: started fresh)."""
+HOST = "host"
+"""Trial: hostname:pid and device of the worker that ran it."""
+RETRYABLE_REASONS = ("interrupted",)
+"""Reasons whose trials are retried; a trial failed by a stale heartbeat has no reason and is retried too."""

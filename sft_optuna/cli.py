@@ -1,0 +1,220 @@
+"""``sft-optuna ...`` commands. ``main(argv) -> int`` so tests run the CLI in-process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from sft_optuna import attrs
+from sft_optuna.config import StudyConfig, load_study_file
+from sft_optuna.errors import UserError
+from sft_optuna.storage import mask_url, open_storage, resolve_url
+from sft_optuna.study import create_study, load_study, study_names
+from sft_optuna.worker import WorkerOptions, budget_used, run_worker
+
+__all__ = ["main"]
+
+log = logging.getLogger("sft_optuna")
+
+HEARTBEAT_INTERVAL_S = 30  # a beat costs one small write; 30 s keeps it negligible even with 32 workers
+GRACE_PERIOD_S = 120  # four missed beats: long enough to ride out a short database restart
+
+
+def _open(args: argparse.Namespace) -> tuple[Any, str]:
+    url = resolve_url(args.storage)
+    return open_storage(url, HEARTBEAT_INTERVAL_S, GRACE_PERIOD_S), url
+
+
+def _worker_options(args: argparse.Namespace) -> WorkerOptions:
+    return WorkerOptions(
+        device=args.device,
+        data_root=args.data_root,
+        n_trials=args.n_trials,
+        checkpoint_dir=None if args.checkpoint_dir == "none" else args.checkpoint_dir,
+        threads=args.threads,
+    )
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    config = load_study_file(args.study_file)
+    storage, url = _open(args)
+    _, created = create_study(config, storage, url, args.study_file)
+    print(f"{'created' if created else 'exists (same config)'}: study {config.name!r} in {mask_url(url)}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    storage, url = _open(args)
+    study, config = load_study(args.name, storage, url)
+    return run_worker(study, config, url, _worker_options(args))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_study_file(args.study_file)
+    storage, url = _open(args)
+    study, _ = create_study(config, storage, url, args.study_file)
+    code = run_worker(study, config, url, _worker_options(args))
+    _print_status(study, config)
+    return code
+
+
+def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def _print_status(study: optuna.Study, config: StudyConfig) -> None:
+    trials = study.get_trials(deepcopy=False)
+    states = Counter(t.state.name for t in trials)
+    print(f"study {config.name!r}: sampler {config.sampler.name}, pruner {config.pruner.name}")
+    print(
+        f"trials: budget {budget_used(trials)}/{config.budget.n_trials} used; "
+        + ", ".join(f"{s.name} {states.get(s.name, 0)}" for s in TrialState)
+    )
+    best = _best(study)
+    if best is not None:
+        print(f"best: trial {best.number} value {best.value:.4f} params {json.dumps(best.params)}")
+    for t in trials:
+        if t.state == TrialState.RUNNING:
+            history = t.user_attrs.get(attrs.HISTORY) or [{}]
+            last = history[-1]
+            print(
+                f"running: trial {t.number} epoch {last.get('epoch', 0)}/{t.params.get('epochs', config.train.epochs)}"
+                f" val_acc {last.get('val_acc', float('nan')):.4f} on {t.user_attrs.get(attrs.HOST, '?')}"
+            )
+    retrain = study.user_attrs.get(attrs.RETRAIN)
+    if retrain:
+        print(f"retrain: test accuracy {retrain['test_acc_mean']:.4f} ± {retrain['test_acc_std']:.4f} "
+              f"over {len(retrain['test_acc'])} seeds")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    storage, url = _open(args)
+    study, config = load_study(args.name, storage, url)
+    _print_status(study, config)
+    return 0
+
+
+def best_train_block(study: optuna.Study, config: StudyConfig) -> dict[str, Any]:
+    """The study's fixed train values with the best trial's parameters laid over them."""
+    best = _best(study)
+    if best is None:
+        raise UserError(f"study {config.name!r} has no completed trial yet")
+    from sft_optuna.objective import train_config_for
+
+    train = train_config_for(config, best.params)
+    return {"train": dict(vars(train)), "trial": best.number, "value": best.value}
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    storage, url = _open(args)
+    study, config = load_study(args.name, storage, url)
+    block = best_train_block(study, config)
+    if args.format == "json":
+        print(json.dumps(block, indent=2))
+    else:
+        print(f"# best trial {block['trial']} of study {config.name!r}: validation accuracy {block['value']:.4f}")
+        print(yaml.safe_dump({"train": block["train"]}, sort_keys=False), end="")
+    return 0
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    storage, url = _open(args)
+    names = study_names(storage)
+    if not names:
+        print(f"no studies in {mask_url(url)}")
+    for name in names:
+        study = optuna.load_study(study_name=name, storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        best = _best(study)
+        states = Counter(t.state.name for t in trials)
+        print(f"{name}\ttrials {len(trials)} ({', '.join(f'{k} {v}' for k, v in sorted(states.items()))})"
+              f"\tbest {f'{best.value:.4f}' if best is not None else '-'}")
+    return 0
+
+
+def _add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--data-root", default=None, help="where this node keeps the data (overrides data.root)")
+    p.add_argument("--n-trials", type=int, default=None, help="stop after this many trials of this worker")
+    p.add_argument("--checkpoint-dir", default="checkpoints",
+                   help="shared directory for per-epoch checkpoints, or 'none' (default: checkpoints)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: $OMP_NUM_THREADS)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    parser = argparse.ArgumentParser(prog="sft-optuna", description="Hyperparameter search for fine-tuning.")
+    parser.add_argument("--storage", default=None,
+                        help="storage URL (default: $SFT_OPTUNA_STORAGE, else sqlite:///sft-optuna.db)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("create", help="create a study from a study file (no-op if it exists unchanged)")
+    p.add_argument("study_file")
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("worker", help="pull trials of study NAME until its budget is spent")
+    p.add_argument("name")
+    _add_worker_args(p)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("run", help="create the study if needed, then work on it (one machine)")
+    p.add_argument("study_file")
+    _add_worker_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="trials by state, best value, running trials")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("best", help="the best trial's parameters as a train: block")
+    p.add_argument("name")
+    p.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    p.set_defaults(func=cmd_best)
+
+    p = sub.add_parser("studies", help="studies in the storage, with trial counts")
+    p.set_defaults(func=cmd_studies)
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level), format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("sft_optuna").setLevel(getattr(logging, level))
+    # Optuna's own INFO lines repeat ours ("Trial N finished ..."); keep its warnings.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # We use heartbeats with ask/tell on purpose (worker.py beats itself); these warnings would only alarm users.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code. User errors are one line on stderr, exit code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except UserError as exc:
+        print(f"sft-optuna: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main_entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""Study file -> typed, validated config objects. The only module that reads YAML.
+
+Every check on user input happens here, so that a bad file fails before anything touches a storage.
+Errors are one line: ``<file>: <key>: <what is wrong>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from sft_optuna.errors import ConfigError
+
+__all__ = [
+    "BudgetConfig",
+    "DataConfig",
+    "ModelConfig",
+    "ParamSpec",
+    "PrunerConfig",
+    "SamplerConfig",
+    "StudyConfig",
+    "TrainConfig",
+    "config_diff",
+    "load_study_file",
+    "parse_config",
+]
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    name: str = "tpe"
+    """Sampler, by name: ``tpe`` (Bayesian), ``random`` or ``grid`` (see ``samplers.py``)."""
+    seed: int | None = 0
+    """Study-wide seed; each trial's sampler RNG is derived from (seed, trial number)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Other keys of the ``sampler:`` mapping, passed to the sampler's constructor."""
+
+
+@dataclass(frozen=True)
+class PrunerConfig:
+    name: str = "median"
+    """Pruner, by name: ``median``, ``percentile``, ``hyperband``, ``successive_halving`` or ``none``."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Other keys of the ``pruner:`` mapping, passed to the pruner's constructor."""
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    n_trials: int = 20
+    """Trials for the whole study across all workers; every finished trial counts, whatever its state."""
+    max_retries: int = 2
+    """How often a trial whose worker died or was preempted is retried (resuming from its checkpoint)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["cifar10", "imagefolder"] = "cifar10"
+    """``cifar10``: the official python release under ``ROOT/cifar-10-batches-py``; ``imagefolder``:
+    ``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*``."""
+    root: str = "data"
+    """Where the dataset lies; a worker's ``--data-root`` overrides it (each node may keep data elsewhere)."""
+    download: bool = False
+    """``cifar10`` only: download the official release (checksum checked) if it is missing."""
+    val_size: int = 5000
+    """Images held out of the training set (stratified, seeded) for validation. The test set is never used."""
+    train_subset: int | None = None
+    """Cap on the training images (after the validation split), for quick runs. ``null``: all of them."""
+    image_size: int = 32
+    """Side of the stored images; ``imagefolder`` images of another size are resized once, when decoded."""
+    seed: int = 0
+    """Seed of the validation split and of the training subset."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    weights: str = "none"
+    """``imagenet`` (torchvision's ResNet18_Weights.IMAGENET1K_V1), ``none`` (random init) or a state-dict path."""
+    stem: Literal["imagenet", "cifar"] = "imagenet"
+    """``imagenet``: torchvision's 7x7/2 conv + max-pool; ``cifar``: 3x3/1 conv, no max-pool (for 32 px)."""
+    image_size: int = 32
+    """Images are upsampled on the device to this side before the model (pretrained features like >32 px)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    """Training epochs of a trial; validation accuracy is reported after each."""
+    batch_size: int = 128
+    """Training batch size."""
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    """``sgd`` (with momentum / nesterov) or ``adamw``."""
+    lr: float = 0.05
+    """Peak learning rate (after warmup)."""
+    momentum: float = 0.9
+    """SGD momentum (AdamW: beta1)."""
+    nesterov: bool = True
+    """SGD: Nesterov momentum (ignored when momentum is 0)."""
+    weight_decay: float = 5.0e-4
+    """Decoupled for AdamW, L2 for SGD; not applied to biases and norm layers."""
+    scheduler: Literal["constant", "exponential", "cosine"] = "cosine"
+    """``constant``; ``exponential``: lr0*exp(-k*t), t in epochs; ``cosine``: annealed to ``lr_min_ratio*lr0``."""
+    lr_decay: float = 0.1
+    """``k`` of the exponential schedule, per epoch."""
+    lr_min_ratio: float = 0.0
+    """Cosine: the final learning rate as a fraction of the peak."""
+    warmup_epochs: float = 0.0
+    """Linear warmup from 0 to the peak over this many epochs (may be fractional)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    augment: bool = True
+    """Random crop (4-pixel zero padding) and horizontal flip on training batches."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 autocast on CUDA, fp32 elsewhere."""
+    channels_last: bool = True
+    """Channels-last memory format (faster convolutions on tensor-core GPUs)."""
+    compile: bool = False
+    """``torch.compile`` the model; its compile time is reported separately."""
+    eval_batch_size: int = 1024
+    """Batch size of evaluation (no gradients, so it can be large)."""
+    seed: int = 0
+    """Seed of model init, shuffling and augmentation; a trial adds its trial number."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    type: Literal["float", "int", "categorical"]
+    """Distribution kind."""
+    low: float | None = None
+    """Lower bound (float, int)."""
+    high: float | None = None
+    """Upper bound, inclusive (float, int)."""
+    step: float | None = None
+    """Discretisation step (float, int); needed for a grid over a float range."""
+    log: bool = False
+    """Sample on a log scale (float, int); needs low > 0."""
+    choices: list[Any] | None = None
+    """Values of a categorical parameter."""
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    """Study name in the storage."""
+    direction: Literal["maximize"] = "maximize"
+    """Always ``maximize``: the value is a validation accuracy."""
+    objective: Literal["last", "best"] = "last"
+    """Which epoch's validation accuracy is the trial's value: ``last`` (what a retrain with the same
+    epochs gives) or ``best`` (early-stopping view)."""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """Sampler settings."""
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    """Pruner settings."""
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    """Trial budget."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Dataset."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Fixed training values; the search space overrides those it names."""
+    search_space: dict[str, ParamSpec] = field(default_factory=dict)
+    """Parameter name (a ``train`` key) -> distribution."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-able data (what is stored with the study)."""
+        out = dataclasses.asdict(self)
+        out["sampler"] = {"name": self.sampler.name, "seed": self.sampler.seed, **self.sampler.options}
+        out["pruner"] = {"name": self.pruner.name, **self.pruner.options}
+        out["search_space"] = {
+            k: {f: v for f, v in dataclasses.asdict(s).items() if v is not None and not (f == "log" and not v)}
+            for k, s in self.search_space.items()
+        }
+        return out
+
+    def to_json(self) -> str:
+        """Canonical JSON of :meth:`to_dict`."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+_SECTIONS: dict[str, type] = {
+    "budget": BudgetConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+}
+_NUMERIC_TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig) if f.type in ("int", "float")}
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    if isinstance(tp, str):
+        tp = eval(tp, vars(typing) | {"Literal": Literal})  # noqa: S307 - our own annotations only
+    origin = get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in get_args(tp))
+    if origin is Literal:
+        return value in get_args(tp)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list)
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, tp)
+
+
+def _describe(tp: Any) -> str:
+    text = str(tp).replace("typing.", "")
+    if text.startswith("Literal["):
+        return "one of " + text[len("Literal[") : -1]
+    return text
+
+
+def _build(cls: type, raw: Any, where: str, *, extra_to: str | None = None) -> Any:
+    """Build dataclass ``cls`` from mapping ``raw``; ``extra_to`` collects unknown keys instead of failing."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields or key == extra_to:
+            if extra_to is not None:
+                extra[key] = value
+                continue
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(fields))})")
+        tp = fields[key].type
+        if not _type_ok(value, tp):
+            raise ConfigError(f"{where}.{key}: expected {_describe(tp)}, got {value!r}")
+        if tp in ("float", "float | None") and isinstance(value, int):
+            value = float(value)
+        kwargs[key] = value
+    if extra_to is not None:
+        kwargs[extra_to] = extra
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}.{missing[0]}: required key is missing")
+    return cls(**kwargs)
+
+
+def _check_positive(where: str, value: float | int | None, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero) or not math.isfinite(value):
+        raise ConfigError(f"{where}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _check_param(where: str, spec: ParamSpec, sampler: str) -> None:
+    if spec.type == "categorical":
+        if not spec.choices:
+            raise ConfigError(f"{where}.choices: a categorical parameter needs a non-empty list of choices")
+        for key in ("low", "high", "step"):
+            if getattr(spec, key) is not None:
+                raise ConfigError(f"{where}.{key}: not allowed for a categorical parameter")
+        return
+    if spec.choices is not None:
+        raise ConfigError(f"{where}.choices: only for type categorical")
+    if spec.low is None or spec.high is None:
+        raise ConfigError(f"{where}.{'low' if spec.low is None else 'high'}: required for type {spec.type}")
+    if spec.low >= spec.high:
+        raise ConfigError(f"{where}.low: must be below high ({spec.low!r} >= {spec.high!r})")
+    if spec.log and spec.low <= 0:
+        raise ConfigError(f"{where}.low: must be > 0 with log: true, got {spec.low!r}")
+    if spec.log and spec.step is not None and spec.type == "float":
+        raise ConfigError(f"{where}.step: cannot be combined with log: true")
+    if spec.step is not None and spec.step <= 0:
+        raise ConfigError(f"{where}.step: must be > 0, got {spec.step!r}")
+    if spec.type == "int":
+        for key in ("low", "high", "step"):
+            value = getattr(spec, key)
+            if value is not None and float(value) != int(value):
+                raise ConfigError(f"{where}.{key}: must be a whole number for type int, got {value!r}")
+    if sampler == "grid" and spec.type == "float" and spec.step is None:
+        raise ConfigError(f"{where}.step: the grid sampler needs a step for a float range")
+
+
+def _check_train(where: str, train: TrainConfig) -> None:
+    for key in ("epochs", "batch_size", "eval_batch_size", "lr"):
+        _check_positive(f"{where}.{key}", getattr(train, key))
+    for key in ("momentum", "weight_decay", "lr_decay", "warmup_epochs", "label_smoothing", "lr_min_ratio"):
+        _check_positive(f"{where}.{key}", getattr(train, key), allow_zero=True)
+    if train.momentum >= 1:
+        raise ConfigError(f"{where}.momentum: must be < 1, got {train.momentum!r}")
+    if train.label_smoothing >= 1:
+        raise ConfigError(f"{where}.label_smoothing: must be < 1, got {train.label_smoothing!r}")
+    if train.lr_min_ratio > 1:
+        raise ConfigError(f"{where}.lr_min_ratio: must be <= 1, got {train.lr_min_ratio!r}")
+    if train.warmup_epochs >= train.epochs:
+        raise ConfigError(f"{where}.warmup_epochs: must be below epochs ({train.warmup_epochs!r})")
+
+
+def check_train(train: TrainConfig, where: str = "train") -> None:
+    """Validate a training config (also used on each trial's sampled values)."""
+    _check_train(where, train)
+
+
+def parse_config(raw: Any, source: str = "<config>") -> StudyConfig:
+    """Turn parsed YAML (or a stored config dict) into a validated :class:`StudyConfig`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    known = {f.name for f in dataclasses.fields(StudyConfig)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{source}: {key}: unknown key (known: {', '.join(sorted(known))})")
+    if "name" not in raw:
+        raise ConfigError(f"{source}: name: required key is missing")
+    name = raw["name"]
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{source}: name: expected a non-empty string, got {name!r}")
+    kwargs: dict[str, Any] = {"name": name}
+    for key in ("direction", "objective"):
+        if key in raw:
+            tp = StudyConfig.__dataclass_fields__[key].type
+            if not _type_ok(raw[key], tp):
+                raise ConfigError(f"{source}: {key}: expected {_describe(tp)}, got {raw[key]!r}")
+            kwargs[key] = raw[key]
+    for key, cls in _SECTIONS.items():
+        kwargs[key] = _build(cls, raw.get(key), f"{source}: {key}")
+    kwargs["sampler"] = _build(SamplerConfig, raw.get("sampler"), f"{source}: sampler", extra_to="options")
+    kwargs["pruner"] = _build(PrunerConfig, raw.get("pruner"), f"{source}: pruner", extra_to="options")
+
+    space_raw = raw.get("search_space") or {}
+    if not isinstance(space_raw, dict):
+        raise ConfigError(f"{source}: search_space: expected a mapping of parameter name -> spec")
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    space: dict[str, ParamSpec] = {}
+    for pname, spec_raw in space_raw.items():
+        where = f"{source}: search_space.{pname}"
+        if pname not in train_keys:
+            raise ConfigError(f"{where}: not a train key (searchable: {', '.join(sorted(train_keys))})")
+        spec = _build(ParamSpec, spec_raw, where)
+        _check_param(where, spec, kwargs["sampler"].name)
+        space[pname] = spec
+    kwargs["search_space"] = space
+    config = StudyConfig(**kwargs)
+    _check_values(config, source)
+    return config
+
+
+def _check_values(config: StudyConfig, source: str) -> None:
+    # Local imports: the name tables live with the code that uses them.
+    from sft_optuna.samplers import check_pruner, check_sampler
+
+    _check_positive(f"{source}: budget.n_trials", config.budget.n_trials)
+    _check_positive(f"{source}: budget.max_retries", config.budget.max_retries, allow_zero=True)
+    _check_positive(f"{source}: data.val_size", config.data.val_size)
+    _check_positive(f"{source}: data.train_subset", config.data.train_subset)
+    _check_positive(f"{source}: data.image_size", config.data.image_size)
+    _check_positive(f"{source}: model.image_size", config.model.image_size)
+    _check_train(f"{source}: train", config.train)
+    check_sampler(config.sampler, f"{source}: sampler")
+    check_pruner(config.pruner, f"{source}: pruner")
+
+
+def load_study_file(path: str | Path) -> StudyConfig:
+    """Read and validate a study file; every problem is a one-line :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read study file ({exc.strerror or exc})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{line}: {getattr(exc, 'problem', exc)}") from None
+    return parse_config(raw, str(path))
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    keys = sorted(set(a) | set(b))
+    out: list[str] = []
+    for key in keys:
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out

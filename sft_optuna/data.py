@@ -1,0 +1,238 @@
+"""Datasets -> uint8 tensors: the official CIFAR-10 release and folders of images.
+
+Images are decoded once into one uint8 array (cached next to the data for image folders) and from then on
+live as a single ``N x 3 x H x W`` uint8 tensor; augmentation happens on whole batches on the training
+device (``augment.py``), never per image in Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sft_optuna.config import DataConfig
+from sft_optuna.errors import DataError
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "Dataset",
+    "Splits",
+    "load_cifar10",
+    "load_dataset",
+    "load_imagefolder",
+    "make_splits",
+    "stratified_split",
+]
+
+log = logging.getLogger(__name__)
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A whole dataset in memory: uint8 images ``N x 3 x H x W``, int64 labels, class names."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: tuple[str, ...]
+
+    def checksum(self) -> str:
+        """sha256 of the images and labels (for model cards: which data a result came from)."""
+        h = hashlib.sha256()
+        for t in (self.train_x, self.train_y, self.test_x, self.test_y):
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Splits:
+    """What a trial trains and validates on; the test split is not here on purpose."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    num_classes: int
+
+
+def _unpickle(path: Path) -> dict[bytes, object]:
+    with path.open("rb") as fh:
+        return pickle.load(fh, encoding="bytes")  # noqa: S301 - the official CIFAR-10 format is pickled
+
+
+def load_cifar10(root: str | Path, download: bool = False) -> Dataset:
+    """The official CIFAR-10 python release under ``root/cifar-10-batches-py`` (torchvision's layout)."""
+    base = Path(root) / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    if not all((base / n).is_file() for n in names):
+        if not download:
+            raise DataError(
+                f"CIFAR-10 not found: expected {base}/data_batch_1..5 and test_batch; set data.download: true "
+                f"(needs network) or unpack cifar-10-python.tar.gz from {CIFAR10_URL} into {Path(root)}"
+            )
+        _download_cifar10(Path(root))
+    try:
+        batches = [_unpickle(base / n) for n in names]
+        meta = _unpickle(base / "batches.meta") if (base / "batches.meta").is_file() else {}
+        xs = [np.asarray(b[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for b in batches]
+        ys = [np.asarray(b[b"labels"], dtype=np.int64) for b in batches]
+    except (KeyError, ValueError, pickle.UnpicklingError, EOFError) as exc:
+        raise DataError(f"{base}: not the CIFAR-10 python format ({exc!r})") from None
+    label_names = meta.get(b"label_names") if isinstance(meta, dict) else None
+    classes = tuple(n.decode() for n in label_names) if isinstance(label_names, list) else CIFAR10_CLASSES
+    return Dataset(
+        train_x=torch.from_numpy(np.concatenate(xs[:5])),
+        train_y=torch.from_numpy(np.concatenate(ys[:5])),
+        test_x=torch.from_numpy(xs[5]),
+        test_y=torch.from_numpy(ys[5]),
+        classes=classes,
+    )
+
+
+def _download_cifar10(root: Path) -> None:
+    from torchvision.datasets.utils import download_url
+
+    log.info("downloading CIFAR-10 from %s into %s", CIFAR10_URL, root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        download_url(CIFAR10_URL, str(root), filename="cifar-10-python.tar.gz", md5=CIFAR10_MD5)
+        with tarfile.open(root / "cifar-10-python.tar.gz", "r:gz") as tar:
+            tar.extractall(root, filter="data")
+    except Exception as exc:  # noqa: BLE001 - any network/disk failure is the same message to a user
+        raise DataError(f"cannot download CIFAR-10 from {CIFAR10_URL} into {root}: {exc}") from None
+
+
+def _list_images(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    files: list[tuple[Path, int]] = []
+    for label, cls in enumerate(classes):
+        for path in sorted((split_dir / cls).iterdir()):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append((path, label))
+    return classes, files
+
+
+def _decode(files: list[tuple[Path, int]], size: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+    from tqdm import tqdm
+
+    x = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    y = np.empty(len(files), dtype=np.int64)
+    for i, (path, label) in enumerate(tqdm(files, desc=desc, unit="img", mininterval=1.0, leave=False)):
+        try:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB")
+                if rgb.size != (size, size):
+                    rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+                x[i] = np.asarray(rgb)
+        except OSError as exc:
+            raise DataError(f"{path}: cannot decode image ({exc})") from None
+        y[i] = label
+    return x.transpose(0, 3, 1, 2).copy(), y
+
+
+def _cache_key(files: list[tuple[Path, int]], size: int) -> str:
+    h = hashlib.sha256(str(size).encode())
+    for path, label in files:
+        st = path.stat()
+        h.update(f"{path.name}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _load_split(root: Path, split: str, size: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DataError(f"image folder not found: expected {split_dir}/<class>/*.png|jpg")
+    classes, files = _list_images(split_dir)
+    if not files:
+        raise DataError(f"{split_dir}: no images found (expected {split_dir}/<class>/*.png|jpg)")
+    cache_dir = Path(os.environ.get("SFT_OPTUNA_CACHE", root / ".sft-optuna-cache"))
+    cache = cache_dir / f"{split}-{_cache_key(files, size)}.npz"
+    if cache.is_file():
+        with np.load(cache) as npz:
+            return classes, npz["x"], npz["y"]
+    x, y = _decode(files, size, f"decoding {split_dir}")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, x=x, y=y)
+        tmp.replace(cache)  # atomic: concurrent workers never read a half-written cache
+    except OSError as exc:
+        log.warning("cannot cache decoded images in %s (%s); decoding again next time", cache_dir, exc)
+    return classes, x, y
+
+
+def load_imagefolder(root: str | Path, image_size: int = 32) -> Dataset:
+    """``root/train/<class>/*`` and ``root/test/<class>/*``, decoded once and cached as uint8."""
+    root = Path(root)
+    classes, train_x, train_y = _load_split(root, "train", image_size)
+    test_classes, test_x, test_y = _load_split(root, "test", image_size)
+    if test_classes != classes:
+        raise DataError(f"{root}: train and test have different class folders ({classes} vs {test_classes})")
+    return Dataset(
+        train_x=torch.from_numpy(train_x),
+        train_y=torch.from_numpy(train_y),
+        test_x=torch.from_numpy(test_x),
+        test_y=torch.from_numpy(test_y),
+        classes=tuple(classes),
+    )
+
+
+def load_dataset(cfg: DataConfig, root: str | Path | None = None) -> Dataset:
+    """The dataset a config names; ``root`` overrides ``cfg.root`` (a node's own data location)."""
+    where = Path(root if root is not None else cfg.root)
+    if cfg.dataset == "cifar10":
+        return load_cifar10(where, download=cfg.download)
+    return load_imagefolder(where, cfg.image_size)
+
+
+def stratified_split(labels: torch.Tensor, n_first: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (first, rest): ``n_first`` of them in the class proportions of ``labels``, seeded."""
+    n = len(labels)
+    if not 0 < n_first < n:
+        raise DataError(f"cannot take {n_first} of {n} images (data.val_size / data.train_subset)")
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen)
+    classes, counts = torch.unique(labels, return_counts=True)
+    quota = counts.double() * n_first / n
+    take = quota.floor().long()
+    # largest remainders get the leftover slots, so the total is exactly n_first
+    leftover = n_first - int(take.sum())
+    take[torch.argsort(quota - take.double(), descending=True)[:leftover]] += 1
+    first: list[torch.Tensor] = []
+    rest: list[torch.Tensor] = []
+    shuffled = labels[perm]
+    for cls, k in zip(classes.tolist(), take.tolist(), strict=True):
+        idx = perm[shuffled == cls]
+        first.append(idx[:k])
+        rest.append(idx[k:])
+    return torch.cat(first).sort().values, torch.cat(rest).sort().values
+
+
+def make_splits(data: Dataset, cfg: DataConfig) -> Splits:
+    """Hold ``val_size`` images out of the training set; cap the rest at ``train_subset``."""
+    val_idx, train_idx = stratified_split(data.train_y, cfg.val_size, cfg.seed)
+    if cfg.train_subset is not None and cfg.train_subset < len(train_idx):
+        keep, _ = stratified_split(data.train_y[train_idx], cfg.train_subset, cfg.seed + 1)
+        train_idx = train_idx[keep]
+    return Splits(
+        train_x=data.train_x[train_idx],
+        train_y=data.train_y[train_idx],
+        val_x=data.train_x[val_idx],
+        val_y=data.train_y[val_idx],
+        num_classes=len(data.classes),
+    )

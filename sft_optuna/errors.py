@@ -1,0 +1,26 @@
+"""Errors that mean "the user asked for something we cannot do".
+
+The CLI prints these as one line and exits non-zero; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in the user's input (file, key, value, URL, path); the message names the bad thing."""
+
+
+class ConfigError(UserError):
+    """A study file or stored study config is invalid."""
+
+
+class DataError(UserError):
+    """A dataset is missing, malformed or cannot be downloaded."""
+
+
+class ModelError(UserError):
+    """Model weights cannot be had or do not fit."""
+
+
+class StorageError(UserError):
+    """A storage URL is malformed or the storage cannot be reached."""

@@ -1,0 +1,105 @@
+"""The only module that touches an ``optuna.Trial``: trial params -> train -> report / prune / checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+import torch
+
+from sft_optuna import attrs
+from sft_optuna.checkpoints import CheckpointStore
+from sft_optuna.config import StudyConfig, TrainConfig, check_train
+from sft_optuna.data import Splits
+from sft_optuna.errors import ConfigError
+from sft_optuna.train import EpochResult, Trainer
+
+__all__ = ["Interrupted", "Objective", "InvalidValueError", "train_config_for"]
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """The worker was asked to stop (SIGTERM/SIGINT); the trial is checkpointed and can be resumed."""
+
+
+class InvalidValueError(ValueError):
+    """The objective produced something that is not a finite accuracy in [0, 1]."""
+
+
+def train_config_for(config: StudyConfig, params: dict[str, Any]) -> TrainConfig:
+    """The study's fixed train values with a trial's parameters laid over them, validated."""
+    train = dataclasses.replace(config.train, **params)
+    try:
+        check_train(train, "trial params")
+    except ConfigError as exc:
+        raise InvalidValueError(str(exc)) from None
+    return train
+
+
+def lineage_of(trial: optuna.Trial) -> int:
+    """The number of the first trial of ``trial``'s retry chain."""
+    return int(trial.user_attrs.get(attrs.LINEAGE, trial.number))
+
+
+class Objective:
+    """Callable objective: fine-tunes one configuration and returns its validation accuracy."""
+
+    def __init__(
+        self,
+        config: StudyConfig,
+        splits: Splits,
+        device: torch.device,
+        checkpoints: CheckpointStore | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_epoch: Callable[[int, EpochResult], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.splits = splits
+        self.device = device
+        self.checkpoints = checkpoints
+        self.should_stop = should_stop
+        self.on_epoch = on_epoch
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        train_cfg = train_config_for(self.config, trial.params)
+        lineage = lineage_of(trial)
+        trainer = Trainer(self.splits, self.config.model, train_cfg, self.device, seed=train_cfg.seed + lineage)
+        self._resume(trial, trainer, lineage)
+        while trainer.epoch < train_cfg.epochs:
+            result = trainer.run_epoch()
+            # Report first: if the trial was failed behind our back (stale heartbeat), this raises and we
+            # never overwrite the checkpoint that its retry now owns.
+            trial.report(result.val_acc, result.epoch)
+            trial.set_user_attr(attrs.HISTORY, [r.to_dict() for r in trainer.history])
+            if self.on_epoch is not None:
+                self.on_epoch(trial.number, result)
+            if trial.should_prune():
+                trial.set_user_attr(attrs.REASON, f"pruned at epoch {result.epoch}")
+                raise optuna.TrialPruned(f"pruned at epoch {result.epoch} (val acc {result.val_acc:.4f})")
+            if self.checkpoints is not None:
+                self.checkpoints.save(lineage, trainer.state_dict())
+            if self.should_stop() and trainer.epoch < train_cfg.epochs:
+                raise Interrupted(f"stopped after epoch {trainer.epoch}")
+        values = [r.val_acc for r in trainer.history]
+        value = values[-1] if self.config.objective == "last" else max(values)
+        if not (isinstance(value, float) and math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise InvalidValueError(f"objective value {value!r} is not an accuracy in [0, 1]")
+        return value
+
+    def _resume(self, trial: optuna.Trial, trainer: Trainer, lineage: int) -> None:
+        state = self.checkpoints.load(lineage, self.device) if self.checkpoints is not None else None
+        if state is None:
+            trial.set_user_attr(attrs.RESUMED_FROM_EPOCH, 0)
+            return
+        trainer.load_state_dict(state)
+        # Continue the learning curve: the retry carries the earlier epochs' values under the same steps.
+        for r in trainer.history:
+            trial.report(r.val_acc, r.epoch)
+        trial.set_user_attr(attrs.HISTORY, [r.to_dict() for r in trainer.history])
+        trial.set_user_attr(attrs.RESUMED_FROM_EPOCH, trainer.epoch)
+        log.info("trial %d resumes lineage %d after epoch %d", trial.number, lineage, trainer.epoch)

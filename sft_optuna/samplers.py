@@ -1,0 +1,104 @@
+"""Samplers and pruners, picked by name from a table.
+
+The grid is not an Optuna ``GridSampler``: that sampler re-picks a running point once every point is taken,
+so several workers train a point twice. Instead each grid point is queued once when the study is created and
+workers claim queued trials under a lock (see ``worker.py``); the sampler of a grid study only ever sees
+fixed parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+
+from sft_optuna.config import PrunerConfig, SamplerConfig
+from sft_optuna.errors import ConfigError
+
+__all__ = ["PRUNERS", "SAMPLERS", "check_pruner", "check_sampler", "make_pruner", "make_sampler", "trial_seed"]
+
+
+def _tpe(seed: int | None, **options: Any) -> optuna.samplers.BaseSampler:
+    # constant_liar: running trials count as bad guesses, so concurrent workers spread out.
+    options.setdefault("constant_liar", True)
+    return optuna.samplers.TPESampler(seed=seed, **options)
+
+
+def _random(seed: int | None, **options: Any) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.RandomSampler(seed=seed, **options)
+
+
+def _grid(seed: int | None, **options: Any) -> optuna.samplers.BaseSampler:
+    # Every grid trial is queued with all its parameters fixed; this sampler is never asked to choose.
+    return optuna.samplers.RandomSampler(seed=seed, **options)
+
+
+SAMPLERS: dict[str, tuple[Callable[..., optuna.samplers.BaseSampler], Callable[..., Any]]] = {
+    # name -> (factory, constructor whose keyword arguments the study file may set)
+    "tpe": (_tpe, optuna.samplers.TPESampler),
+    "random": (_random, optuna.samplers.RandomSampler),
+    "grid": (_grid, lambda: None),
+}
+
+PRUNERS: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
+    "median": optuna.pruners.MedianPruner,
+    "percentile": optuna.pruners.PercentilePruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "none": optuna.pruners.NopPruner,
+}
+
+
+def _check_options(where: str, ctor: Callable[..., Any], options: dict[str, Any], reserved: set[str]) -> None:
+    params = inspect.signature(ctor).parameters
+    for key in options:
+        if key in reserved or key not in params:
+            allowed = sorted(set(params) - reserved - {"self"})
+            raise ConfigError(f"{where}.{key}: unknown option (allowed: {', '.join(allowed) or 'none'})")
+
+
+def check_sampler(cfg: SamplerConfig, where: str = "sampler") -> None:
+    """Refuse an unknown sampler name or option, and options the sampler rejects."""
+    if cfg.name not in SAMPLERS:
+        raise ConfigError(f"{where}.name: unknown sampler {cfg.name!r} (known: {', '.join(SAMPLERS)})")
+    _check_options(where, SAMPLERS[cfg.name][1], cfg.options, {"seed"})
+    try:
+        make_sampler(cfg, 0)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def check_pruner(cfg: PrunerConfig, where: str = "pruner") -> None:
+    """Refuse an unknown pruner name or option, and options the pruner rejects."""
+    if cfg.name not in PRUNERS:
+        raise ConfigError(f"{where}.name: unknown pruner {cfg.name!r} (known: {', '.join(PRUNERS)})")
+    _check_options(where, PRUNERS[cfg.name], cfg.options, set())
+    try:
+        make_pruner(cfg)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def trial_seed(study_seed: int | None, trial_number: int) -> int | None:
+    """A seed for one trial's sampler: the same in every worker for the same trial, different across trials.
+
+    One seeded sampler per worker would make every worker draw the same start-up points.
+    """
+    if study_seed is None:
+        return None
+    digest = hashlib.sha256(f"{study_seed}:{trial_number}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def make_sampler(cfg: SamplerConfig, trial_number: int) -> optuna.samplers.BaseSampler:
+    """The sampler that picks trial ``trial_number``'s parameters."""
+    factory = SAMPLERS[cfg.name][0]
+    return factory(trial_seed(cfg.seed, trial_number), **cfg.options)
+
+
+def make_pruner(cfg: PrunerConfig) -> optuna.pruners.BasePruner:
+    """The pruner a config names."""
+    return PRUNERS[cfg.name](**cfg.options)

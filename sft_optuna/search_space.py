@@ -1,0 +1,69 @@
+"""Search-space specs -> Optuna distributions; ``suggest`` for a trial; the grid from the same spec."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+from sft_optuna.config import ParamSpec
+
+__all__ = ["distribution", "grid_points", "suggest"]
+
+
+def distribution(spec: ParamSpec) -> BaseDistribution:
+    """The Optuna distribution a (validated) spec describes."""
+    if spec.type == "categorical":
+        assert spec.choices is not None
+        return CategoricalDistribution(list(spec.choices))
+    assert spec.low is not None and spec.high is not None
+    if spec.type == "int":
+        return IntDistribution(int(spec.low), int(spec.high), log=spec.log, step=int(spec.step or 1))
+    return FloatDistribution(float(spec.low), float(spec.high), log=spec.log, step=spec.step)
+
+
+def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
+    """Ask the trial for every parameter of the space; returns name -> value."""
+    values: dict[str, Any] = {}
+    for name, spec in space.items():
+        if spec.type == "categorical":
+            assert spec.choices is not None
+            values[name] = trial.suggest_categorical(name, list(spec.choices))
+        elif spec.type == "int":
+            assert spec.low is not None and spec.high is not None
+            values[name] = trial.suggest_int(
+                name, int(spec.low), int(spec.high), step=int(spec.step or 1), log=spec.log
+            )
+        else:
+            assert spec.low is not None and spec.high is not None
+            values[name] = trial.suggest_float(name, spec.low, spec.high, step=spec.step, log=spec.log)
+    return values
+
+
+def _axis(spec: ParamSpec) -> list[Any]:
+    if spec.type == "categorical":
+        assert spec.choices is not None
+        return list(spec.choices)
+    assert spec.low is not None and spec.high is not None
+    if spec.type == "int":
+        step = int(spec.step or 1)
+        return list(range(int(spec.low), int(spec.high) + 1, step))
+    assert spec.step is not None  # config refuses a float grid axis without a step
+    n = int(math.floor((spec.high - spec.low) / spec.step + 1e-9)) + 1
+    # round() so 0.1 + 2*0.1 is stored as 0.3, the value a user reads in the study file
+    return [round(spec.low + i * spec.step, 12) for i in range(n)]
+
+
+def grid_points(space: dict[str, ParamSpec]) -> list[dict[str, Any]]:
+    """Every point of the grid the space spans, in a stable order."""
+    names = sorted(space)
+    axes = [_axis(space[n]) for n in names]
+    return [dict(zip(names, values, strict=True)) for values in itertools.product(*axes)]

@@ -1,0 +1,236 @@
+"""One trial's training: epochs, evaluation, learning-rate schedules. Plain PyTorch; knows nothing of Optuna.
+
+A :class:`Trainer` runs one epoch at a time so that its caller (the objective) can report, prune, and
+checkpoint between epochs; :meth:`Trainer.state_dict` holds everything needed to resume bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sft_optuna.augment import BatchPipeline, channel_stats
+from sft_optuna.config import ModelConfig, TrainConfig
+from sft_optuna.data import Splits
+from sft_optuna.model import build_model
+
+__all__ = ["DivergedError", "EpochResult", "Trainer", "lr_factor", "predict"]
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite (typically a too-high learning rate)."""
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """What one epoch measured; ``epoch`` counts from 1."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_acc: float
+    lr: float
+    seconds: float
+    images_per_s: float
+    peak_memory_mb: float
+    compile_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, rounded for storage."""
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def lr_factor(cfg: TrainConfig, t: float) -> float:
+    """Learning rate at time ``t`` (in epochs, fractional) as a fraction of ``cfg.lr``.
+
+    Linear warmup over ``warmup_epochs``, then: constant; exponential ``exp(-k t')``; or cosine from 1 to
+    ``lr_min_ratio`` over the remaining epochs, ``t'`` counting from the end of warmup.
+    """
+    if cfg.warmup_epochs > 0 and t < cfg.warmup_epochs:
+        return t / cfg.warmup_epochs
+    t_after = t - cfg.warmup_epochs
+    if cfg.scheduler == "constant":
+        return 1.0
+    if cfg.scheduler == "exponential":
+        return math.exp(-cfg.lr_decay * t_after)
+    span = max(cfg.epochs - cfg.warmup_epochs, 1e-9)
+    lo = cfg.lr_min_ratio
+    return lo + 0.5 * (1.0 - lo) * (1.0 + math.cos(math.pi * min(t_after / span, 1.0)))
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # Decay on weights of convs/linears only: decaying BN scales and biases only hurts (common practice).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = _param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module, data: BatchPipeline, batch_size: int, precision: str = "auto"
+) -> torch.Tensor:
+    """Predicted class of every image of ``data``, in order, without augmentation."""
+    model.eval()
+    preds = []
+    with _autocast(data.device, precision):
+        for xb, _ in data.batches(batch_size, shuffle=False, augment=False):
+            preds.append(model(xb).argmax(1))
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=data.device)
+
+
+class Trainer:
+    """Trains a fresh ResNet-18 on ``splits`` with ``train_cfg``, one epoch per :meth:`run_epoch`."""
+
+    def __init__(
+        self,
+        splits: Splits,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        device: torch.device,
+        seed: int | None = None,
+    ) -> None:
+        self.cfg = train_cfg
+        self.device = device
+        seed = train_cfg.seed if seed is None else seed
+        torch.manual_seed(seed)  # model init
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+        model = build_model(splits.num_classes, model_cfg).to(device)
+        if train_cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.step_model: Callable[..., torch.Tensor] = torch.compile(model) if train_cfg.compile else model
+        mean, std = channel_stats(splits.train_x)
+        self.mean, self.std = mean, std
+        self.train_data = BatchPipeline(
+            splits.train_x, splits.train_y, mean, std, device, model_cfg.image_size, train_cfg.channels_last
+        )
+        self.val_data = BatchPipeline(
+            splits.val_x, splits.val_y, mean, std, device, model_cfg.image_size, train_cfg.channels_last
+        )
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.optimizer = _make_optimizer(model, train_cfg)
+        self.steps_per_epoch = max(self.train_data.steps(train_cfg.batch_size, drop_last=True), 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(train_cfg, step / self.steps_per_epoch)
+        )
+        self.epoch = 0
+        self.history: list[EpochResult] = []
+        self._compiled = not train_cfg.compile
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.train_data.batches(
+            self.cfg.batch_size, shuffle=True, augment=self.cfg.augment, generator=self.generator, drop_last=True
+        )
+
+    def run_epoch(self) -> EpochResult:
+        """Train one epoch, evaluate on the validation split; raises :class:`DivergedError` on NaN/inf loss."""
+        model, cfg, device = self.model, self.cfg, self.device
+        model.train()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        start = time.perf_counter()
+        compile_seconds = 0.0
+        # Accumulated on the device and read once per epoch: a .item() per step would stall the GPU queue.
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        for xb, yb in self._batches():
+            with _autocast(device, cfg.precision):
+                logits = self.step_model(xb)
+                loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            loss_sum += loss.detach() * len(yb)
+            correct += (logits.argmax(1) == yb).sum()
+            seen += len(yb)
+            if not self._compiled:
+                _sync(device)
+                compile_seconds = time.perf_counter() - start
+                self._compiled = True
+        train_loss = float(loss_sum) / max(seen, 1)
+        train_seconds = time.perf_counter() - start - compile_seconds
+        if not math.isfinite(train_loss):
+            raise DivergedError(f"training loss is {train_loss} at epoch {self.epoch + 1} (lr {cfg.lr:g})")
+        val_acc = self.evaluate()
+        self.epoch += 1
+        result = EpochResult(
+            epoch=self.epoch,
+            train_loss=train_loss,
+            train_acc=int(correct) / max(seen, 1),
+            val_acc=val_acc,
+            lr=self.optimizer.param_groups[0]["lr"],
+            seconds=time.perf_counter() - start,
+            images_per_s=seen / max(train_seconds, 1e-9),
+            peak_memory_mb=_peak_memory_mb(device),
+            compile_seconds=compile_seconds,
+        )
+        self.history.append(result)
+        return result
+
+    def evaluate(self, data: BatchPipeline | None = None) -> float:
+        """Accuracy on ``data`` (the validation split by default), without augmentation."""
+        data = data or self.val_data
+        if len(data) == 0:
+            return 0.0
+        preds = predict(self.step_model, data, self.cfg.eval_batch_size, self.cfg.precision)  # type: ignore[arg-type]
+        return float((preds == data.y).float().mean())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: model, optimizer, schedule position, RNG, learning curve."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "history": [r.to_dict() for r in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: the next :meth:`run_epoch` is epoch ``state['epoch'] + 1``."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"].cpu())
+        self.epoch = int(state["epoch"])
+        self.history = [EpochResult(**r) for r in state["history"]]

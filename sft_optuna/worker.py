@@ -1,0 +1,287 @@
+"""A worker: pull trials from a study by name until its budget is spent; signals, failures, retries.
+
+No central master: workers coordinate only through the storage. Everything that must be atomic across
+workers (counting the budget, claiming a queued trial, retrying a dead worker's trial) happens under the
+storage lock (``storage.storage_lock``), which SQLite, PostgreSQL and journal files all honour.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from sft_optuna import attrs
+from sft_optuna.checkpoints import CheckpointStore
+from sft_optuna.config import StudyConfig
+from sft_optuna.data import load_dataset, make_splits
+from sft_optuna.objective import Interrupted, InvalidValueError, Objective, lineage_of
+from sft_optuna.samplers import make_sampler
+from sft_optuna.search_space import suggest
+from sft_optuna.storage import Heartbeat, storage_lock
+from sft_optuna.train import DivergedError, EpochResult
+
+__all__ = ["WorkerOptions", "budget_used", "claim_trial", "resolve_device", "retries_due", "run_worker"]
+
+log = logging.getLogger(__name__)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+@dataclass
+class WorkerOptions:
+    """How one worker runs; per node, unlike the study config which is per study."""
+
+    device: str = "auto"
+    """``auto`` (CUDA if present), ``cpu``, ``cuda`` or ``cuda:N``."""
+    data_root: str | None = None
+    """Overrides the study's ``data.root`` on this node."""
+    n_trials: int | None = None
+    """Stop after this many trials of this worker (the study budget still applies)."""
+    checkpoint_dir: str | None = "checkpoints"
+    """Shared directory for per-epoch checkpoints; None disables checkpoints (no resume)."""
+    threads: int | None = None
+    """torch CPU threads; default: ``$OMP_NUM_THREADS`` if set, else torch's default."""
+    max_consecutive_failures: int = 5
+    """A node that fails this many trials in a row is broken: the worker exits non-zero."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` if available else ``cpu``; otherwise the named device, checked."""
+    from sft_optuna.errors import UserError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def _retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+    return {int(t.user_attrs[attrs.RETRY_OF]) for t in trials if attrs.RETRY_OF in t.user_attrs}
+
+
+def budget_used(trials: Sequence[FrozenTrial]) -> int:
+    """Trials that count against the budget: finished (any state) or running, minus failures retried.
+
+    A failed trial that was retried is replaced by its retry, so a crash does not eat budget.
+    """
+    retried = _retried_numbers(trials)
+    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.FAIL)
+    return sum(1 for t in trials if t.state in counted and t.number not in retried)
+
+
+def retries_due(trials: Sequence[FrozenTrial], max_retries: int) -> list[FrozenTrial]:
+    """Failed trials to retry: their worker died (no reason recorded) or was preempted, and retries remain."""
+    retried = _retried_numbers(trials)
+    return [
+        t
+        for t in trials
+        if t.state == TrialState.FAIL
+        and t.number not in retried
+        and t.user_attrs.get(attrs.REASON) in (None, *attrs.RETRYABLE_REASONS)
+        and int(t.user_attrs.get(attrs.RETRY, 0)) < max_retries
+    ]
+
+
+def _enqueue_retries(study: optuna.Study, config: StudyConfig) -> None:
+    if hasattr(study._storage, "get_heartbeat_interval") and study._storage.get_heartbeat_interval():
+        optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials(deepcopy=False)
+    for t in retries_due(trials, config.budget.max_retries):
+        lineage = int(t.user_attrs.get(attrs.LINEAGE, t.number))
+        log.warning("retrying trial %d (lineage %d) with the same parameters", t.number, lineage)
+        study.enqueue_trial(
+            t.params,
+            user_attrs={
+                attrs.LINEAGE: lineage,
+                attrs.RETRY_OF: t.number,
+                attrs.RETRY: int(t.user_attrs.get(attrs.RETRY, 0)) + 1,
+            },
+            skip_if_exists=False,
+        )
+
+
+def claim_trial(study: optuna.Study, config: StudyConfig, url: str) -> optuna.Trial | None:
+    """Start the next trial of the study, or None when the budget (or the grid) is spent.
+
+    Under the storage lock: retry dead workers' trials, count the budget (running trials included, so N
+    workers never overshoot), then take a queued trial or ask the sampler for a new point — and suggest its
+    parameters before letting go, so a concurrent TPE sees them as running (constant liar).
+    """
+    with storage_lock(url, f"claim:{config.name}"):
+        _enqueue_retries(study, config)
+        trials = study.get_trials(deepcopy=False)
+        if budget_used(trials) >= config.budget.n_trials:
+            return None
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if config.sampler.name == "grid" and not waiting:
+            return None  # every grid point was claimed once; the grid is done
+        study.sampler = make_sampler(config.sampler, len(trials))
+        trial = study.ask()
+        suggest(trial, config.search_space)
+        return trial
+
+
+class _StopFlag:
+    """First SIGTERM/SIGINT: stop after the current epoch. Second SIGINT: stop now."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning("%s: stopping after the current epoch (Ctrl-C again to stop now)", signal.Signals(signum).name)
+        self.event.set()
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def _log_epoch(number: int, r: EpochResult) -> None:
+    log.info(
+        "trial %d epoch %d: val_acc %.4f train_loss %.4f lr %.3g %.0f img/s %.1fs",
+        number, r.epoch, r.val_acc, r.train_loss, r.lr, r.images_per_s, r.seconds,
+    )
+
+
+def _safe_tell(study: optuna.Study, trial: optuna.Trial, **kwargs: Any) -> bool:
+    try:
+        study.tell(trial, **kwargs)
+        return True
+    except (RuntimeError, ValueError, optuna.exceptions.UpdateFinishedTrialError) as exc:
+        # Another worker already failed this trial (we were frozen past the grace period) and retried it.
+        log.warning("trial %d was finished elsewhere (%s); dropping it", trial.number, exc)
+        return False
+
+
+def _set_reason(trial: optuna.Trial, reason: str) -> None:
+    try:
+        trial.set_user_attr(attrs.REASON, reason)
+    except Exception as exc:  # noqa: BLE001 - the trial may already be finished elsewhere
+        log.debug("cannot record reason of trial %d: %s", trial.number, exc)
+
+
+def run_worker(study: optuna.Study, config: StudyConfig, url: str, options: WorkerOptions) -> int:
+    """Pull and run trials until the budget is spent; returns the process exit code."""
+    device = resolve_device(options.device)
+    threads = options.threads or (int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") else None)
+    if threads:
+        torch.set_num_threads(threads)
+    if budget_used(study.get_trials(deepcopy=False)) >= config.budget.n_trials:
+        log.info("study %r: budget of %d trials already spent", config.name, config.budget.n_trials)
+        return 0
+    splits = make_splits(load_dataset(config.data, options.data_root), config.data)
+    checkpoints = CheckpointStore(options.checkpoint_dir, config.name) if options.checkpoint_dir else None
+    stop = _StopFlag()
+    objective = Objective(config, splits, device, checkpoints, stop.event.is_set, _log_epoch)
+    host = f"{socket.gethostname()}:{os.getpid()} {device}"
+    done = failures = 0
+    with stop.installed():
+        while not stop.event.is_set() and (options.n_trials is None or done < options.n_trials):
+            trial = claim_trial(study, config, url)
+            if trial is None:
+                log.info("study %r: budget spent, worker done", config.name)
+                break
+            trial.set_user_attr(attrs.HOST, host)
+            log.info("trial %d: %s", trial.number, trial.params)
+            state = _run_one(study, trial, objective, checkpoints)
+            done += 1
+            failures = failures + 1 if state == TrialState.FAIL else 0
+            if failures >= options.max_consecutive_failures:
+                log.error("%d trials failed in a row on %s: this node looks broken, exiting", failures, host)
+                return 1
+    return 0
+
+
+def _run_one(
+    study: optuna.Study, trial: optuna.Trial, objective: Objective, checkpoints: CheckpointStore | None
+) -> TrialState | None:
+    """Run one claimed trial and tell the storage how it ended; returns the state told."""
+    lineage = lineage_of(trial)
+    try:
+        with Heartbeat(study._storage, trial._trial_id):
+            value = objective(trial)
+    except optuna.TrialPruned as exc:
+        log.info("trial %d: %s", trial.number, exc)
+        state = TrialState.PRUNED
+    except DivergedError as exc:
+        _set_reason(trial, f"diverged: {exc}")
+        log.warning("trial %d diverged: %s", trial.number, exc)
+        state = TrialState.PRUNED
+    except (Interrupted, KeyboardInterrupt) as exc:
+        _set_reason(trial, "interrupted")
+        log.warning("trial %d interrupted (%s); it will be retried from its checkpoint", trial.number, exc or "now")
+        _safe_tell(study, trial, state=TrialState.FAIL)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        return TrialState.FAIL
+    except torch.cuda.OutOfMemoryError:
+        _set_reason(trial, "out of memory")
+        log.error("trial %d: CUDA out of memory\n%s", trial.number, traceback.format_exc())
+        torch.cuda.empty_cache()
+        state = TrialState.FAIL
+    except InvalidValueError as exc:
+        _set_reason(trial, f"invalid: {exc}")
+        log.error("trial %d: %s", trial.number, exc)
+        state = TrialState.FAIL
+    except optuna.exceptions.UpdateFinishedTrialError as exc:
+        log.warning("trial %d was finished elsewhere (%s); dropping it", trial.number, exc)
+        return None
+    except Exception as exc:  # noqa: BLE001 - a trial's bug must not take the worker down
+        _set_reason(trial, f"error: {type(exc).__name__}: {exc}")
+        log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
+        state = TrialState.FAIL
+    else:
+        if not _safe_tell(study, trial, values=value):
+            return None
+        log.info("trial %d: value %.4f", trial.number, value)
+        _keep_best_checkpoint(study, trial.number, lineage, checkpoints)
+        return TrialState.COMPLETE
+    if not _safe_tell(study, trial, state=state):
+        return None
+    if checkpoints is not None:
+        checkpoints.remove(lineage)
+    return state
+
+
+def _keep_best_checkpoint(study: optuna.Study, number: int, lineage: int, checkpoints: CheckpointStore | None) -> None:
+    """A finished lineage gives its checkpoint back, unless it is now the study's best: that one is kept."""
+    if checkpoints is None:
+        return
+    try:
+        best = study.best_trial.number
+    except ValueError:
+        best = -1
+    if best == number:
+        checkpoints.keep_as_best(lineage, number)
+    else:
+        checkpoints.remove(lineage)
