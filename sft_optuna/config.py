@@ -191,7 +191,6 @@ _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "train": TrainConfig,
 }
-_NUMERIC_TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig) if f.type in ("int", "float")}
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -268,6 +267,9 @@ def _check_param(where: str, spec: ParamSpec, sampler: str) -> None:
         for key in ("low", "high", "step"):
             if getattr(spec, key) is not None:
                 raise ConfigError(f"{where}.{key}: not allowed for a categorical parameter")
+        for choice in spec.choices:
+            if choice is not None and not isinstance(choice, (bool, int, float, str)):
+                raise ConfigError(f"{where}.choices: {choice!r} is not a number, string, bool or null")
         return
     if spec.choices is not None:
         raise ConfigError(f"{where}.choices: only for type categorical")

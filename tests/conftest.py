@@ -1,0 +1,128 @@
+"""Shared fixtures: tiny learnable datasets in both on-disk formats, study files, temporary storages."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+torch.set_num_threads(2)
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REPO = Path(__file__).resolve().parents[1]
+
+# Ten well-separated colours: a class is its colour plus noise, so a few epochs learn it.
+PALETTE = np.array(
+    [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+     [145, 30, 180], [70, 240, 240], [240, 50, 230], [128, 128, 0], [0, 0, 128]],
+    dtype=np.float32,
+)
+
+
+def make_images(n: int, num_classes: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` learnable images (N x 3 x size x size uint8) with balanced labels."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % num_classes
+    rng.shuffle(y)
+    base = PALETTE[y][:, :, None, None]
+    x = base + rng.normal(0, 40, size=(n, 3, size, size))
+    # a bright square whose corner depends on the class: spatial structure too, not only colour
+    for i, c in enumerate(y):
+        r, q = divmod(int(c) % 4, 2)
+        x[i, :, r * size // 2 : r * size // 2 + size // 4, q * size // 2 : q * size // 2 + size // 4] = 255
+    return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
+
+
+def write_cifar10(root: Path, n_train: int = 500, n_test: int = 100, num_classes: int = 10) -> Path:
+    """The official CIFAR-10 python layout (``root/cifar-10-batches-py``) with generated images."""
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    x, y = make_images(n_train, num_classes, seed=1)
+    for i, (xs, ys) in enumerate(zip(np.array_split(x, 5), np.array_split(y, 5), strict=True), start=1):
+        with (base / f"data_batch_{i}").open("wb") as fh:
+            pickle.dump({b"data": xs.reshape(len(xs), -1), b"labels": ys.tolist()}, fh)
+    tx, ty = make_images(n_test, num_classes, seed=2)
+    with (base / "test_batch").open("wb") as fh:
+        pickle.dump({b"data": tx.reshape(len(tx), -1), b"labels": ty.tolist()}, fh)
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    with (base / "batches.meta").open("wb") as fh:
+        pickle.dump({b"label_names": names[:num_classes]}, fh)
+    return root
+
+
+def write_imagefolder(root: Path, n_train: int = 200, n_test: int = 40, num_classes: int = 4,
+                      test_labels_shift: int = 0) -> Path:
+    """``root/{train,test}/<class>/*.png`` with generated images; ``test_labels_shift`` files test images
+    under another class than their colour says (to prove which split a number came from)."""
+    from PIL import Image
+
+    for split, n, seed, shift in (("train", n_train, 1, 0), ("test", n_test, 2, test_labels_shift)):
+        x, y = make_images(n, num_classes, seed)
+        for i in range(n):
+            cls = f"class{(int(y[i]) + shift) % num_classes}"
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i].transpose(1, 2, 0)).save(d / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_cifar10(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.fixture(scope="session")
+def folder_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_imagefolder(tmp_path_factory.mktemp("folder"))
+
+
+def study_dict(root: Path, name: str = "t", **sections: Any) -> dict[str, Any]:
+    """A small, fast study on generated data (16 px images, 2 epochs); sections override keys."""
+    cfg: dict[str, Any] = {
+        "name": name,
+        "sampler": {"name": "random", "seed": 0},
+        "pruner": {"name": "none"},
+        "budget": {"n_trials": 2},
+        "data": {"dataset": "imagefolder", "root": str(root), "val_size": 40, "image_size": 16},
+        "model": {"weights": "none", "image_size": 16},
+        "train": {"epochs": 2, "batch_size": 32, "lr": 0.05, "eval_batch_size": 256},
+        "search_space": {"lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True}},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+@pytest.fixture
+def write_study(tmp_path: Path) -> Callable[..., Path]:
+    def _write(cfg: dict[str, Any], filename: str = "study.yaml") -> Path:
+        path = tmp_path / filename
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    return _write
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'studies.db'}"
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """Environment of a worker subprocess: one torch thread each (2-core CI), repo importable."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
+    env.pop("SFT_OPTUNA_STORAGE", None)
+    return env
+
+
+PYTHON = sys.executable

@@ -1,0 +1,91 @@
+"""Datasets: both on-disk formats load, clear errors when missing, splits are stratified and seeded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_images, write_cifar10, write_imagefolder
+
+from sft_optuna import data as data_mod
+from sft_optuna.config import DataConfig
+from sft_optuna.data import load_cifar10, load_dataset, load_imagefolder, make_splits, stratified_split
+from sft_optuna.errors import DataError
+
+
+def test_official_cifar10_format_loads_images_and_labels(cifar_root: Path) -> None:
+    ds = load_cifar10(cifar_root)
+    x, y = make_images(500, 10, seed=1)
+    assert ds.train_x.shape == (500, 3, 32, 32) and ds.train_x.dtype == torch.uint8
+    assert torch.equal(ds.train_x, torch.from_numpy(x)) and torch.equal(ds.train_y, torch.from_numpy(y))
+    assert ds.test_x.shape == (100, 3, 32, 32)
+    assert ds.classes[:2] == ("airplane", "automobile")
+
+
+def test_missing_cifar10_names_expected_path_and_how_to_get_it(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as info:
+        load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path), download=False))
+    message = str(info.value)
+    assert str(tmp_path / "cifar-10-batches-py") in message and "download: true" in message
+
+
+def test_cifar10_download_failure_is_a_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr("torchvision.datasets.utils.download_url", offline)
+    with pytest.raises(DataError, match="cannot download CIFAR-10 .* network unreachable"):
+        load_cifar10(tmp_path, download=True)
+
+
+def test_imagefolder_decodes_once_then_reads_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = write_imagefolder(tmp_path / "f", n_train=40, n_test=8)
+    first = load_imagefolder(root)
+    assert first.train_x.shape == (40, 3, 32, 32) and first.classes == ("class0", "class1", "class2", "class3")
+
+    def no_decode(*args: object) -> None:
+        raise AssertionError("decoded again despite the cache")
+
+    monkeypatch.setattr(data_mod, "_decode", no_decode)
+    second = load_imagefolder(root)
+    assert torch.equal(first.train_x, second.train_x) and torch.equal(first.test_y, second.test_y)
+
+
+def test_imagefolder_resizes_to_the_configured_size(folder_root: Path) -> None:
+    ds = load_imagefolder(folder_root, image_size=16)
+    assert ds.train_x.shape[1:] == (3, 16, 16)
+
+
+def test_imagefolder_errors_name_the_folder(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=str(tmp_path / "train")):
+        load_imagefolder(tmp_path)
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images found"):
+        load_imagefolder(tmp_path)
+
+
+def test_stratified_split_keeps_class_proportions_and_is_seeded() -> None:
+    labels = torch.tensor([0] * 600 + [1] * 300 + [2] * 100)
+    first, rest = stratified_split(labels, 100, seed=3)
+    assert len(first) == 100 and len(rest) == 900
+    assert torch.bincount(labels[first]).tolist() == [60, 30, 10]
+    assert set(first.tolist()).isdisjoint(rest.tolist())
+    again, _ = stratified_split(labels, 100, seed=3)
+    other, _ = stratified_split(labels, 100, seed=4)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_splits_hold_out_validation_cap_training_and_never_contain_test(tmp_path: Path) -> None:
+    ds = load_cifar10(write_cifar10(tmp_path))
+    splits = make_splits(ds, DataConfig(val_size=100, train_subset=150))
+    assert len(splits.val_y) == 100 and len(splits.train_y) == 150
+    train_rows = {bytes(r.numpy()) for r in splits.train_x}
+    val_rows = {bytes(r.numpy()) for r in splits.val_x}
+    test_rows = {bytes(r.numpy()) for r in ds.test_x}
+    assert train_rows.isdisjoint(val_rows) and test_rows.isdisjoint(train_rows | val_rows)
+
+
+def test_val_size_larger_than_the_data_is_a_clear_error(cifar_root: Path) -> None:
+    with pytest.raises(DataError, match="cannot take 5000 of 500 images"):
+        make_splits(load_cifar10(cifar_root), DataConfig(val_size=5000))

@@ -1,0 +1,85 @@
+"""Training: schedules follow their formulas, a tiny run learns, resume is exact, seeds repeat."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sft_optuna.config import DataConfig, ModelConfig, TrainConfig
+from sft_optuna.data import load_imagefolder, make_splits
+from sft_optuna.train import DivergedError, Trainer, lr_factor
+
+CPU = torch.device("cpu")
+MODEL = ModelConfig(image_size=16)
+
+
+@pytest.fixture(scope="module")
+def splits(folder_root: Path):  # type: ignore[no-untyped-def]
+    return make_splits(load_imagefolder(folder_root, 16), DataConfig(val_size=40, image_size=16))
+
+
+def test_constant_exponential_and_cosine_schedules_follow_their_formulas() -> None:
+    const = TrainConfig(epochs=10, scheduler="constant")
+    assert lr_factor(const, 0) == lr_factor(const, 7.5) == 1.0
+    expo = TrainConfig(epochs=10, scheduler="exponential", lr_decay=0.3)
+    assert lr_factor(expo, 2.5) == pytest.approx(math.exp(-0.3 * 2.5))
+    cos = TrainConfig(epochs=10, scheduler="cosine", lr_min_ratio=0.1)
+    assert lr_factor(cos, 0) == pytest.approx(1.0)
+    assert lr_factor(cos, 5) == pytest.approx(0.1 + 0.5 * 0.9 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(cos, 10) == pytest.approx(0.1)
+
+
+def test_warmup_is_linear_then_the_schedule_starts() -> None:
+    cfg = TrainConfig(epochs=10, scheduler="cosine", warmup_epochs=2)
+    assert lr_factor(cfg, 0) == 0.0 and lr_factor(cfg, 1) == pytest.approx(0.5)
+    assert lr_factor(cfg, 2) == pytest.approx(1.0)
+    assert lr_factor(cfg, 6) == pytest.approx(0.5)  # halfway through the 8 cosine epochs
+
+
+def test_optimizer_lr_follows_the_schedule_per_step(splits) -> None:  # type: ignore[no-untyped-def]
+    cfg = TrainConfig(epochs=2, batch_size=40, lr=0.1, scheduler="exponential", lr_decay=0.5)
+    trainer = Trainer(splits, MODEL, cfg, CPU)
+    r = trainer.run_epoch()
+    assert r.lr == pytest.approx(0.1 * math.exp(-0.5 * 1.0))
+
+
+def test_tiny_model_learns_generated_data(splits) -> None:  # type: ignore[no-untyped-def]
+    trainer = Trainer(splits, MODEL, TrainConfig(epochs=4, batch_size=32, lr=0.05), CPU)
+    results = [trainer.run_epoch() for _ in range(4)]
+    assert results[-1].val_acc >= 0.75, [r.val_acc for r in results]  # chance is 0.25
+    assert results[-1].train_loss < results[0].train_loss
+    assert all(r.images_per_s > 0 and r.peak_memory_mb > 0 for r in results)
+
+
+def test_same_seed_gives_the_same_first_epoch_loss(splits) -> None:  # type: ignore[no-untyped-def]
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, seed=5)
+    a = Trainer(splits, MODEL, cfg, CPU).run_epoch()
+    b = Trainer(splits, MODEL, cfg, CPU).run_epoch()
+    c = Trainer(splits, MODEL, cfg, CPU, seed=6).run_epoch()
+    assert a.train_loss == b.train_loss and a.val_acc == b.val_acc
+    assert c.train_loss != a.train_loss
+
+
+def test_resume_from_state_dict_continues_exactly(splits, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05)
+    straight = Trainer(splits, MODEL, cfg, CPU)
+    full = [straight.run_epoch() for _ in range(3)]
+
+    first = Trainer(splits, MODEL, cfg, CPU)
+    first.run_epoch()
+    torch.save(first.state_dict(), tmp_path / "ckpt.pt")
+    resumed = Trainer(splits, MODEL, cfg, CPU)
+    resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=False))
+    rest = [resumed.run_epoch() for _ in range(2)]
+    assert [r.epoch for r in rest] == [2, 3]
+    assert [r.train_loss for r in rest] == pytest.approx([r.train_loss for r in full[1:]], rel=1e-5)
+    assert [r.val_acc for r in rest] == [r.val_acc for r in full[1:]]
+
+
+def test_nan_loss_raises_diverged(splits) -> None:  # type: ignore[no-untyped-def]
+    trainer = Trainer(splits, MODEL, TrainConfig(epochs=2, batch_size=32, lr=1e30, momentum=0.0), CPU)
+    with pytest.raises(DivergedError, match="training loss is"):
+        trainer.run_epoch()
