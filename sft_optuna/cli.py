@@ -96,8 +96,10 @@ def _print_status(study: optuna.Study, config: StudyConfig) -> None:
             )
     retrain = study.user_attrs.get(attrs.RETRAIN)
     if retrain:
-        print(f"retrain: test accuracy {retrain['test_acc_mean']:.4f} ± {retrain['test_acc_std']:.4f} "
-              f"over {len(retrain['test_acc'])} seeds")
+        print(
+            f"retrain: test accuracy {retrain['test_acc_mean']:.4f} ± {retrain['test_acc_std']:.4f} "
+            f"over {len(retrain['test_acc'])} seeds"
+        )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -140,8 +142,10 @@ def cmd_studies(args: argparse.Namespace) -> int:
         trials = study.get_trials(deepcopy=False)
         best = _best(study)
         states = Counter(t.state.name for t in trials)
-        print(f"{name}\ttrials {len(trials)} ({', '.join(f'{k} {v}' for k, v in sorted(states.items()))})"
-              f"\tbest {f'{best.value:.4f}' if best is not None else '-'}")
+        print(
+            f"{name}\ttrials {len(trials)} ({', '.join(f'{k} {v}' for k, v in sorted(states.items()))})"
+            f"\tbest {f'{best.value:.4f}' if best is not None else '-'}"
+        )
     return 0
 
 
@@ -149,16 +153,20 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--data-root", default=None, help="where this node keeps the data (overrides data.root)")
     p.add_argument("--n-trials", type=int, default=None, help="stop after this many trials of this worker")
-    p.add_argument("--checkpoint-dir", default="checkpoints",
-                   help="shared directory for per-epoch checkpoints, or 'none' (default: checkpoints)")
+    p.add_argument(
+        "--checkpoint-dir",
+        default="checkpoints",
+        help="shared directory for per-epoch checkpoints, or 'none' (default: checkpoints)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: $OMP_NUM_THREADS)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
     parser = argparse.ArgumentParser(prog="sft-optuna", description="Hyperparameter search for fine-tuning.")
-    parser.add_argument("--storage", default=None,
-                        help="storage URL (default: $SFT_OPTUNA_STORAGE, else sqlite:///sft-optuna.db)")
+    parser.add_argument(
+        "--storage", default=None, help="storage URL (default: $SFT_OPTUNA_STORAGE, else sqlite:///sft-optuna.db)"
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -246,8 +246,11 @@ def _build(cls: type, raw: Any, where: str, *, extra_to: str | None = None) -> A
         kwargs[key] = value
     if extra_to is not None:
         kwargs[extra_to] = extra
-    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"{where}.{missing[0]}: required key is missing")
     return cls(**kwargs)

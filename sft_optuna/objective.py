@@ -18,7 +18,7 @@ from sft_optuna.data import Splits
 from sft_optuna.errors import ConfigError
 from sft_optuna.train import EpochResult, Trainer
 
-__all__ = ["Interrupted", "Objective", "InvalidValueError", "train_config_for"]
+__all__ = ["Interrupted", "InvalidValueError", "Objective", "train_config_for"]
 
 log = logging.getLogger(__name__)
 

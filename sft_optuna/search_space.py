@@ -57,7 +57,7 @@ def _axis(spec: ParamSpec) -> list[Any]:
         step = int(spec.step or 1)
         return list(range(int(spec.low), int(spec.high) + 1, step))
     assert spec.step is not None  # config refuses a float grid axis without a step
-    n = int(math.floor((spec.high - spec.low) / spec.step + 1e-9)) + 1
+    n = math.floor((spec.high - spec.low) / spec.step + 1e-9) + 1
     # round() so 0.1 + 2*0.1 is stored as 0.3, the value a user reads in the study file
     return [round(spec.low + i * spec.step, 12) for i in range(n)]
 

@@ -150,9 +150,9 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     except Exception as exc:  # noqa: BLE001 - unknown dialect or missing driver
         raise StorageError(f"storage URL {mask_url(url)}: unsupported or driver missing ({exc})") from None
     if parsed.get_backend_name() == "sqlite":
-        path = _sqlite_path(parsed)
-        if path is not None and not path.parent.is_dir():
-            raise StorageError(f"storage URL {mask_url(url)}: directory {path.parent} does not exist")
+        db_path = _sqlite_path(parsed)
+        if db_path is not None and not db_path.parent.is_dir():
+            raise StorageError(f"storage URL {mask_url(url)}: directory {db_path.parent} does not exist")
     try:
         with storage_lock(url, "schema"):
             return optuna.storages.RDBStorage(

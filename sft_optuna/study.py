@@ -23,7 +23,9 @@ def _find(storage: Any, name: str) -> bool:
     return any(s.study_name == name for s in storage.get_all_studies())
 
 
-def create_study(config: StudyConfig, storage: Any, url: str, study_file: str | None = None) -> tuple[optuna.Study, bool]:
+def create_study(
+    config: StudyConfig, storage: Any, url: str, study_file: str | None = None
+) -> tuple[optuna.Study, bool]:
     """Create the study ``config.name`` with its config stored; a no-op if it exists with the same config.
 
     Returns (study, created). Serialized by the storage lock, so workers started together on an empty
@@ -54,7 +56,9 @@ def create_study(config: StudyConfig, storage: Any, url: str, study_file: str | 
             if len(points) > config.budget.n_trials:
                 log.warning(
                     "grid has %d points but the budget is %d trials: only the first %d will run",
-                    len(points), config.budget.n_trials, config.budget.n_trials,
+                    len(points),
+                    config.budget.n_trials,
+                    config.budget.n_trials,
                 )
             # Each point queued exactly once; workers claim queued trials under the storage lock.
             for params in points[: config.budget.n_trials]:

@@ -102,9 +102,7 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def predict(
-    model: nn.Module, data: BatchPipeline, batch_size: int, precision: str = "auto"
-) -> torch.Tensor:
+def predict(model: nn.Module, data: BatchPipeline, batch_size: int, precision: str = "auto") -> torch.Tensor:
     """Predicted class of every image of ``data``, in order, without augmentation."""
     model.eval()
     preds = []

@@ -169,7 +169,13 @@ class _StopFlag:
 def _log_epoch(number: int, r: EpochResult) -> None:
     log.info(
         "trial %d epoch %d: val_acc %.4f train_loss %.4f lr %.3g %.0f img/s %.1fs",
-        number, r.epoch, r.val_acc, r.train_loss, r.lr, r.images_per_s, r.seconds,
+        number,
+        r.epoch,
+        r.val_acc,
+        r.train_loss,
+        r.lr,
+        r.images_per_s,
+        r.seconds,
     )
 
 

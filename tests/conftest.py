@@ -20,8 +20,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Ten well-separated colours: a class is its colour plus noise, so a few epochs learn it.
 PALETTE = np.array(
-    [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-     [145, 30, 180], [70, 240, 240], [240, 50, 230], [128, 128, 0], [0, 0, 128]],
+    [
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [128, 128, 0],
+        [0, 0, 128],
+    ],
     dtype=np.float32,
 )
 
@@ -57,8 +67,9 @@ def write_cifar10(root: Path, n_train: int = 500, n_test: int = 100, num_classes
     return root
 
 
-def write_imagefolder(root: Path, n_train: int = 200, n_test: int = 40, num_classes: int = 4,
-                      test_labels_shift: int = 0) -> Path:
+def write_imagefolder(
+    root: Path, n_train: int = 200, n_test: int = 40, num_classes: int = 4, test_labels_shift: int = 0
+) -> Path:
     """``root/{train,test}/<class>/*.png`` with generated images; ``test_labels_shift`` files test images
     under another class than their colour says (to prove which split a number came from)."""
     from PIL import Image

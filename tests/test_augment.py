@@ -73,7 +73,7 @@ def test_training_batches_are_shuffled_augmented_and_seeded() -> None:
 
     xa, ya = one_pass(0)
     xb, yb = one_pass(0)
-    xc, yc = one_pass(1)
+    _, yc = one_pass(1)
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert not torch.equal(ya, yc)
     assert sorted(ya.tolist()) == list(range(32))

@@ -22,12 +22,17 @@ def _load(url: str, name: str) -> optuna.Study:
 
 @pytest.mark.parametrize("sampler", ["tpe", "random"])
 def test_run_completes_the_budget_with_learning_curves(
-    sampler: str, folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, tmp_path: Path,
+    sampler: str,
+    folder_root: Path,
+    write_study: Callable[..., Path],
+    sqlite_url: str,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     path = write_study(study_dict(folder_root, sampler={"name": sampler, "seed": 1}, budget={"n_trials": 3}))
-    code = main(["--storage", sqlite_url, "run", str(path), "--device", "cpu",
-                 "--checkpoint-dir", str(tmp_path / "ck")])
+    code = main(
+        ["--storage", sqlite_url, "run", str(path), "--device", "cpu", "--checkpoint-dir", str(tmp_path / "ck")]
+    )
     assert code == 0
     study = _load(sqlite_url, "t")
     trials = study.get_trials()
@@ -49,10 +54,13 @@ def test_run_completes_the_budget_with_learning_curves(
 def test_grid_runs_every_point_exactly_once_then_stops(
     folder_root: Path, write_study: Callable[..., Path], sqlite_url: str
 ) -> None:
-    space = {"lr": {"type": "float", "low": 0.02, "high": 0.06, "step": 0.02},
-             "scheduler": {"type": "categorical", "choices": ["constant", "cosine"]}}
-    cfg = study_dict(folder_root, sampler={"name": "grid"}, budget={"n_trials": 50}, search_space=space,
-                     train={"epochs": 1})
+    space = {
+        "lr": {"type": "float", "low": 0.02, "high": 0.06, "step": 0.02},
+        "scheduler": {"type": "categorical", "choices": ["constant", "cosine"]},
+    }
+    cfg = study_dict(
+        folder_root, sampler={"name": "grid"}, budget={"n_trials": 50}, search_space=space, train={"epochs": 1}
+    )
     path = write_study(cfg)
     assert main(["--storage", sqlite_url, "run", str(path), "--device", "cpu", "--checkpoint-dir", "none"]) == 0
     trials = _load(sqlite_url, "t").get_trials()
@@ -65,11 +73,18 @@ def test_median_pruner_prunes_a_trial_that_cannot_learn(
     folder_root: Path, write_study: Callable[..., Path], sqlite_url: str
 ) -> None:
     space = {"lr": {"type": "categorical", "choices": [0.05, 0.04, 1.0e-7]}}
-    cfg = study_dict(folder_root, sampler={"name": "grid"}, budget={"n_trials": 3}, search_space=space,
-                     pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
-                     train={"epochs": 3})
-    assert main(["--storage", sqlite_url, "run", str(write_study(cfg)), "--device", "cpu",
-                 "--checkpoint-dir", "none"]) == 0
+    cfg = study_dict(
+        folder_root,
+        sampler={"name": "grid"},
+        budget={"n_trials": 3},
+        search_space=space,
+        pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
+        train={"epochs": 3},
+    )
+    assert (
+        main(["--storage", sqlite_url, "run", str(write_study(cfg)), "--device", "cpu", "--checkpoint-dir", "none"])
+        == 0
+    )
     by_lr = {t.params["lr"]: t for t in _load(sqlite_url, "t").get_trials()}
     assert by_lr[0.05].state == by_lr[0.04].state == TrialState.COMPLETE
     bad = by_lr[1.0e-7]
@@ -105,7 +120,10 @@ def test_worker_loads_by_name_and_exits_at_once_when_budget_is_spent(
 
 
 def test_status_best_and_studies_report_the_study(
-    folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, capsys: pytest.CaptureFixture[str],
+    folder_root: Path,
+    write_study: Callable[..., Path],
+    sqlite_url: str,
+    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("SFT_OPTUNA_STORAGE", sqlite_url)  # the environment variable is honoured

@@ -19,8 +19,12 @@ STUDY_FILES = sorted((REPO / "studies").glob("*.yaml"))
 
 def test_studies_folder_has_the_documented_files() -> None:
     names = {p.name for p in STUDY_FILES}
-    for required in ("cifar10-resnet18-tpe.yaml", "cifar10-resnet18-grid.yaml",
-                     "cifar10-resnet18-random.yaml", "smoke.yaml"):
+    for required in (
+        "cifar10-resnet18-tpe.yaml",
+        "cifar10-resnet18-grid.yaml",
+        "cifar10-resnet18-random.yaml",
+        "smoke.yaml",
+    ):
         assert required in names
 
 
@@ -50,23 +54,47 @@ BAD = [
     ("negative lr", "train.lr", -1.0, "train.lr: must be > 0"),
     ("bad scheduler", "train.scheduler", "linear", "train.scheduler: expected one of"),
     ("bad dataset", "data.dataset", "mnist", "data.dataset: expected one of"),
-    ("low >= high", "search_space.lr", {"type": "float", "low": 0.1, "high": 0.01},
-     "search_space.lr.low: must be below high"),
-    ("log with low <= 0", "search_space.lr", {"type": "float", "low": 0.0, "high": 0.1, "log": True},
-     "search_space.lr.low: must be > 0 with log"),
-    ("unsearchable name", "search_space.colour", {"type": "categorical", "choices": [1]},
-     "search_space.colour: not a train key"),
-    ("empty choices", "search_space.scheduler", {"type": "categorical", "choices": []},
-     "search_space.scheduler.choices"),
-    ("unknown param type", "search_space.lr", {"type": "normal", "low": 0.1, "high": 1.0},
-     "search_space.lr.type: expected one of"),
+    (
+        "low >= high",
+        "search_space.lr",
+        {"type": "float", "low": 0.1, "high": 0.01},
+        "search_space.lr.low: must be below high",
+    ),
+    (
+        "log with low <= 0",
+        "search_space.lr",
+        {"type": "float", "low": 0.0, "high": 0.1, "log": True},
+        "search_space.lr.low: must be > 0 with log",
+    ),
+    (
+        "unsearchable name",
+        "search_space.colour",
+        {"type": "categorical", "choices": [1]},
+        "search_space.colour: not a train key",
+    ),
+    (
+        "empty choices",
+        "search_space.scheduler",
+        {"type": "categorical", "choices": []},
+        "search_space.scheduler.choices",
+    ),
+    (
+        "unknown param type",
+        "search_space.lr",
+        {"type": "normal", "low": 0.1, "high": 1.0},
+        "search_space.lr.type: expected one of",
+    ),
     ("unknown sampler", "sampler.name", "cmaes2", "sampler.name: unknown sampler"),
     ("unknown sampler option", "sampler.n_startup", 3, "sampler.n_startup: unknown option"),
     ("unknown pruner", "pruner.name", "magic", "pruner.name: unknown pruner"),
     ("unknown pruner option", "pruner.warmup", 1, "pruner.warmup: unknown option"),
     ("zero budget", "budget.n_trials", 0, "budget.n_trials: must be > 0"),
-    ("int param not whole", "search_space.epochs", {"type": "int", "low": 1.5, "high": 4},
-     "search_space.epochs.low: must be a whole number"),
+    (
+        "int param not whole",
+        "search_space.epochs",
+        {"type": "int", "low": 1.5, "high": 4},
+        "search_space.epochs.low: must be a whole number",
+    ),
 ]
 
 
@@ -95,7 +123,7 @@ def test_grid_over_float_range_without_step_is_refused(tmp_path: Path) -> None:
 
 
 def test_missing_file_and_invalid_yaml_are_one_line_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="nope.yaml: cannot read"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read"):
         load_study_file(tmp_path / "nope.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: [unclosed\n")

@@ -35,7 +35,7 @@ def test_cifar10_download_failure_is_a_data_error(tmp_path: Path, monkeypatch: p
         raise OSError("network unreachable")
 
     monkeypatch.setattr("torchvision.datasets.utils.download_url", offline)
-    with pytest.raises(DataError, match="cannot download CIFAR-10 .* network unreachable"):
+    with pytest.raises(DataError, match=r"cannot download CIFAR-10 .* network unreachable"):
         load_cifar10(tmp_path, download=True)
 
 

@@ -79,8 +79,12 @@ def test_imagenet_weights_load_from_the_local_torch_cache(tmp_path: Path, monkey
     cache.mkdir(parents=True)
     source = torchvision.models.resnet18(weights=None)
     torch.save(source.state_dict(), cache / "resnet18-f37072fd.pth")
-    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1, "get_state_dict",
-                        lambda **kw: torch.hub.load_state_dict_from_url(
-                            torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url, check_hash=False))
+    monkeypatch.setattr(
+        torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+        "get_state_dict",
+        lambda **kw: torch.hub.load_state_dict_from_url(
+            torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url, check_hash=False
+        ),
+    )
     model = build_model(10, ModelConfig(weights="imagenet"))
     assert torch.equal(model.layer3[0].conv2.weight, source.layer3[0].conv2.weight)

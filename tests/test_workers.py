@@ -1,0 +1,128 @@
+"""Several worker processes on one storage: exact budget, no grid point twice, resume after Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import PYTHON, study_dict, worker_env
+from optuna.trial import TrialState
+
+from sft_optuna import attrs
+from sft_optuna.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _worker(url: str, name: str, ckpt: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            PYTHON,
+            "-m",
+            "sft_optuna",
+            "--storage",
+            url,
+            "worker",
+            name,
+            "--device",
+            "cpu",
+            "--checkpoint-dir",
+            str(ckpt),
+            *extra,
+        ],
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _finish(procs: list[subprocess.Popen[str]], timeout: float = 240) -> list[str]:
+    outs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=timeout)
+        outs.append(out)
+        assert p.returncode == 0, out[-3000:]
+    return outs
+
+
+def test_two_workers_on_one_sqlite_file_reach_exactly_the_budget(
+    folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, tmp_path: Path
+) -> None:
+    cfg = study_dict(
+        folder_root,
+        sampler={"name": "tpe", "seed": 0, "n_startup_trials": 2},
+        budget={"n_trials": 5},
+        train={"epochs": 1},
+    )
+    assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
+    outs = _finish([_worker(sqlite_url, "t", tmp_path / "ck") for _ in range(2)])
+    trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+    assert len(trials) == 5 and all(t.state == TrialState.COMPLETE for t in trials)
+    hosts = {t.user_attrs[attrs.HOST].split()[0] for t in trials}
+    assert len(hosts) == 2, "both workers should have run trials"
+    assert len({t.params["lr"] for t in trials}) == 5, "workers must not draw the same points"
+    assert not any("database is locked" in o for o in outs)
+
+
+def test_grid_with_three_workers_trains_no_point_twice(
+    folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, tmp_path: Path
+) -> None:
+    space = {"lr": {"type": "categorical", "choices": [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]}}
+    cfg = study_dict(
+        folder_root, sampler={"name": "grid"}, budget={"n_trials": 100}, search_space=space, train={"epochs": 1}
+    )
+    assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
+    _finish([_worker(sqlite_url, "t", tmp_path / "ck") for _ in range(3)])
+    trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+    assert sorted(t.params["lr"] for t in trials) == [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_ctrl_c_fails_the_trial_and_the_next_worker_resumes_it_from_its_checkpoint(
+    folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, tmp_path: Path
+) -> None:
+    cfg = study_dict(folder_root, budget={"n_trials": 2}, train={"epochs": 4})
+    assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
+    ckpt = tmp_path / "ck"
+    proc = _worker(sqlite_url, "t", ckpt)
+
+    def first_epoch_reported() -> bool:
+        trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+        return bool(trials) and len(trials[0].intermediate_values) >= 1
+
+    _wait_for(first_epoch_reported, 120, "the first epoch")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-3000:]
+    assert "Traceback" not in out
+    first = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()[0]
+    assert first.state == TrialState.FAIL and first.user_attrs[attrs.REASON] == "interrupted"
+    done_epochs = len(first.intermediate_values)
+    assert 1 <= done_epochs < 4
+
+    _finish([_worker(sqlite_url, "t", ckpt)])
+    trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+    states = [t.state for t in trials]
+    assert states.count(TrialState.COMPLETE) == 2 and TrialState.RUNNING not in states
+    retry = next(t for t in trials if t.user_attrs.get(attrs.RETRY_OF) == 0)
+    assert retry.params == first.params and retry.state == TrialState.COMPLETE
+    assert retry.user_attrs[attrs.RESUMED_FROM_EPOCH] == done_epochs
+    # the learning curve continues: the same values for the epochs done before, then the rest, no gaps
+    assert sorted(retry.intermediate_values) == [1, 2, 3, 4]
+    for step, value in first.intermediate_values.items():
+        assert retry.intermediate_values[step] == value
