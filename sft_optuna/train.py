@@ -157,20 +157,23 @@ class Trainer:
             self.cfg.batch_size, shuffle=True, augment=self.cfg.augment, generator=self.generator, drop_last=True
         )
 
-    def run_epoch(self) -> EpochResult:
-        """Train one epoch, evaluate on the validation split; raises :class:`DivergedError` on NaN/inf loss."""
+    def train_steps(self, max_steps: int | None = None) -> tuple[float, float, int, float, float]:
+        """Train one pass (or ``max_steps`` steps) over the training split.
+
+        Returns (mean loss, accuracy, images, seconds without compilation, compile seconds).
+        """
         model, cfg, device = self.model, self.cfg, self.device
         model.train()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
         start = time.perf_counter()
         compile_seconds = 0.0
-        # Accumulated on the device and read once per epoch: a .item() per step would stall the GPU queue.
+        # Accumulated on the device and read once per pass: a .item() per step would stall the GPU queue.
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        for xb, yb in self._batches():
+        for step, (xb, yb) in enumerate(self._batches()):
+            if max_steps is not None and step >= max_steps:
+                break
             with _autocast(device, cfg.precision):
                 logits = self.step_model(xb)
                 loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
@@ -185,21 +188,29 @@ class Trainer:
                 _sync(device)
                 compile_seconds = time.perf_counter() - start
                 self._compiled = True
-        train_loss = float(loss_sum) / max(seen, 1)
-        train_seconds = time.perf_counter() - start - compile_seconds
+        mean_loss = float(loss_sum) / max(seen, 1)  # the one host sync of the pass
+        seconds = time.perf_counter() - start - compile_seconds
+        return mean_loss, int(correct) / max(seen, 1), seen, seconds, compile_seconds
+
+    def run_epoch(self) -> EpochResult:
+        """Train one epoch, evaluate on the validation split; raises :class:`DivergedError` on NaN/inf loss."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        train_loss, train_acc, seen, train_seconds, compile_seconds = self.train_steps()
         if not math.isfinite(train_loss):
-            raise DivergedError(f"training loss is {train_loss} at epoch {self.epoch + 1} (lr {cfg.lr:g})")
+            raise DivergedError(f"training loss is {train_loss} at epoch {self.epoch + 1} (lr {self.cfg.lr:g})")
         val_acc = self.evaluate()
         self.epoch += 1
         result = EpochResult(
             epoch=self.epoch,
             train_loss=train_loss,
-            train_acc=int(correct) / max(seen, 1),
+            train_acc=train_acc,
             val_acc=val_acc,
             lr=self.optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - start,
             images_per_s=seen / max(train_seconds, 1e-9),
-            peak_memory_mb=_peak_memory_mb(device),
+            peak_memory_mb=_peak_memory_mb(self.device),
             compile_seconds=compile_seconds,
         )
         self.history.append(result)
