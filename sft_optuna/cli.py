@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
+import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
@@ -20,22 +21,20 @@ from sft_optuna.config import StudyConfig, load_study_file
 from sft_optuna.errors import UserError
 from sft_optuna.storage import mask_url, open_storage, resolve_url
 from sft_optuna.study import create_study, load_study, study_names
-from sft_optuna.worker import WorkerOptions, budget_used, run_worker
 
 __all__ = ["main"]
 
 log = logging.getLogger("sft_optuna")
 
-HEARTBEAT_INTERVAL_S = 30  # a beat costs one small write; 30 s keeps it negligible even with 32 workers
-GRACE_PERIOD_S = 120  # four missed beats: long enough to ride out a short database restart
-
 
 def _open(args: argparse.Namespace) -> tuple[Any, str]:
     url = resolve_url(args.storage)
-    return open_storage(url, HEARTBEAT_INTERVAL_S, GRACE_PERIOD_S), url
+    return open_storage(url), url
 
 
-def _worker_options(args: argparse.Namespace) -> WorkerOptions:
+def _worker_options(args: argparse.Namespace) -> Any:
+    from sft_optuna.worker import WorkerOptions  # torch is imported only by commands that train
+
     return WorkerOptions(
         device=args.device,
         data_root=args.data_root,
@@ -53,17 +52,32 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _work(study: optuna.Study, config: StudyConfig, url: str, args: argparse.Namespace) -> int:
+    from sft_optuna.worker import run_worker
+
+    try:
+        return run_worker(study, config, url, _worker_options(args))
+    except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        print(
+            f"sft-optuna: error: storage {mask_url(url)} failed ({reason}); worker stopped, "
+            "its trial will be retried by the next worker",
+            file=sys.stderr,
+        )
+        return 3
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     storage, url = _open(args)
     study, config = load_study(args.name, storage, url)
-    return run_worker(study, config, url, _worker_options(args))
+    return _work(study, config, url, args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_study_file(args.study_file)
     storage, url = _open(args)
     study, _ = create_study(config, storage, url, args.study_file)
-    code = run_worker(study, config, url, _worker_options(args))
+    code = _work(study, config, url, args)
     _print_status(study, config)
     return code
 
@@ -76,6 +90,8 @@ def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 def _print_status(study: optuna.Study, config: StudyConfig) -> None:
+    from sft_optuna.budget import budget_used
+
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name for t in trials)
     print(f"study {config.name!r}: sampler {config.sampler.name}, pruner {config.pruner.name}")
@@ -205,9 +221,8 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("sft_optuna").setLevel(getattr(logging, level))
     # Optuna's own INFO lines repeat ours ("Trial N finished ..."); keep its warnings.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # We use heartbeats with ask/tell on purpose (worker.py beats itself); these warnings would only alarm users.
+    # enqueue_trial's user_attrs and similar are marked experimental; these warnings would only alarm users.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from sft_optuna.errors import ConfigError
 __all__ = [
     "BudgetConfig",
     "DataConfig",
+    "HeartbeatConfig",
     "ModelConfig",
     "ParamSpec",
     "PrunerConfig",
@@ -58,6 +59,15 @@ class BudgetConfig:
     """Trials for the whole study across all workers; every finished trial counts, whatever its state."""
     max_retries: int = 2
     """How often a trial whose worker died or was preempted is retried (resuming from its checkpoint)."""
+
+
+@dataclass(frozen=True)
+class HeartbeatConfig:
+    interval: float = 30.0
+    """Seconds between a running trial's heartbeats (one small write each)."""
+    grace_period: float = 120.0
+    """A running trial whose worker has not beaten for this long is failed and retried (from its checkpoint).
+    Several missed beats, so that a database restart or a GC pause does not fail healthy trials."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +170,8 @@ class StudyConfig:
     """Pruner settings."""
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     """Trial budget."""
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    """Dead-worker detection."""
     data: DataConfig = field(default_factory=DataConfig)
     """Dataset."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -187,6 +199,7 @@ class StudyConfig:
 
 _SECTIONS: dict[str, type] = {
     "budget": BudgetConfig,
+    "heartbeat": HeartbeatConfig,
     "data": DataConfig,
     "model": ModelConfig,
     "train": TrainConfig,
@@ -364,6 +377,10 @@ def _check_values(config: StudyConfig, source: str) -> None:
 
     _check_positive(f"{source}: budget.n_trials", config.budget.n_trials)
     _check_positive(f"{source}: budget.max_retries", config.budget.max_retries, allow_zero=True)
+    _check_positive(f"{source}: heartbeat.interval", config.heartbeat.interval)
+    _check_positive(f"{source}: heartbeat.grace_period", config.heartbeat.grace_period)
+    if config.heartbeat.grace_period < 2 * config.heartbeat.interval:
+        raise ConfigError(f"{source}: heartbeat.grace_period: must be at least 2 heartbeat intervals")
     _check_positive(f"{source}: data.val_size", config.data.val_size)
     _check_positive(f"{source}: data.train_subset", config.data.train_subset)
     _check_positive(f"{source}: data.image_size", config.data.image_size)

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from sft_optuna.errors import StorageError
 
 __all__ = [
     "DEFAULT_STORAGE",
-    "Heartbeat",
+    "RetryingStorage",
     "mask_url",
     "open_storage",
     "resolve_url",
@@ -135,15 +136,20 @@ def _engine_kwargs(parsed: sqlalchemy.URL) -> dict[str, Any]:
     return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2, "pool_recycle": 3600}
 
 
-def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None) -> Any:
-    """The Optuna storage behind ``url``; schema creation is serialized so cold starts of many workers don't race."""
+def open_storage(url: str) -> Any:
+    """The Optuna storage behind ``url``, retrying through short outages (see :class:`RetryingStorage`).
+
+    Schema creation is serialized by the storage lock, so a cold start of many workers on an empty database
+    does not race into "table already exists" / duplicate ``alembic_version`` errors.
+    """
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
         path = _journal_path(url)
         if not path.parent.is_dir():
             raise StorageError(f"{url}: directory {path.parent} does not exist")
-        return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+        backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+        return RetryingStorage(JournalStorage(backend))  # type: ignore[abstract]  # methods set below the class
     parsed = _parse(url)
     try:
         parsed.get_dialect()
@@ -155,47 +161,70 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
             raise StorageError(f"storage URL {mask_url(url)}: directory {db_path.parent} does not exist")
     try:
         with storage_lock(url, "schema"):
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=_engine_kwargs(parsed),
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-            )
+            rdb = _retry(lambda: optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(parsed)), "open")
+            # get_storage adds Optuna's cache of finished trials in front of the database.
+            return RetryingStorage(optuna.storages.get_storage(rdb))  # type: ignore[abstract]
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise StorageError(f"cannot open storage {mask_url(url)}: {reason}") from None
 
 
-class Heartbeat:
-    """Records a trial's heartbeat every ``interval`` seconds in a thread while the context is open.
+OUTAGE_S = 60.0  # how long a worker keeps retrying a storage that stopped answering (restarts, failovers)
 
-    Optuna only beats inside ``study.optimize``; our workers use ask/tell, so they beat here.
+
+def _transient(exc: BaseException) -> bool:
+    """Is this a storage error worth retrying (server gone or busy), not a bug or a full disk?"""
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        text = str(exc.orig).lower()
+        if "disk is full" in text or "no space" in text:
+            return False
+        return isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
+    # Optuna's RDB session helper can hit an UnboundLocalError when the connection dies mid-commit
+    # (seen with Optuna 5.0 on a PostgreSQL restart); it is the same outage.
+    return isinstance(exc, (sqlalchemy.exc.DisconnectionError, ConnectionError, UnboundLocalError))
+
+
+def _retry(fn: Any, what: str, max_wait: float = OUTAGE_S) -> Any:
+    deadline = time.monotonic() + max_wait
+    delay = 0.25
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if not _transient(exc) or time.monotonic() + delay > deadline:
+                raise
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+            log.warning("storage %s failed (%s); retrying in %.1f s", what, reason, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+class RetryingStorage(optuna.storages.BaseStorage):
+    """Delegates to an Optuna storage and retries a call for up to a minute when the database is away.
+
+    With ``pool_pre_ping`` the next attempt gets a fresh connection, so a database restart costs workers a
+    pause, not a crash. A retried write whose commit did reach the server before the connection died could
+    apply twice; Optuna's writes are idempotent except trial creation, where the budget check's lock limits
+    the harm to one extra trial record.
     """
 
-    def __init__(self, storage: Any, trial_id: int) -> None:
-        self.storage = storage
-        self.trial_id = trial_id
-        self.interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+    def __init__(self, inner: optuna.storages.BaseStorage) -> None:
+        self.inner = inner
 
-    def _run(self) -> None:
-        assert self.interval is not None
-        while True:
-            try:
-                self.storage.record_heartbeat(self.trial_id)
-            except Exception as exc:  # noqa: BLE001 - a storage outage must not kill the trial
-                log.warning("heartbeat for trial id %d failed: %s", self.trial_id, exc)
-            if self._stop.wait(self.interval):
-                return
+    def __getattr__(self, name: str) -> Any:  # anything not in BaseStorage: passed through unretried
+        return getattr(self.inner, name)
 
-    def __enter__(self) -> Heartbeat:
-        if self.interval:
-            self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-            self._thread.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+def _delegate(name: str) -> Any:
+    def method(self: RetryingStorage, *args: Any, **kwargs: Any) -> Any:
+        return _retry(lambda: getattr(self.inner, name)(*args, **kwargs), name)
+
+    method.__name__ = name
+    return method
+
+
+for _name in [*sorted(optuna.storages.BaseStorage.__abstractmethods__), "get_n_trials", "get_best_trial"]:
+    setattr(RetryingStorage, _name, _delegate(_name))
+RetryingStorage.__abstractmethods__ = frozenset()

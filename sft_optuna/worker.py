@@ -1,8 +1,6 @@
-"""A worker: pull trials from a study by name until its budget is spent; signals, failures, retries.
+"""A worker: pull trials from a study by name until its budget is spent; signals, failures, heartbeats.
 
-No central master: workers coordinate only through the storage. Everything that must be atomic across
-workers (counting the budget, claiming a queued trial, retrying a dead worker's trial) happens under the
-storage lock (``storage.storage_lock``), which SQLite, PostgreSQL and journal files all honour.
+No central master: workers coordinate only through the storage (see ``claims.py``).
 """
 
 from __future__ import annotations
@@ -13,27 +11,27 @@ import signal
 import socket
 import threading
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 import optuna
+import sqlalchemy
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from sft_optuna import attrs
 from sft_optuna.checkpoints import CheckpointStore
+from sft_optuna.claims import budget_used, claim_trial, recover_trials
 from sft_optuna.config import StudyConfig
 from sft_optuna.data import load_dataset, make_splits
+from sft_optuna.heartbeat import Heartbeat, Watcher
 from sft_optuna.objective import Interrupted, InvalidValueError, Objective, lineage_of
-from sft_optuna.samplers import make_sampler
-from sft_optuna.search_space import suggest
-from sft_optuna.storage import Heartbeat, storage_lock
 from sft_optuna.train import DivergedError, EpochResult
 
-__all__ = ["WorkerOptions", "budget_used", "claim_trial", "resolve_device", "retries_due", "run_worker"]
+__all__ = ["WorkerOptions", "resolve_device", "run_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -73,72 +71,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device
-
-
-def _retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
-    return {int(t.user_attrs[attrs.RETRY_OF]) for t in trials if attrs.RETRY_OF in t.user_attrs}
-
-
-def budget_used(trials: Sequence[FrozenTrial]) -> int:
-    """Trials that count against the budget: finished (any state) or running, minus failures retried.
-
-    A failed trial that was retried is replaced by its retry, so a crash does not eat budget.
-    """
-    retried = _retried_numbers(trials)
-    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.FAIL)
-    return sum(1 for t in trials if t.state in counted and t.number not in retried)
-
-
-def retries_due(trials: Sequence[FrozenTrial], max_retries: int) -> list[FrozenTrial]:
-    """Failed trials to retry: their worker died (no reason recorded) or was preempted, and retries remain."""
-    retried = _retried_numbers(trials)
-    return [
-        t
-        for t in trials
-        if t.state == TrialState.FAIL
-        and t.number not in retried
-        and t.user_attrs.get(attrs.REASON) in (None, *attrs.RETRYABLE_REASONS)
-        and int(t.user_attrs.get(attrs.RETRY, 0)) < max_retries
-    ]
-
-
-def _enqueue_retries(study: optuna.Study, config: StudyConfig) -> None:
-    if hasattr(study._storage, "get_heartbeat_interval") and study._storage.get_heartbeat_interval():
-        optuna.storages.fail_stale_trials(study)
-    trials = study.get_trials(deepcopy=False)
-    for t in retries_due(trials, config.budget.max_retries):
-        lineage = int(t.user_attrs.get(attrs.LINEAGE, t.number))
-        log.warning("retrying trial %d (lineage %d) with the same parameters", t.number, lineage)
-        study.enqueue_trial(
-            t.params,
-            user_attrs={
-                attrs.LINEAGE: lineage,
-                attrs.RETRY_OF: t.number,
-                attrs.RETRY: int(t.user_attrs.get(attrs.RETRY, 0)) + 1,
-            },
-            skip_if_exists=False,
-        )
-
-
-def claim_trial(study: optuna.Study, config: StudyConfig, url: str) -> optuna.Trial | None:
-    """Start the next trial of the study, or None when the budget (or the grid) is spent.
-
-    Under the storage lock: retry dead workers' trials, count the budget (running trials included, so N
-    workers never overshoot), then take a queued trial or ask the sampler for a new point — and suggest its
-    parameters before letting go, so a concurrent TPE sees them as running (constant liar).
-    """
-    with storage_lock(url, f"claim:{config.name}"):
-        _enqueue_retries(study, config)
-        trials = study.get_trials(deepcopy=False)
-        if budget_used(trials) >= config.budget.n_trials:
-            return None
-        waiting = any(t.state == TrialState.WAITING for t in trials)
-        if config.sampler.name == "grid" and not waiting:
-            return None  # every grid point was claimed once; the grid is done
-        study.sampler = make_sampler(config.sampler, len(trials))
-        trial = study.ask()
-        suggest(trial, config.search_space)
-        return trial
 
 
 class _StopFlag:
@@ -211,7 +143,8 @@ def run_worker(study: optuna.Study, config: StudyConfig, url: str, options: Work
     objective = Objective(config, splits, device, checkpoints, stop.event.is_set, _log_epoch)
     host = f"{socket.gethostname()}:{os.getpid()} {device}"
     done = failures = 0
-    with stop.installed():
+    watcher = Watcher(config.heartbeat.interval, lambda: recover_trials(study, config, url), "stale-trial watcher")
+    with stop.installed(), watcher:
         while not stop.event.is_set() and (options.n_trials is None or done < options.n_trials):
             trial = claim_trial(study, config, url)
             if trial is None:
@@ -219,7 +152,7 @@ def run_worker(study: optuna.Study, config: StudyConfig, url: str, options: Work
                 break
             trial.set_user_attr(attrs.HOST, host)
             log.info("trial %d: %s", trial.number, trial.params)
-            state = _run_one(study, trial, objective, checkpoints)
+            state = _run_one(study, trial, objective, checkpoints, config.heartbeat.interval)
             done += 1
             failures = failures + 1 if state == TrialState.FAIL else 0
             if failures >= options.max_consecutive_failures:
@@ -229,12 +162,17 @@ def run_worker(study: optuna.Study, config: StudyConfig, url: str, options: Work
 
 
 def _run_one(
-    study: optuna.Study, trial: optuna.Trial, objective: Objective, checkpoints: CheckpointStore | None
+    study: optuna.Study,
+    trial: optuna.Trial,
+    objective: Objective,
+    checkpoints: CheckpointStore | None,
+    heartbeat_interval: float,
 ) -> TrialState | None:
     """Run one claimed trial and tell the storage how it ended; returns the state told."""
     lineage = lineage_of(trial)
     try:
-        with Heartbeat(study._storage, trial._trial_id):
+        # trial._trial_id: Optuna has no public accessor for the storage id that heartbeats are written to.
+        with Heartbeat(study._storage, trial._trial_id, heartbeat_interval):
             value = objective(trial)
     except optuna.TrialPruned as exc:
         log.info("trial %d: %s", trial.number, exc)
@@ -262,10 +200,19 @@ def _run_one(
     except optuna.exceptions.UpdateFinishedTrialError as exc:
         log.warning("trial %d was finished elsewhere (%s); dropping it", trial.number, exc)
         return None
+    except sqlalchemy.exc.SQLAlchemyError:
+        # The storage stayed away longer than the retries wait: stop this worker. The trial stays RUNNING
+        # until its heartbeat goes stale, then another worker retries it from its checkpoint.
+        raise
     except Exception as exc:  # noqa: BLE001 - a trial's bug must not take the worker down
         _set_reason(trial, f"error: {type(exc).__name__}: {exc}")
         log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
         state = TrialState.FAIL
+    except BaseException as exc:
+        # SystemExit from user code, a second Ctrl-C already handled above, ...: never leave it RUNNING.
+        _set_reason(trial, f"error: {type(exc).__name__}: {exc}")
+        _safe_tell(study, trial, state=TrialState.FAIL)
+        raise
     else:
         if not _safe_tell(study, trial, values=value):
             return None

@@ -137,3 +137,58 @@ def worker_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+PG_URL = os.environ.get("SFT_TEST_POSTGRES", "postgresql+psycopg://sft:sft@127.0.0.1:5432/sft_test")
+
+
+def _pg_reachable() -> bool:
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(PG_URL, connect_args={"connect_timeout": 3})
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+def need_postgres() -> None:
+    """Skip without a PostgreSQL server, except under CI, where a missing server is a failure."""
+    if not _pg_reachable():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but PostgreSQL is not reachable at {PG_URL} (run tests/services.sh)")
+        pytest.skip(f"no PostgreSQL at {PG_URL} (run tests/services.sh as root)")
+
+
+@pytest.fixture
+def postgres_url() -> Any:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    import uuid
+
+    import sqlalchemy
+
+    need_postgres()
+    name = f"sft_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+STORAGES = ["sqlite", "journal", "postgresql"]
+
+
+@pytest.fixture(params=STORAGES)
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same test on every storage backend (one fixture, all storages, as Optuna's own suite does)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'studies.db'}"
+    if request.param == "journal":
+        return f"journal://{tmp_path / 'studies.log'}"
+    return str(request.getfixturevalue("postgres_url"))

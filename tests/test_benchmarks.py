@@ -12,15 +12,41 @@ from conftest import PYTHON, REPO, worker_env
 def test_throughput_benchmark_runs_on_cpu_and_writes_its_figures(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     proc = subprocess.run(
-        [PYTHON, str(REPO / "benchmarks" / "throughput.py"), "--device", "cpu", "--images", "256",
-         "--batch-size", "32", "--loader-batches", "2", "--train-steps", "1", "--memory-epochs", "2",
-         "--json", str(out)],
-        env=worker_env(), capture_output=True, text=True, timeout=300,
+        [
+            PYTHON,
+            str(REPO / "benchmarks" / "throughput.py"),
+            "--device",
+            "cpu",
+            "--images",
+            "256",
+            "--batch-size",
+            "32",
+            "--loader-batches",
+            "2",
+            "--train-steps",
+            "1",
+            "--memory-epochs",
+            "2",
+            "--json",
+            str(out),
+        ],
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads(out.read_text())
-    for key in ("loader_speedup", "train_speedup", "textbook_loader_images_per_s", "ours_loader_images_per_s",
-                "textbook_train_images_per_s", "ours_train_images_per_s", "mfu_ours", "rss_mb_per_epoch"):
+    for key in (
+        "loader_speedup",
+        "train_speedup",
+        "textbook_loader_images_per_s",
+        "ours_loader_images_per_s",
+        "textbook_train_images_per_s",
+        "ours_train_images_per_s",
+        "mfu_ours",
+        "rss_mb_per_epoch",
+    ):
         assert key in figures
     ratio = figures["ours_loader_images_per_s"] / figures["textbook_loader_images_per_s"]
     assert abs(figures["loader_speedup"] - ratio) < 0.02 * ratio

@@ -15,8 +15,13 @@ from optuna.trial import TrialState
 
 from sft_optuna import attrs
 from sft_optuna.cli import main
+from sft_optuna.storage import open_storage
 
 pytestmark = pytest.mark.slow
+
+
+def _study(url: str, name: str = "t") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(url))
 
 
 def _worker(url: str, name: str, ckpt: Path, *extra: str) -> subprocess.Popen[str]:
@@ -51,9 +56,10 @@ def _finish(procs: list[subprocess.Popen[str]], timeout: float = 240) -> list[st
     return outs
 
 
-def test_two_workers_on_one_sqlite_file_reach_exactly_the_budget(
-    folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, tmp_path: Path
+def test_two_workers_on_one_storage_reach_exactly_the_budget(
+    folder_root: Path, write_study: Callable[..., Path], storage_url: str, tmp_path: Path
 ) -> None:
+    sqlite_url = storage_url
     cfg = study_dict(
         folder_root,
         sampler={"name": "tpe", "seed": 0, "n_startup_trials": 2},
@@ -62,7 +68,7 @@ def test_two_workers_on_one_sqlite_file_reach_exactly_the_budget(
     )
     assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
     outs = _finish([_worker(sqlite_url, "t", tmp_path / "ck") for _ in range(2)])
-    trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+    trials = _study(sqlite_url).get_trials()
     assert len(trials) == 5 and all(t.state == TrialState.COMPLETE for t in trials)
     hosts = {t.user_attrs[attrs.HOST].split()[0] for t in trials}
     assert len(hosts) == 2, "both workers should have run trials"
@@ -71,15 +77,16 @@ def test_two_workers_on_one_sqlite_file_reach_exactly_the_budget(
 
 
 def test_grid_with_three_workers_trains_no_point_twice(
-    folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, tmp_path: Path
+    folder_root: Path, write_study: Callable[..., Path], storage_url: str, tmp_path: Path
 ) -> None:
+    sqlite_url = storage_url
     space = {"lr": {"type": "categorical", "choices": [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]}}
     cfg = study_dict(
         folder_root, sampler={"name": "grid"}, budget={"n_trials": 100}, search_space=space, train={"epochs": 1}
     )
     assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
     _finish([_worker(sqlite_url, "t", tmp_path / "ck") for _ in range(3)])
-    trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+    trials = _study(sqlite_url).get_trials()
     assert sorted(t.params["lr"] for t in trials) == [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]
     assert all(t.state == TrialState.COMPLETE for t in trials)
 
@@ -102,7 +109,7 @@ def test_ctrl_c_fails_the_trial_and_the_next_worker_resumes_it_from_its_checkpoi
     proc = _worker(sqlite_url, "t", ckpt)
 
     def first_epoch_reported() -> bool:
-        trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+        trials = _study(sqlite_url).get_trials()
         return bool(trials) and len(trials[0].intermediate_values) >= 1
 
     _wait_for(first_epoch_reported, 120, "the first epoch")
@@ -110,13 +117,13 @@ def test_ctrl_c_fails_the_trial_and_the_next_worker_resumes_it_from_its_checkpoi
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out[-3000:]
     assert "Traceback" not in out
-    first = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()[0]
+    first = _study(sqlite_url).get_trials()[0]
     assert first.state == TrialState.FAIL and first.user_attrs[attrs.REASON] == "interrupted"
     done_epochs = len(first.intermediate_values)
     assert 1 <= done_epochs < 4
 
     _finish([_worker(sqlite_url, "t", ckpt)])
-    trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+    trials = _study(sqlite_url).get_trials()
     states = [t.state for t in trials]
     assert states.count(TrialState.COMPLETE) == 2 and TrialState.RUNNING not in states
     retry = next(t for t in trials if t.user_attrs.get(attrs.RETRY_OF) == 0)

@@ -1,0 +1,95 @@
+"""The study-wide budget, claiming trials, and retrying the trials of dead or preempted workers.
+
+Everything here that must be atomic across workers happens under the storage lock
+(``storage.storage_lock``), which SQLite, PostgreSQL and journal files all honour.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from sft_optuna import attrs
+from sft_optuna.config import StudyConfig
+from sft_optuna.heartbeat import fail_stale_trials
+from sft_optuna.samplers import make_sampler
+from sft_optuna.search_space import suggest
+from sft_optuna.storage import storage_lock
+
+__all__ = ["budget_used", "claim_trial", "recover_trials", "retries_due"]
+
+log = logging.getLogger(__name__)
+
+
+def _retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+    return {int(t.user_attrs[attrs.RETRY_OF]) for t in trials if attrs.RETRY_OF in t.user_attrs}
+
+
+def budget_used(trials: Sequence[FrozenTrial]) -> int:
+    """Trials that count against the budget: finished (any state) or running, minus failures retried.
+
+    A failed trial that was retried is replaced by its retry, so a crash does not eat budget.
+    """
+    retried = _retried_numbers(trials)
+    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.FAIL)
+    return sum(1 for t in trials if t.state in counted and t.number not in retried)
+
+
+def retries_due(trials: Sequence[FrozenTrial], max_retries: int) -> list[FrozenTrial]:
+    """Failed trials to retry: their worker died (no reason recorded) or was preempted, and retries remain."""
+    retried = _retried_numbers(trials)
+    return [
+        t
+        for t in trials
+        if t.state == TrialState.FAIL
+        and t.number not in retried
+        and t.user_attrs.get(attrs.REASON) in (None, *attrs.RETRYABLE_REASONS)
+        and int(t.user_attrs.get(attrs.RETRY, 0)) < max_retries
+    ]
+
+
+def _enqueue_retries(study: optuna.Study, config: StudyConfig) -> None:
+    fail_stale_trials(study, config.heartbeat.grace_period)
+    trials = study.get_trials(deepcopy=False)
+    for t in retries_due(trials, config.budget.max_retries):
+        lineage = int(t.user_attrs.get(attrs.LINEAGE, t.number))
+        log.warning("retrying trial %d (lineage %d) with the same parameters", t.number, lineage)
+        study.enqueue_trial(
+            t.params,
+            user_attrs={
+                attrs.LINEAGE: lineage,
+                attrs.RETRY_OF: t.number,
+                attrs.RETRY: int(t.user_attrs.get(attrs.RETRY, 0)) + 1,
+            },
+            skip_if_exists=False,
+        )
+
+
+def recover_trials(study: optuna.Study, config: StudyConfig, url: str) -> None:
+    """Fail trials of dead workers and queue their retries (under the storage lock)."""
+    with storage_lock(url, f"claim:{config.name}"):
+        _enqueue_retries(study, config)
+
+
+def claim_trial(study: optuna.Study, config: StudyConfig, url: str) -> optuna.Trial | None:
+    """Start the next trial of the study, or None when the budget (or the grid) is spent.
+
+    Under the storage lock: retry dead workers' trials, count the budget (running trials included, so N
+    workers never overshoot), then take a queued trial or ask the sampler for a new point — and suggest its
+    parameters before letting go, so a concurrent TPE sees them as running (constant liar).
+    """
+    with storage_lock(url, f"claim:{config.name}"):
+        _enqueue_retries(study, config)
+        trials = study.get_trials(deepcopy=False)
+        if budget_used(trials) >= config.budget.n_trials:
+            return None
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if config.sampler.name == "grid" and not waiting:
+            return None  # every grid point was claimed once; the grid is done
+        study.sampler = make_sampler(config.sampler, len(trials))
+        trial = study.ask()
+        suggest(trial, config.search_space)
+        return trial

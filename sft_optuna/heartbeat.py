@@ -1,0 +1,95 @@
+"""Heartbeats on every storage, and failing the trials of workers that stopped beating.
+
+Optuna beats only inside ``study.optimize`` and only on RDB storages; our workers use ask/tell and also run on
+journal files, so a trial's heartbeat is a system attribute its worker rewrites every ``interval`` seconds.
+A RUNNING trial whose last beat is older than the grace period is failed (and then retried by the worker
+loop). Beats use the workers' wall clocks: keep nodes NTP-synced; the grace period absorbs small skew.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+__all__ = ["BEAT_ATTR", "Heartbeat", "Watcher", "fail_stale_trials", "last_beat"]
+
+log = logging.getLogger(__name__)
+
+BEAT_ATTR = "sft_optuna:heartbeat"
+
+
+def last_beat(trial: optuna.trial.FrozenTrial) -> float:
+    """Unix time of the trial's last heartbeat (its start if it never beat)."""
+    beat = trial.system_attrs.get(BEAT_ATTR)
+    if isinstance(beat, (int, float)):
+        return float(beat)
+    return trial.datetime_start.timestamp() if trial.datetime_start else time.time()
+
+
+def fail_stale_trials(study: optuna.Study, grace_period: float) -> list[int]:
+    """Fail RUNNING trials that have not beaten for ``grace_period`` seconds; returns their numbers.
+
+    Call it under the storage lock: two workers must not both decide about the same trial.
+    """
+    now = time.time()
+    failed = []
+    storage = study._storage
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if now - last_beat(t) > grace_period:
+            # set_trial_state_values refuses a trial that finished meanwhile (its worker came back): fine.
+            try:
+                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+                continue
+            log.warning("trial %d: no heartbeat for %.0f s, failed (its worker is gone)", t.number, now - last_beat(t))
+            failed.append(t.number)
+    return failed
+
+
+class _Periodic:
+    """Calls ``fn`` every ``interval`` seconds in a daemon thread while the context is open."""
+
+    def __init__(self, interval: float, fn: Callable[[], None], name: str) -> None:
+        self.interval = interval
+        self.fn = fn
+        self.name = name
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.fn()
+            except Exception as exc:  # noqa: BLE001 - a storage outage must not kill the trial
+                log.warning("%s failed: %s", self.name, exc)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> _Periodic:
+        if self.interval > 0:
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+class Heartbeat(_Periodic):
+    """Beats for one trial every ``interval`` seconds (the first beat at once)."""
+
+    def __init__(self, storage: Any, trial_id: int, interval: float) -> None:
+        super().__init__(interval, lambda: storage.set_trial_system_attr(trial_id, BEAT_ATTR, time.time()), "heartbeat")
+
+
+class Watcher(_Periodic):
+    """Runs the stale-trial check on a timer, so a dead worker's trial is retried within about one grace
+    period even while every other worker is busy with a long trial (Optuna only checks when a trial starts)."""
