@@ -7,7 +7,7 @@ Everything here that must be atomic across workers happens under the storage loc
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -51,8 +51,8 @@ def retries_due(trials: Sequence[FrozenTrial], max_retries: int) -> list[FrozenT
     ]
 
 
-def _enqueue_retries(study: optuna.Study, config: StudyConfig) -> None:
-    fail_stale_trials(study, config.heartbeat.grace_period)
+def _enqueue_retries(study: optuna.Study, config: StudyConfig, alive: Collection[int] = ()) -> None:
+    fail_stale_trials(study, config.heartbeat.grace_period, alive)
     trials = study.get_trials(deepcopy=False)
     for t in retries_due(trials, config.budget.max_retries):
         lineage = int(t.user_attrs.get(attrs.LINEAGE, t.number))
@@ -68,10 +68,10 @@ def _enqueue_retries(study: optuna.Study, config: StudyConfig) -> None:
         )
 
 
-def recover_trials(study: optuna.Study, config: StudyConfig, url: str) -> None:
-    """Fail trials of dead workers and queue their retries (under the storage lock)."""
+def recover_trials(study: optuna.Study, config: StudyConfig, url: str, alive: Collection[int] = ()) -> None:
+    """Fail trials of dead workers and queue their retries (under the storage lock); ``alive``: our own."""
     with storage_lock(url, f"claim:{config.name}"):
-        _enqueue_retries(study, config)
+        _enqueue_retries(study, config, alive)
 
 
 def claim_trial(study: optuna.Study, config: StudyConfig, url: str) -> optuna.Trial | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import optuna
@@ -32,16 +32,17 @@ def last_beat(trial: optuna.trial.FrozenTrial) -> float:
     return trial.datetime_start.timestamp() if trial.datetime_start else time.time()
 
 
-def fail_stale_trials(study: optuna.Study, grace_period: float) -> list[int]:
+def fail_stale_trials(study: optuna.Study, grace_period: float, alive: Collection[int] = ()) -> list[int]:
     """Fail RUNNING trials that have not beaten for ``grace_period`` seconds; returns their numbers.
 
-    Call it under the storage lock: two workers must not both decide about the same trial.
+    ``alive``: trial numbers this process is running itself (after a storage outage their beats are old, but
+    their worker is not dead). Call it under the storage lock: two workers must not decide on the same trial.
     """
     now = time.time()
     failed = []
     storage = study._storage
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if now - last_beat(t) > grace_period:
+        if t.number not in alive and now - last_beat(t) > grace_period:
             # set_trial_state_values refuses a trial that finished meanwhile (its worker came back): fine.
             try:
                 storage.set_trial_state_values(t._trial_id, TrialState.FAIL)

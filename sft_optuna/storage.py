@@ -106,12 +106,27 @@ def storage_lock(url: str, name: str = "claim") -> Iterator[None]:
         return
     if backend == "postgresql":
         key = int.from_bytes(hashlib.sha256(f"sft-optuna:{name}".encode()).digest()[:8], "little", signed=True)
-        with _lock_engine(url).connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+
+        def acquire() -> sqlalchemy.Connection:
+            conn = _lock_engine(url).connect()
             try:
-                yield
-            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            except Exception:
+                conn.close()
+                raise
+            return conn
+
+        conn = _retry(acquire, "lock")
+        try:
+            yield
+        finally:
+            try:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.close()
+            except sqlalchemy.exc.SQLAlchemyError as exc:
+                # The server ended the session (restart): it released the lock with it.
+                log.warning("storage lock connection lost (%s); the server released the lock", exc)
+                conn.invalidate()
         return
     log.warning("no cross-worker lock for %s storage; run one worker at a time", backend)
     yield
@@ -174,6 +189,10 @@ OUTAGE_S = 60.0  # how long a worker keeps retrying a storage that stopped answe
 
 def _transient(exc: BaseException) -> bool:
     """Is this a storage error worth retrying (server gone or busy), not a bug or a full disk?"""
+    if isinstance(exc, optuna.exceptions.StorageInternalError):
+        # Optuna's RDB storage wraps the driver's error; judge the error it wraps.
+        cause = exc.__cause__ or exc.__context__
+        return cause is not None and _transient(cause)
     if isinstance(exc, sqlalchemy.exc.DBAPIError):
         if exc.connection_invalidated:
             return True
@@ -195,7 +214,8 @@ def _retry(fn: Any, what: str, max_wait: float = OUTAGE_S) -> Any:
         except Exception as exc:
             if not _transient(exc) or time.monotonic() + delay > deadline:
                 raise
-            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+            cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
+            reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0][:200]
             log.warning("storage %s failed (%s); retrying in %.1f s", what, reason, delay)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)

@@ -143,7 +143,10 @@ def run_worker(study: optuna.Study, config: StudyConfig, url: str, options: Work
     objective = Objective(config, splits, device, checkpoints, stop.event.is_set, _log_epoch)
     host = f"{socket.gethostname()}:{os.getpid()} {device}"
     done = failures = 0
-    watcher = Watcher(config.heartbeat.interval, lambda: recover_trials(study, config, url), "stale-trial watcher")
+    current: set[int] = set()  # the trial this worker runs: alive, whatever its beats look like after an outage
+    watcher = Watcher(
+        config.heartbeat.interval, lambda: recover_trials(study, config, url, set(current)), "stale-trial watcher"
+    )
     with stop.installed(), watcher:
         while not stop.event.is_set() and (options.n_trials is None or done < options.n_trials):
             trial = claim_trial(study, config, url)
@@ -152,7 +155,11 @@ def run_worker(study: optuna.Study, config: StudyConfig, url: str, options: Work
                 break
             trial.set_user_attr(attrs.HOST, host)
             log.info("trial %d: %s", trial.number, trial.params)
-            state = _run_one(study, trial, objective, checkpoints, config.heartbeat.interval)
+            current.add(trial.number)
+            try:
+                state = _run_one(study, trial, objective, checkpoints, config.heartbeat.interval)
+            finally:
+                current.discard(trial.number)
             done += 1
             failures = failures + 1 if state == TrialState.FAIL else 0
             if failures >= options.max_consecutive_failures:

@@ -172,7 +172,7 @@ def postgres_url() -> Any:
 
     need_postgres()
     name = f"sft_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     with admin.connect() as conn:
         conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
     yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
