@@ -82,6 +82,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    from sft_optuna.launch import launch, parse_gpus
+
+    gpus = parse_gpus(args.gpus)
+    storage, url = _open(args)
+    load_study(args.name, storage, url)  # fail here, once, if the study does not exist
+    argv = [
+        "--storage",
+        url,
+        "--log-level",
+        args.log_level,
+        "worker",
+        args.name,
+        "--checkpoint-dir",
+        args.checkpoint_dir,
+    ]
+    if args.data_root:
+        argv += ["--data-root", args.data_root]
+    if args.n_trials is not None:
+        argv += ["--n-trials", str(args.n_trials)]
+    return launch(gpus, args.workers_per_gpu, argv, args.threads)
+
+
 def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     try:
         return study.best_trial
@@ -90,7 +113,7 @@ def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 def _print_status(study: optuna.Study, config: StudyConfig) -> None:
-    from sft_optuna.budget import budget_used
+    from sft_optuna.claims import budget_used
 
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name for t in trials)
@@ -165,8 +188,9 @@ def cmd_studies(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_worker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+def _add_worker_args(p: argparse.ArgumentParser, device: bool = True) -> None:
+    if device:
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--data-root", default=None, help="where this node keeps the data (overrides data.root)")
     p.add_argument("--n-trials", type=int, default=None, help="stop after this many trials of this worker")
     p.add_argument(
@@ -199,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study_file")
     _add_worker_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("launch", help="start one worker per GPU of this node for study NAME")
+    p.add_argument("name")
+    p.add_argument("--gpus", default="all", help="all | cpu | GPU indices like 0,1,3 (default: all)")
+    p.add_argument("--workers-per-gpu", type=int, default=1, help="workers sharing each GPU (small models)")
+    _add_worker_args(p, device=False)
+    p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("status", help="trials by state, best value, running trials")
     p.add_argument("name")
