@@ -9,6 +9,7 @@ import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -148,26 +149,76 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def best_train_block(study: optuna.Study, config: StudyConfig) -> dict[str, Any]:
-    """The study's fixed train values with the best trial's parameters laid over them."""
-    best = _best(study)
-    if best is None:
-        raise UserError(f"study {config.name!r} has no completed trial yet")
-    from sft_optuna.objective import train_config_for
-
-    train = train_config_for(config, best.params)
-    return {"train": dict(vars(train)), "trial": best.number, "value": best.value}
-
-
 def cmd_best(args: argparse.Namespace) -> int:
     storage, url = _open(args)
     study, config = load_study(args.name, storage, url)
+    from sft_optuna.export import best_train_block
+
     block = best_train_block(study, config)
     if args.format == "json":
         print(json.dumps(block, indent=2))
     else:
         print(f"# best trial {block['trial']} of study {config.name!r}: validation accuracy {block['value']:.4f}")
         print(yaml.safe_dump({"train": block["train"]}, sort_keys=False), end="")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sft_optuna.export import export_study
+
+    storage, url = _open(args)
+    study, config = load_study(args.name, storage, url)
+    written = export_study(study, config, Path(args.out))
+    print(f"wrote {len(written)} files to {args.out}: " + ", ".join(p.name for p in written))
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from sft_optuna.data import load_dataset
+    from sft_optuna.export import best_train_block
+    from sft_optuna.retrain import retrain
+    from sft_optuna.train import TrainConfig
+    from sft_optuna.worker import resolve_device
+
+    if args.seeds < 1:
+        raise UserError(f"--seeds {args.seeds}: must be at least 1")
+    device = resolve_device(args.device)
+    storage, url = _open(args)
+    study, config = load_study(args.name, storage, url)
+    block = best_train_block(study, config)
+    train = TrainConfig(**block["train"])
+    if args.epochs is not None:
+        train = dataclasses.replace(train, epochs=args.epochs)
+    data = load_dataset(config.data, args.data_root)
+    card = retrain(config, train, data, list(range(args.seeds)), device, Path(args.out), block["trial"])
+    study.set_user_attr(
+        attrs.RETRAIN,
+        {k: card[k] for k in ("test_acc", "test_acc_mean", "test_acc_std", "trial")}
+        | {"epochs": train.epochs, "out": str(args.out)},
+    )
+    print(
+        f"test accuracy {card['test_acc_mean']:.4f} ± {card['test_acc_std']:.4f} over {args.seeds} seed(s): "
+        + ", ".join(f"{a:.4f}" for a in card["test_acc"])
+        + f"; model card: {Path(args.out) / 'model-card.json'}"
+    )
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sft_optuna.plan import describe, make_plan, timed_calibration, train_image_count
+    from sft_optuna.worker import resolve_device
+
+    config = load_study_file(args.study_file)
+    device = resolve_device(args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    ips, _ = timed_calibration(config, device)
+    plan = make_plan(config, ips, train_image_count(config, args.data_root))
+    print(describe(config, plan, str(device)))
     return 0
 
 
@@ -239,6 +290,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--format", choices=["yaml", "json"], default="yaml")
     p.set_defaults(func=cmd_best)
+
+    p = sub.add_parser("export", help="trials.csv, best.yaml and figures (HTML + PNG) of study NAME")
+    p.add_argument("name")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("retrain", help="train the best recipe on train+val over seeds, report test accuracy")
+    p.add_argument("name")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    p.add_argument("--out", required=True, help="output directory (models, model-card.json, summary.md)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-root", default=None)
+    p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("plan", help="budget preview of a study file, from a short measured calibration")
+    p.add_argument("study_file")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("studies", help="studies in the storage, with trial counts")
     p.set_defaults(func=cmd_studies)

@@ -1,0 +1,140 @@
+"""Budget preview before launch: trials, epochs, and device-hours from a short measured calibration.
+
+The estimate is arithmetic on one measured number (training images/s of the study's fixed config on the
+chosen device), so a user can redo it by hand:
+
+    epoch_s = train_images / images_per_s + val_images / (eval_factor * images_per_s)
+    hours_without_pruning = trials * epochs * epoch_s / 3600
+
+With the median pruner the first ``n_startup_trials`` run in full; of the rest we assume half are pruned right
+after the warm-up epochs (``n_warmup_steps + 1``): a rough, stated assumption, not a promise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sft_optuna.config import StudyConfig
+from sft_optuna.data import CIFAR10_CLASSES, IMAGE_EXTENSIONS, Splits
+from sft_optuna.search_space import grid_points
+from sft_optuna.train import Trainer
+
+__all__ = ["Plan", "calibrate", "make_plan", "train_image_count"]
+
+EVAL_FACTOR = 3.0  # evaluation (no backward pass) runs about 3x the training rate: forward only, large batches
+PRUNED_SHARE = 0.5  # assumed share of post-startup trials the median pruner stops after its warm-up
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The numbers ``sft-optuna plan`` prints."""
+
+    trials: int
+    grid_size: int | None
+    epochs: int
+    train_images: int
+    val_images: int
+    images_per_s: float
+    epoch_seconds: float
+    hours_without_pruning: float
+    hours_with_pruning: float
+    warnings: tuple[str, ...]
+
+
+def train_image_count(config: StudyConfig, data_root: str | None = None) -> int:
+    """Training images a trial sees, without loading the data (official CIFAR-10: 50,000; folders: counted)."""
+    root = Path(data_root or config.data.root)
+    if config.data.dataset == "cifar10":
+        total = 50_000
+    else:
+        train_dir = root / "train"
+        total = (
+            sum(1 for p in train_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if train_dir.is_dir() else 0
+        )
+    n = max(total - config.data.val_size, 0)
+    return min(n, config.data.train_subset) if config.data.train_subset else n
+
+
+def calibrate(config: StudyConfig, device: torch.device, steps: int = 5) -> float:
+    """Training images/s of the study's fixed config on ``device``, measured on random images."""
+    bs = config.train.batch_size
+    gen = torch.Generator().manual_seed(0)
+    n = bs * (steps + 1)
+    size = config.data.image_size
+    x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, len(CIFAR10_CLASSES), (n,), generator=gen)
+    model = dataclasses.replace(config.model, weights="none")  # speed does not depend on the starting weights
+    trainer = Trainer(Splits(x, y, x[:bs], y[:bs], len(CIFAR10_CLASSES)), model, config.train, device)
+    trainer.train_steps(1)  # warm-up (cuDNN autotuning, allocator)
+    _, _, seen, seconds, _ = trainer.train_steps(steps)
+    return seen / max(seconds, 1e-9)
+
+
+def make_plan(config: StudyConfig, images_per_s: float, train_images: int) -> Plan:
+    """The budget arithmetic for a measured ``images_per_s``."""
+    warnings: list[str] = []
+    grid = len(grid_points(config.search_space)) if config.sampler.name == "grid" else None
+    trials = config.budget.n_trials if grid is None else min(grid, config.budget.n_trials)
+    if grid is not None and grid > config.budget.n_trials:
+        warnings.append(
+            f"the grid has {grid} points but the budget is {config.budget.n_trials}: "
+            f"{grid - config.budget.n_trials} points will never run"
+        )
+    epochs = config.train.epochs
+    if "epochs" in config.search_space:
+        spec = config.search_space["epochs"]
+        epochs = int(max(spec.choices) if spec.choices else spec.high or epochs)
+        warnings.append(f"epochs is searched: estimating with the largest, {epochs}")
+    val = config.data.val_size
+    epoch_s = train_images / images_per_s + val / (EVAL_FACTOR * images_per_s)
+    full_h = trials * epochs * epoch_s / 3600
+    if config.pruner.name == "none":
+        pruned_h = full_h
+    else:
+        startup = min(int(config.pruner.options.get("n_startup_trials", 5)), trials)
+        warm = int(config.pruner.options.get("n_warmup_steps", 0)) + 1
+        rest = trials - startup
+        pruned_h = (
+            (startup * epochs + rest * ((1 - PRUNED_SHARE) * epochs + PRUNED_SHARE * min(warm, epochs)))
+            * epoch_s
+            / 3600
+        )
+    return Plan(trials, grid, epochs, train_images, val, images_per_s, epoch_s, full_h, pruned_h, tuple(warnings))
+
+
+def describe(config: StudyConfig, plan: Plan, device: str) -> str:
+    """A human-readable preview."""
+    lines = [f"study {config.name!r}: sampler {config.sampler.name}, pruner {config.pruner.name}"]
+    lines.append(f"trials: {plan.trials}" + (f" (grid of {plan.grid_size} points)" if plan.grid_size else ""))
+    lines.append(
+        f"epochs per trial: up to {plan.epochs}; {plan.train_images} training / {plan.val_images} validation images"
+    )
+    lines.append(
+        f"calibration on {device}: {plan.images_per_s:.0f} training images/s at batch "
+        f"{config.train.batch_size}, {config.model.image_size} px -> {plan.epoch_seconds:.1f} s per epoch"
+    )
+    lines.append(
+        f"estimate: {plan.hours_without_pruning:.2f} device-hours without pruning, "
+        f"{plan.hours_with_pruning:.2f} with pruning (assumes half the post-startup trials pruned early)"
+    )
+    lines.append("search space:")
+    for name, spec in config.search_space.items():
+        if spec.type == "categorical":
+            lines.append(f"  {name}: one of {spec.choices}")
+        else:
+            extra = (" log" if spec.log else "") + (f" step {spec.step:g}" if spec.step else "")
+            lines.append(f"  {name}: {spec.type} in [{spec.low:g}, {spec.high:g}]{extra}")
+    lines += [f"warning: {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+def timed_calibration(config: StudyConfig, device: torch.device) -> tuple[float, float]:
+    """(images/s, seconds the calibration took)."""
+    start = time.perf_counter()
+    ips = calibrate(config, device)
+    return ips, time.perf_counter() - start

@@ -1,0 +1,149 @@
+"""Retrain the best recipe on the full training set over several seeds; the only code that reads the test set.
+
+The search never sees the test split; this is where its honest accuracy comes from: train + validation
+images together, a fresh model per seed, one evaluation on the test split at the end of each run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import statistics
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sft_optuna.augment import BatchPipeline
+from sft_optuna.config import StudyConfig, TrainConfig
+from sft_optuna.data import Dataset, Splits
+from sft_optuna.model import build_model
+from sft_optuna.train import Trainer, predict
+
+__all__ = ["evaluate_model_file", "retrain"]
+
+log = logging.getLogger(__name__)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("sft-optuna", "torch", "torchvision", "optuna"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def _test_pipeline(
+    data: Dataset, mean: torch.Tensor, std: torch.Tensor, image_size: int, device: torch.device
+) -> BatchPipeline:
+    return BatchPipeline(data.test_x, data.test_y, mean, std, device, image_size)
+
+
+def retrain(
+    config: StudyConfig,
+    train: TrainConfig,
+    data: Dataset,
+    seeds: list[int],
+    device: torch.device,
+    out: Path,
+    trial_number: int | None = None,
+) -> dict[str, Any]:
+    """Train ``train`` on all training images once per seed, evaluate on the test split, write the results.
+
+    Writes ``model-seed<N>.pt`` (state dicts), ``model.pt`` (the first seed's), ``model-card.json`` and
+    ``summary.md`` under ``out``; returns the model card.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    # No validation split: every training image trains. The test split is evaluated once per seed, after.
+    empty = data.train_x[:0]
+    splits = Splits(data.train_x, data.train_y, empty, data.train_y[:0], len(data.classes))
+    accs: list[float] = []
+    per_seed: list[dict[str, Any]] = []
+    mean = std = torch.zeros(3)
+    for seed in seeds:
+        trainer = Trainer(splits, config.model, dataclasses.replace(train, seed=seed), device, seed=seed)
+        for _ in range(train.epochs):
+            r = trainer.run_epoch()
+            log.info(
+                "retrain seed %d epoch %d/%d: train_loss %.4f %.0f img/s",
+                seed,
+                r.epoch,
+                train.epochs,
+                r.train_loss,
+                r.images_per_s,
+            )
+        mean, std = trainer.mean, trainer.std
+        test = _test_pipeline(data, mean, std, config.model.image_size, device)
+        acc = trainer.evaluate(test)
+        log.info("retrain seed %d: test accuracy %.4f", seed, acc)
+        torch.save(trainer.model.state_dict(), out / f"model-seed{seed}.pt")
+        accs.append(acc)
+        per_seed.append(
+            {
+                "seed": seed,
+                "test_acc": acc,
+                "model": f"model-seed{seed}.pt",
+                "final_train_loss": trainer.history[-1].train_loss,
+            }
+        )
+    (out / "model.pt").write_bytes((out / f"model-seed{seeds[0]}.pt").read_bytes())
+    card = {
+        "study": config.name,
+        "trial": trial_number,
+        "train": dataclasses.asdict(train),
+        "model": dataclasses.asdict(config.model),
+        "data": {
+            **dataclasses.asdict(config.data),
+            "checksum": data.checksum(),
+            "train_images": len(data.train_y),
+            "test_images": len(data.test_y),
+            "classes": list(data.classes),
+        },
+        "normalization": {"mean": mean.tolist(), "std": std.tolist()},
+        "seeds": per_seed,
+        "test_acc": accs,
+        "test_acc_mean": statistics.fmean(accs),
+        "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "versions": _versions(),
+    }
+    (out / "model-card.json").write_text(json.dumps(card, indent=2))
+    lines = [
+        f"# {config.name}: retrained best recipe" + (f" (trial {trial_number})" if trial_number is not None else ""),
+        "",
+        f"Test accuracy over {len(accs)} seed(s): **{card['test_acc_mean']:.4f} ± {card['test_acc_std']:.4f}**"
+        f" ({', '.join(f'{a:.4f}' for a in accs)})",
+        "",
+        f"Trained on all {len(data.train_y)} training images for {train.epochs} epochs per seed on {card['device']}"
+        f" in {card['wall_seconds']} s; evaluated once on the {len(data.test_y)} test images.",
+        "",
+        "| parameter | value |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in dataclasses.asdict(train).items()],
+        "",
+    ]
+    (out / "summary.md").write_text("\n".join(lines))
+    return card
+
+
+def evaluate_model_file(card_path: Path, data: Dataset, device: torch.device, seed_index: int = 0) -> float:
+    """Load a retrained model from its card and measure its test accuracy again (what the card claims)."""
+    from sft_optuna.config import ModelConfig
+
+    card = json.loads(card_path.read_text())
+    model_cfg = ModelConfig(**{**card["model"], "weights": "none"})
+    model = build_model(len(card["data"]["classes"]), model_cfg)
+    model.load_state_dict(torch.load(card_path.parent / card["seeds"][seed_index]["model"], weights_only=True))
+    model = model.to(device).to(memory_format=torch.channels_last)
+    norm = card["normalization"]
+    test = _test_pipeline(data, torch.tensor(norm["mean"]), torch.tensor(norm["std"]), model_cfg.image_size, device)
+    preds = predict(model, test, card["train"]["eval_batch_size"], card["train"]["precision"])
+    return float((preds == test.y).float().mean())
