@@ -57,6 +57,7 @@ class Objective:
         checkpoints: CheckpointStore | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         on_epoch: Callable[[int, EpochResult], None] | None = None,
+        on_step: Callable[[int, int, int, int], None] | None = None,
     ) -> None:
         self.config = config
         self.splits = splits
@@ -64,12 +65,17 @@ class Objective:
         self.checkpoints = checkpoints
         self.should_stop = should_stop
         self.on_epoch = on_epoch
+        self.on_step = on_step
+        """``on_step(trial number, epoch, step, steps per epoch)``: progress for a person at a terminal."""
 
     def __call__(self, trial: optuna.Trial) -> float:
         train_cfg = train_config_for(self.config, trial.params)
         lineage = lineage_of(trial)
         trainer = Trainer(self.splits, self.config.model, train_cfg, self.device, seed=train_cfg.seed + lineage)
         self._resume(trial, trainer, lineage)
+        if self.on_step is not None:
+            report_step = self.on_step
+            trainer.on_step = lambda step, total: report_step(trial.number, trainer.epoch + 1, step, total)
         while trainer.epoch < train_cfg.epochs:
             result = trainer.run_epoch()
             # Report first: if the trial was failed behind our back (stale heartbeat), this raises and we

@@ -150,6 +150,8 @@ class Trainer:
         )
         self.epoch = 0
         self.history: list[EpochResult] = []
+        self.on_step: Callable[[int, int], None] | None = None
+        """Called as ``on_step(step, steps_per_epoch)`` after each training step (progress bars); no sync."""
         self._compiled = not train_cfg.compile
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -184,6 +186,8 @@ class Trainer:
             loss_sum += loss.detach() * len(yb)
             correct += (logits.argmax(1) == yb).sum()
             seen += len(yb)
+            if self.on_step is not None:
+                self.on_step(step + 1, self.steps_per_epoch)
             if not self._compiled:
                 _sync(device)
                 compile_seconds = time.perf_counter() - start

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import traceback
 from collections.abc import Iterator
@@ -98,6 +99,32 @@ class _StopFlag:
                 signal.signal(s, h)
 
 
+class _Progress:
+    """A tqdm bar per epoch when stderr is a terminal; silent otherwise (the per-epoch log lines remain)."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self.bar: Any = None
+        self.key: tuple[int, int] | None = None
+
+    def step(self, number: int, epoch: int, step: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if self.key != (number, epoch):
+            self.close()
+            self.bar = tqdm(total=total, desc=f"trial {number} epoch {epoch}", unit="step", leave=False)
+            self.key = (number, epoch)
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+            self.key = None
+
+
 def _log_epoch(number: int, r: EpochResult) -> None:
     log.info(
         "trial %d epoch %d: val_acc %.4f train_loss %.4f lr %.3g %.0f img/s %.1fs",
@@ -140,7 +167,13 @@ def run_worker(study: optuna.Study, config: StudyConfig, url: str, options: Work
     splits = make_splits(load_dataset(config.data, options.data_root), config.data)
     checkpoints = CheckpointStore(options.checkpoint_dir, config.name) if options.checkpoint_dir else None
     stop = _StopFlag()
-    objective = Objective(config, splits, device, checkpoints, stop.event.is_set, _log_epoch)
+    progress = _Progress()
+
+    def on_epoch(number: int, r: EpochResult) -> None:
+        progress.close()
+        _log_epoch(number, r)
+
+    objective = Objective(config, splits, device, checkpoints, stop.event.is_set, on_epoch, progress.step)
     host = f"{socket.gethostname()}:{os.getpid()} {device}"
     done = failures = 0
     current: set[int] = set()  # the trial this worker runs: alive, whatever its beats look like after an outage

@@ -26,9 +26,15 @@ from sft_optuna.retrain import evaluate_model_file
 def finished_study(folder_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     tmp = tmp_path_factory.mktemp("finished")
     url = f"sqlite:///{tmp / 'studies.db'}"
-    cfg = study_dict(folder_root, budget={"n_trials": 4}, train={"epochs": 2},
-                     search_space={"lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True},
-                                   "momentum": {"type": "float", "low": 0.5, "high": 0.9}})
+    cfg = study_dict(
+        folder_root,
+        budget={"n_trials": 4},
+        train={"epochs": 2},
+        search_space={
+            "lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True},
+            "momentum": {"type": "float", "low": 0.5, "high": 0.9},
+        },
+    )
     path = tmp / "study.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["--storage", url, "run", str(path), "--device", "cpu", "--checkpoint-dir", "none"]) == 0
@@ -62,8 +68,12 @@ def test_retrain_reports_test_accuracy_from_the_test_split_only(
 ) -> None:
     url, _ = finished_study
     honest = tmp_path / "honest"
-    assert main(["--storage", url, "retrain", "t", "--seeds", "2", "--epochs", "3", "--device", "cpu",
-                 "--out", str(honest)]) == 0
+    assert (
+        main(
+            ["--storage", url, "retrain", "t", "--seeds", "2", "--epochs", "3", "--device", "cpu", "--out", str(honest)]
+        )
+        == 0
+    )
     card = json.loads((honest / "model-card.json").read_text())
     assert len(card["test_acc"]) == 2 and card["test_acc_mean"] > 0.6
     assert card["data"]["train_images"] == 200  # train + validation: every training image
@@ -71,7 +81,8 @@ def test_retrain_reports_test_accuracy_from_the_test_split_only(
     # the card's model reproduces the card's number
     data = load_imagefolder(card["data"]["root"], card["data"]["image_size"])
     assert evaluate_model_file(honest / "model-card.json", data, torch.device("cpu")) == pytest.approx(
-        card["test_acc"][0])
+        card["test_acc"][0]
+    )
     # status shows the result stored on the study
     capsys.readouterr()
     assert main(["--storage", url, "status", "t"]) == 0
@@ -79,15 +90,41 @@ def test_retrain_reports_test_accuracy_from_the_test_split_only(
 
     # Same training images, test images filed under the wrong classes: the number must collapse.
     planted = write_imagefolder(tmp_path / "planted", test_labels_shift=1)
-    assert main(["--storage", url, "retrain", "t", "--seeds", "1", "--epochs", "3", "--device", "cpu",
-                 "--data-root", str(planted), "--out", str(tmp_path / "planted-out")]) == 0
+    assert (
+        main(
+            [
+                "--storage",
+                url,
+                "retrain",
+                "t",
+                "--seeds",
+                "1",
+                "--epochs",
+                "3",
+                "--device",
+                "cpu",
+                "--data-root",
+                str(planted),
+                "--out",
+                str(tmp_path / "planted-out"),
+            ]
+        )
+        == 0
+    )
     planted_card = json.loads((tmp_path / "planted-out" / "model-card.json").read_text())
     assert planted_card["test_acc_mean"] < 0.35 < card["test_acc_mean"]
 
 
 def test_plan_arithmetic_follows_from_the_calibration(tmp_path: Path) -> None:
-    cfg = parse_config(study_dict(tmp_path, budget={"n_trials": 10}, train={"epochs": 4},
-                                  pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 1}), "p")
+    cfg = parse_config(
+        study_dict(
+            tmp_path,
+            budget={"n_trials": 10},
+            train={"epochs": 4},
+            pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 1},
+        ),
+        "p",
+    )
     plan = make_plan(cfg, images_per_s=100.0, train_images=1000)
     epoch_s = 1000 / 100 + 40 / (EVAL_FACTOR * 100)
     assert plan.epoch_seconds == pytest.approx(epoch_s)
@@ -99,10 +136,11 @@ def test_plan_arithmetic_follows_from_the_calibration(tmp_path: Path) -> None:
 def test_plan_warns_when_the_grid_exceeds_the_budget(
     folder_root: Path, write_study: Callable[..., Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    space = {"lr": {"type": "categorical", "choices": [0.01, 0.02, 0.03]},
-             "momentum": {"type": "categorical", "choices": [0.8, 0.9]}}
-    path = write_study(study_dict(folder_root, sampler={"name": "grid"}, budget={"n_trials": 4},
-                                  search_space=space))
+    space = {
+        "lr": {"type": "categorical", "choices": [0.01, 0.02, 0.03]},
+        "momentum": {"type": "categorical", "choices": [0.8, 0.9]},
+    }
+    path = write_study(study_dict(folder_root, sampler={"name": "grid"}, budget={"n_trials": 4}, search_space=space))
     assert main(["plan", str(path), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "trials: 4 (grid of 6 points)" in out and "warning: the grid has 6 points" in out
