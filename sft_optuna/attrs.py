@@ -21,6 +21,8 @@ RETRY = "retry"
 """Trial: how many retries precede it in its lineage (0 for a first attempt)."""
 RESUMED_FROM_EPOCH = "resumed_from_epoch"
 """Trial: the last epoch restored from the checkpoint (0: started fresh)."""
+CONFUSION = "confusion_matrix"
+"""Trial: validation confusion matrix after the last epoch (rows true class, columns predicted)."""
 HOST = "host"
 """Trial: hostname:pid and device of the worker that ran it."""
 RETRYABLE_REASONS = ("interrupted",)

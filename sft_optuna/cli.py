@@ -222,6 +222,35 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import os
+
+    from sft_optuna.dashboard import PASSWORD_ENV, build_app, is_loopback, serve
+
+    storage, url = _open(args)
+    loopback = is_loopback(args.host)
+    read_only_mode = args.read_only if args.read_only is not None else not loopback
+    password = os.environ.get(PASSWORD_ENV)
+    if not loopback and not password:
+        log.warning(
+            "dashboard on %s without a password: anyone who reaches this port can read every study "
+            "(set %s for basic auth, and put TLS in front)",
+            args.host,
+            PASSWORD_ENV,
+        )
+    app = build_app(storage, read_only_mode, args.user, password)
+    print(
+        f"dashboard for {mask_url(url)} on http://{args.host}:{args.port}/dashboard"
+        f"{' (read-only)' if read_only_mode else ''}{' (basic auth)' if password else ''}",
+        flush=True,
+    )
+    try:
+        serve(app, args.host, args.port)
+    except OSError as exc:
+        raise UserError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    return 0
+
+
 def cmd_studies(args: argparse.Namespace) -> int:
     storage, url = _open(args)
     names = study_names(storage)
@@ -312,6 +341,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_plan)
 
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard on the storage (127.0.0.1 by default)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    ro = p.add_mutually_exclusive_group()
+    ro.add_argument(
+        "--read-only",
+        dest="read_only",
+        action="store_true",
+        default=None,
+        help="refuse every request that changes the storage (default when --host is not loopback)",
+    )
+    ro.add_argument(
+        "--writable",
+        dest="read_only",
+        action="store_false",
+        help="allow notes, deletions and other changes even on a non-loopback address",
+    )
+    p.add_argument(
+        "--user", default="sft", help="basic-auth user; the password comes only from $SFT_OPTUNA_DASHBOARD_PASSWORD"
+    )
+    p.set_defaults(func=cmd_dashboard)
+
     p = sub.add_parser("studies", help="studies in the storage, with trial counts")
     p.set_defaults(func=cmd_studies)
     return parser
@@ -324,6 +375,7 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("sft_optuna").setLevel(getattr(logging, level))
     # Optuna's own INFO lines repeat ours ("Trial N finished ..."); keep its warnings.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("filelock").setLevel(logging.WARNING)  # its DEBUG lines drown ours
     # enqueue_trial's user_attrs and similar are marked experimental; these warnings would only alarm users.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 

@@ -91,6 +91,7 @@ class Objective:
                 self.checkpoints.save(lineage, trainer.state_dict())
             if self.should_stop() and trainer.epoch < train_cfg.epochs:
                 raise Interrupted(f"stopped after epoch {trainer.epoch}")
+        trial.set_user_attr(attrs.CONFUSION, trainer.confusion_matrix())
         values = [r.val_acc for r in trainer.history]
         value = values[-1] if self.config.objective == "last" else max(values)
         if not (isinstance(value, float) and math.isfinite(value) and 0.0 <= value <= 1.0):

@@ -10,6 +10,7 @@ import optuna
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig, config_diff, parse_config
 from sft_optuna.errors import ConfigError, UserError
+from sft_optuna.notes import write_study_note
 from sft_optuna.samplers import make_pruner, make_sampler
 from sft_optuna.search_space import grid_points
 from sft_optuna.storage import mask_url, storage_lock
@@ -51,6 +52,7 @@ def create_study(
         study.set_user_attr(attrs.STUDY_CONFIG, config.to_dict())
         if study_file is not None:
             study.set_user_attr(attrs.STUDY_FILE, study_file)
+        write_study_note(study, config, study_file)
         if config.sampler.name == "grid":
             points = grid_points(config.search_space)
             if len(points) > config.budget.n_trials:

@@ -125,6 +125,7 @@ class Trainer:
     ) -> None:
         self.cfg = train_cfg
         self.device = device
+        self.num_classes = splits.num_classes
         seed = train_cfg.seed if seed is None else seed
         torch.manual_seed(seed)  # model init
         if device.type == "cuda":
@@ -227,6 +228,14 @@ class Trainer:
             return 0.0
         preds = predict(self.step_model, data, self.cfg.eval_batch_size, self.cfg.precision)  # type: ignore[arg-type]
         return float((preds == data.y).float().mean())
+
+    def confusion_matrix(self, data: BatchPipeline | None = None) -> list[list[int]]:
+        """Counts of (true class, predicted class) on ``data`` (the validation split by default)."""
+        data = data or self.val_data
+        n = self.num_classes
+        preds = predict(self.step_model, data, self.cfg.eval_batch_size, self.cfg.precision)  # type: ignore[arg-type]
+        flat = torch.bincount(data.y * n + preds, minlength=n * n)
+        return flat.view(n, n).tolist()  # type: ignore[no-any-return]
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: model, optimizer, schedule position, RNG, learning curve."""

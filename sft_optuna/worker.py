@@ -29,6 +29,7 @@ from sft_optuna.claims import budget_used, claim_trial, recover_trials
 from sft_optuna.config import StudyConfig
 from sft_optuna.data import load_dataset, make_splits
 from sft_optuna.heartbeat import Heartbeat, Watcher
+from sft_optuna.notes import write_best_figure, write_trial_note
 from sft_optuna.objective import Interrupted, InvalidValueError, Objective, lineage_of
 from sft_optuna.train import DivergedError, EpochResult
 
@@ -164,7 +165,8 @@ def run_worker(study: optuna.Study, config: StudyConfig, url: str, options: Work
     if budget_used(study.get_trials(deepcopy=False)) >= config.budget.n_trials:
         log.info("study %r: budget of %d trials already spent", config.name, config.budget.n_trials)
         return 0
-    splits = make_splits(load_dataset(config.data, options.data_root), config.data)
+    dataset = load_dataset(config.data, options.data_root)
+    splits = make_splits(dataset, config.data)
     checkpoints = CheckpointStore(options.checkpoint_dir, config.name) if options.checkpoint_dir else None
     stop = _StopFlag()
     progress = _Progress()
@@ -174,6 +176,7 @@ def run_worker(study: optuna.Study, config: StudyConfig, url: str, options: Work
         _log_epoch(number, r)
 
     objective = Objective(config, splits, device, checkpoints, stop.event.is_set, on_epoch, progress.step)
+    classes = [str(c) for c in dataset.classes]
     host = f"{socket.gethostname()}:{os.getpid()} {device}"
     done = failures = 0
     current: set[int] = set()  # the trial this worker runs: alive, whatever its beats look like after an outage
@@ -193,6 +196,8 @@ def run_worker(study: optuna.Study, config: StudyConfig, url: str, options: Work
                 state = _run_one(study, trial, objective, checkpoints, config.heartbeat.interval)
             finally:
                 current.discard(trial.number)
+            if state is not None:
+                _annotate(study, trial, config, classes, state)
             done += 1
             failures = failures + 1 if state == TrialState.FAIL else 0
             if failures >= options.max_consecutive_failures:
@@ -264,6 +269,20 @@ def _run_one(
     if checkpoints is not None:
         checkpoints.remove(lineage)
     return state
+
+
+def _annotate(
+    study: optuna.Study, trial: optuna.Trial, config: StudyConfig, classes: list[str], state: TrialState
+) -> None:
+    """Dashboard notes: the trial's own; the best trial's confusion matrix on the study."""
+    write_trial_note(study, trial, config)
+    if state == TrialState.COMPLETE:
+        try:
+            best = study.best_trial
+        except ValueError:
+            return
+        if best.number == trial.number:
+            write_best_figure(study, best, classes)
 
 
 def _keep_best_checkpoint(study: optuna.Study, number: int, lineage: int, checkpoints: CheckpointStore | None) -> None:

@@ -1,0 +1,95 @@
+"""optuna-dashboard notes: what a person opening a trial or the study in the dashboard should read."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from sft_optuna import attrs
+from sft_optuna.config import StudyConfig
+
+__all__ = ["confusion_figure", "study_note", "trial_note", "write_best_figure", "write_study_note", "write_trial_note"]
+
+log = logging.getLogger(__name__)
+
+BEST_FIGURE_ID = "best-trial-confusion-matrix"
+
+
+def study_note(config: StudyConfig, study_file: str | None) -> str:
+    """Markdown: where the study came from and its full config."""
+    head = f"Created by sft-optuna from `{study_file}`." if study_file else "Created by sft-optuna."
+    return f"{head}\n\n```json\n{json.dumps(config.to_dict(), indent=2)}\n```\n"
+
+
+def trial_note(trial: FrozenTrial, config: StudyConfig) -> str:
+    """Markdown: how the trial ended and why, where it ran, how fast, and its full training config."""
+    from sft_optuna.objective import train_config_for
+
+    history = trial.user_attrs.get(attrs.HISTORY) or []
+    reason = trial.user_attrs.get(attrs.REASON) or ("completed" if trial.state == TrialState.COMPLETE else "")
+    lines = [f"**{trial.state.name}**" + (f": {reason}" if reason else "")]
+    if trial.value is not None:
+        lines.append(f"value (validation accuracy, {config.objective} epoch): {trial.value:.4f}")
+    if trial.user_attrs.get(attrs.RETRY_OF) is not None:
+        lines.append(
+            f"retry of trial {trial.user_attrs[attrs.RETRY_OF]}, resumed from epoch "
+            f"{trial.user_attrs.get(attrs.RESUMED_FROM_EPOCH, 0)}"
+        )
+    lines.append(f"ran on: {trial.user_attrs.get(attrs.HOST, '?')}")
+    if history:
+        ips = [h["images_per_s"] for h in history]
+        lines.append(
+            f"epochs: {len(history)}; images/s: {min(ips):.0f}-{max(ips):.0f}; "
+            f"peak memory {max(h['peak_memory_mb'] for h in history):.0f} MiB"
+        )
+    try:
+        train = train_config_for(config, trial.params).__dict__
+    except ValueError:
+        train = dict(trial.params)
+    lines += ["", "```json", json.dumps(train, indent=2), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _safe(what: str, fn: Any) -> None:
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - a note is a courtesy: never fail a trial over it
+        log.warning("cannot write %s: %s", what, exc)
+
+
+def write_study_note(study: optuna.Study, config: StudyConfig, study_file: str | None) -> None:
+    """Attach the study note (optuna-dashboard's Note panel)."""
+    from optuna_dashboard import save_note
+
+    _safe("study note", lambda: save_note(study, study_note(config, study_file)))
+
+
+def write_trial_note(study: optuna.Study, trial: optuna.Trial, config: StudyConfig) -> None:
+    """Attach a finished trial's note."""
+    from optuna_dashboard import save_note
+
+    _safe("trial note", lambda: save_note(trial, trial_note(study._storage.get_trial(trial._trial_id), config)))
+
+
+def confusion_figure(matrix: list[list[int]], classes: list[str], title: str) -> Any:
+    """A plotly heatmap of a confusion matrix (rows: true class, columns: predicted)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Heatmap(z=matrix, x=classes, y=classes, colorscale="Blues", text=matrix, texttemplate="%{text}"))
+    fig.update_layout(title=title, xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed")
+    return fig
+
+
+def write_best_figure(study: optuna.Study, trial: FrozenTrial, classes: list[str]) -> None:
+    """Show the best trial's validation confusion matrix in the study's note (replacing the previous best's)."""
+    from optuna_dashboard import save_plotly_graph_object
+
+    matrix = trial.user_attrs.get(attrs.CONFUSION)
+    if matrix is None:
+        return
+    fig = confusion_figure(matrix, classes, f"best trial {trial.number}: validation confusion matrix")
+    _safe("best-trial figure", lambda: save_plotly_graph_object(study, fig, graph_object_id=BEST_FIGURE_ID))
