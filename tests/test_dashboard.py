@@ -42,8 +42,13 @@ def _free_port() -> int:
 
 def _serve(url: str, *extra: str, env: dict[str, str] | None = None) -> Iterator[str]:
     port = _free_port()
-    proc = subprocess.Popen([PYTHON, "-m", "sft_optuna", "--storage", url, "dashboard", "--port", str(port), *extra],
-                            env=env or worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "sft_optuna", "--storage", url, "dashboard", "--port", str(port), *extra],
+        env=env or worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -127,17 +132,34 @@ def test_dashboard_renders_the_study_and_its_trials_in_headless_chromium(dashboa
         if os.environ.get("CI"):
             pytest.fail("CI is set but Chromium is not installed (run tests/services.sh)")
         pytest.skip("no Chromium (run tests/services.sh as root)")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-             f"--user-data-dir={tempfile.mkdtemp()}", "--virtual-time-budget=15000"]
-    dom = subprocess.run([browser, *flags, "--dump-dom", dashboard + "/dashboard"],
-                         capture_output=True, text=True, timeout=120).stdout
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+        f"--user-data-dir={tempfile.mkdtemp()}",
+        "--virtual-time-budget=15000",
+    ]
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", dashboard + "/dashboard"], capture_output=True, text=True, timeout=120
+    ).stdout
     assert "dash-study" in dom
-    trials_dom = subprocess.run([browser, *flags, "--dump-dom", dashboard + "/dashboard/studies/1/trials"],
-                                capture_output=True, text=True, timeout=120).stdout
+    trials_dom = subprocess.run(
+        [browser, *flags, "--dump-dom", dashboard + "/dashboard/studies/1/trials"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert "Trial 0" in trials_dom or "#0" in trials_dom
     shot = Path(os.environ.get("SFT_TEST_ARTIFACTS", tmp_path)) / "dashboard-study.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([browser, *flags, "--window-size=1400,900", f"--screenshot={shot}",
-                    dashboard + "/dashboard/studies/1"], capture_output=True, timeout=120)
+    subprocess.run(
+        [browser, *flags, "--window-size=1400,900", f"--screenshot={shot}", dashboard + "/dashboard/studies/1"],
+        capture_output=True,
+        timeout=120,
+    )
     assert shot.read_bytes()[:4] == b"\x89PNG"
