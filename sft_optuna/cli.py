@@ -178,7 +178,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
     from sft_optuna.data import load_dataset
     from sft_optuna.export import best_train_block
-    from sft_optuna.retrain import retrain
+    from sft_optuna.retrain import retrain, subset_training
     from sft_optuna.train import TrainConfig
     from sft_optuna.worker import resolve_device
 
@@ -192,6 +192,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         train = dataclasses.replace(train, epochs=args.epochs)
     data = load_dataset(config.data, args.data_root)
+    if args.train_subset is not None:
+        data = subset_training(data, args.train_subset, config.data.seed)
     card = retrain(config, train, data, list(range(args.seeds)), device, Path(args.out), block["trial"])
     study.set_user_attr(
         attrs.RETRAIN,
@@ -330,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--out", required=True, help="output directory (models, model-card.json, summary.md)")
+    p.add_argument(
+        "--train-subset",
+        type=int,
+        default=None,
+        help="train on a stratified subset of this many training images (quick CPU runs)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--data-root", default=None)
     p.set_defaults(func=cmd_retrain)

@@ -24,7 +24,7 @@ from sft_optuna.data import Dataset, Splits
 from sft_optuna.model import build_model
 from sft_optuna.train import Trainer, predict
 
-__all__ = ["evaluate_model_file", "retrain"]
+__all__ = ["evaluate_model_file", "retrain", "subset_training"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,19 @@ def _test_pipeline(
     data: Dataset, mean: torch.Tensor, std: torch.Tensor, image_size: int, device: torch.device
 ) -> BatchPipeline:
     return BatchPipeline(data.test_x, data.test_y, mean, std, device, image_size)
+
+
+def subset_training(data: Dataset, n: int, seed: int) -> Dataset:
+    """The dataset with a stratified, seeded subset of ``n`` training images (the test split untouched)."""
+    from sft_optuna.data import stratified_split
+    from sft_optuna.errors import UserError
+
+    if not 0 < n <= len(data.train_y):
+        raise UserError(f"--train-subset {n}: must be between 1 and {len(data.train_y)}")
+    if n == len(data.train_y):
+        return data
+    keep, _ = stratified_split(data.train_y, n, seed)
+    return dataclasses.replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep])
 
 
 def retrain(

@@ -105,6 +105,8 @@ def test_retrain_reports_test_accuracy_from_the_test_split_only(
                 "cpu",
                 "--data-root",
                 str(planted),
+                "--train-subset",
+                "160",
                 "--out",
                 str(tmp_path / "planted-out"),
             ]
@@ -112,6 +114,7 @@ def test_retrain_reports_test_accuracy_from_the_test_split_only(
         == 0
     )
     planted_card = json.loads((tmp_path / "planted-out" / "model-card.json").read_text())
+    assert planted_card["data"]["train_images"] == 160
     assert planted_card["test_acc_mean"] < 0.35 < card["test_acc_mean"]
 
 
