@@ -135,7 +135,8 @@ def retrain(
         f"Test accuracy over {len(accs)} seed(s): **{card['test_acc_mean']:.4f} ± {card['test_acc_std']:.4f}**"
         f" ({', '.join(f'{a:.4f}' for a in accs)})",
         "",
-        f"Trained on all {len(data.train_y)} training images for {train.epochs} epochs per seed on {card['device']}"
+        f"Trained on {len(data.train_y)} training images (train + validation) for {train.epochs} epochs per seed"
+        f" on {card['device']}"
         f" in {card['wall_seconds']} s; evaluated once on the {len(data.test_y)} test images.",
         "",
         "| parameter | value |",
