@@ -27,6 +27,8 @@ import sqlalchemy
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
+from sft_optuna.config import PrunerConfig
+from sft_optuna.samplers import make_pruner
 from sft_optuna.storage import open_storage
 
 PG = os.environ.get("SFT_TEST_POSTGRES", "postgresql+psycopg://sft:sft@127.0.0.1:5432/sft_test")
@@ -40,7 +42,6 @@ def prefill(url: str, name: str, n: int) -> None:
         storage=storage,
         study_name=name,
         direction="maximize",
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
     )
     dist = {"lr": FloatDistribution(1e-4, 1.0, log=True)}
     trials = [
@@ -56,11 +57,16 @@ def prefill(url: str, name: str, n: int) -> None:
     study.add_trials(trials)
 
 
-def worker(url: str, name: str, n_trials: int, epoch_s: float, out: Any) -> None:
+def pruner_for(kind: str) -> optuna.pruners.BasePruner:
+    """Optuna's MedianPruner as is, or sft-optuna's (the same pruner reading completed trials via a cache)."""
+    if kind == "optuna":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+    return make_pruner(PrunerConfig("median", {"n_startup_trials": 5, "n_warmup_steps": 1}))
+
+
+def worker(url: str, name: str, n_trials: int, epoch_s: float, pruner: str, out: Any) -> None:
     storage = open_storage(url)
-    study = optuna.load_study(
-        study_name=name, storage=storage, pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
-    )
+    study = optuna.load_study(study_name=name, storage=storage, pruner=pruner_for(pruner))
     costs = []
     for _ in range(n_trials):
         trial = study.ask({"lr": FloatDistribution(1e-4, 1.0, log=True)})
@@ -95,12 +101,14 @@ def fresh_url(kind: str, tmp: Path) -> str | None:
     return PG.rsplit("/", 1)[0] + f"/{name}"
 
 
-def run_case(url: str, size: int, workers: int, trials_per_worker: int, epoch_s: float) -> dict[str, Any]:
-    name = f"bench-{size}-{workers}"
+def run_case(url: str, size: int, workers: int, trials_per_worker: int, epoch_s: float, pruner: str) -> dict[str, Any]:
+    name = f"bench-{size}-{workers}-{pruner}"
     prefill(url, name, size)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(url, name, trials_per_worker, epoch_s, out)) for _ in range(workers)]
+    procs = [
+        ctx.Process(target=worker, args=(url, name, trials_per_worker, epoch_s, pruner, out)) for _ in range(workers)
+    ]
     start = time.perf_counter()
     for p in procs:
         p.start()
@@ -112,6 +120,7 @@ def run_case(url: str, size: int, workers: int, trials_per_worker: int, epoch_s:
     wall = time.perf_counter() - start
     costs.sort()
     return {
+        "pruner": pruner,
         "trials_before": size,
         "workers": workers,
         "epoch_cost_ms_median": round(1000 * statistics.median(costs), 2),
@@ -121,6 +130,14 @@ def run_case(url: str, size: int, workers: int, trials_per_worker: int, epoch_s:
     }
 
 
+def _line(r: dict[str, Any]) -> str:
+    return (
+        f"{r['storage']:<11}{r['pruner']:<11}{r['trials_before']:>7}{r['workers']:>8}"
+        f"{r['epoch_cost_ms_median']:>10.2f}{r['epoch_cost_ms_p95']:>9.2f}{r['trials_per_s']:>10.2f}"
+        f"{r['share_of_60s_trial_pct']:>16.3f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--storages", default="sqlite,journal,postgresql")
@@ -128,6 +145,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,2000", help="finished trials in the study before the run")
     parser.add_argument("--trials-per-worker", type=int, default=2)
     parser.add_argument("--epoch-seconds", type=float, default=0.2, help="sleep standing in for an epoch")
+    parser.add_argument("--pruners", default="optuna,sft-optuna", help="optuna: MedianPruner as is")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -140,23 +158,18 @@ def main() -> None:
                     url = fresh_url(kind, Path(tmp))
                     if url is None:
                         break
-                    row = {"storage": kind, **run_case(url, size, w, args.trials_per_worker, args.epoch_seconds)}
-                    rows.append(row)
-                    print(
-                        f"{kind:<11}{size:>7}{w:>8}{row['epoch_cost_ms_median']:>12.2f}"
-                        f"{row['epoch_cost_ms_p95']:>10.2f}{row['trials_per_s']:>10.2f}",
-                        flush=True,
-                    )
+                    for pruner in args.pruners.split(","):
+                        case = run_case(url, size, w, args.trials_per_worker, args.epoch_seconds, pruner)
+                        row = {"storage": kind, **case}
+                        rows.append(row)
+                        print(_line(row), flush=True)
 
     print(
-        f"\n{'storage':<11}{'trials':>7}{'workers':>8}{'epoch ms':>12}{'p95 ms':>10}{'trials/s':>10}"
+        f"\n{'storage':<11}{'pruner':<11}{'trials':>7}{'workers':>8}{'epoch ms':>10}{'p95 ms':>9}{'trials/s':>10}"
         f"{'% of 60s trial':>16}"
     )
     for r in rows:
-        print(
-            f"{r['storage']:<11}{r['trials_before']:>7}{r['workers']:>8}{r['epoch_cost_ms_median']:>12.2f}"
-            f"{r['epoch_cost_ms_p95']:>10.2f}{r['trials_per_s']:>10.2f}{r['share_of_60s_trial_pct']:>16.3f}"
-        )
+        print(_line(r))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -10,15 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import time
 from collections.abc import Callable
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 from sft_optuna.config import PrunerConfig, SamplerConfig
 from sft_optuna.errors import ConfigError
 
-__all__ = ["PRUNERS", "SAMPLERS", "check_pruner", "check_sampler", "make_pruner", "make_sampler", "trial_seed"]
+__all__ = [
+    "PRUNERS",
+    "SAMPLERS",
+    "CachedCompletedPruner",
+    "check_pruner",
+    "check_sampler",
+    "make_pruner",
+    "make_sampler",
+    "trial_seed",
+]
 
 
 def _tpe(seed: int | None, **options: Any) -> optuna.samplers.BaseSampler:
@@ -99,6 +110,52 @@ def make_sampler(cfg: SamplerConfig, trial_number: int) -> optuna.samplers.BaseS
     return factory(trial_seed(cfg.seed, trial_number), **cfg.options)
 
 
+COMPLETED_REFRESH_S = 60.0  # how stale the pruner's view of *completed* trials may be (trials take minutes)
+
+
+class _StudyView:
+    """A study whose list of COMPLETE trials comes from a cache; everything else is the study itself."""
+
+    def __init__(self, study: optuna.Study, completed: list[FrozenTrial]) -> None:
+        self._study = study
+        self._completed = completed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
+        if not deepcopy and states is not None and tuple(states) == (TrialState.COMPLETE,):
+            return self._completed
+        return self._study.get_trials(deepcopy=deepcopy, states=states)
+
+
+class CachedCompletedPruner(optuna.pruners.BasePruner):
+    """Wraps a pruner that compares against the study's completed trials (median, percentile) and serves
+    those from a cache refreshed at most every ``refresh_s`` seconds.
+
+    Optuna's percentile pruner re-reads the study on every ``should_prune``: on PostgreSQL that is ~9 queries,
+    ~11 ms per epoch even with 100 trials (measured, benchmarks/storage.py). Completed trials never change, so
+    a view up to a minute old prunes the same way for trials that take minutes, at a fraction of the cost.
+    """
+
+    def __init__(self, inner: optuna.pruners.BasePruner, refresh_s: float = COMPLETED_REFRESH_S) -> None:
+        self.inner = inner
+        self.refresh_s = refresh_s
+        self._cache: dict[int, tuple[float, list[FrozenTrial]]] = {}
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        now = time.monotonic()
+        key = study._study_id
+        fetched = self._cache.get(key)
+        if fetched is None or now - fetched[0] > self.refresh_s:
+            fetched = (now, study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            self._cache[key] = fetched
+        return self.inner.prune(_StudyView(study, fetched[1]), trial)  # type: ignore[arg-type]
+
+
 def make_pruner(cfg: PrunerConfig) -> optuna.pruners.BasePruner:
-    """The pruner a config names."""
-    return PRUNERS[cfg.name](**cfg.options)
+    """The pruner a config names (median and percentile read completed trials through a cache)."""
+    pruner = PRUNERS[cfg.name](**cfg.options)
+    if cfg.name in ("median", "percentile"):
+        return CachedCompletedPruner(pruner)
+    return pruner
