@@ -147,10 +147,17 @@ class CachedCompletedPruner(optuna.pruners.BasePruner):
         now = time.monotonic()
         key = study._study_id
         fetched = self._cache.get(key)
-        if fetched is None or now - fetched[0] > self.refresh_s:
+        # Below the startup count the pruner is idle and the study small: keep the view fresh, so that the
+        # pruning starts as soon as enough trials have completed.
+        startup = int(getattr(self.inner, "_n_startup_trials", 0))
+        if fetched is None or now - fetched[0] > self.refresh_s or len(fetched[1]) < startup:
             fetched = (now, study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
             self._cache[key] = fetched
         return self.inner.prune(_StudyView(study, fetched[1]), trial)  # type: ignore[arg-type]
+
+    def invalidate(self) -> None:
+        """Forget the cached view (a worker calls this after finishing a trial of its own)."""
+        self._cache.clear()
 
 
 def make_pruner(cfg: PrunerConfig) -> optuna.pruners.BasePruner:

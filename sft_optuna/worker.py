@@ -31,6 +31,7 @@ from sft_optuna.data import load_dataset, make_splits
 from sft_optuna.heartbeat import Heartbeat, Watcher
 from sft_optuna.notes import write_best_figure, write_trial_note
 from sft_optuna.objective import Interrupted, InvalidValueError, Objective, lineage_of
+from sft_optuna.samplers import CachedCompletedPruner
 from sft_optuna.train import DivergedError, EpochResult
 
 __all__ = ["WorkerOptions", "resolve_device", "run_worker"]
@@ -261,6 +262,8 @@ def _run_one(
     else:
         if not _safe_tell(study, trial, values=value):
             return None
+        if isinstance(study.pruner, CachedCompletedPruner):
+            study.pruner.invalidate()  # our own completion counts at once, not after the cache's refresh
         log.info("trial %d: value %.4f", trial.number, value)
         _keep_best_checkpoint(study, trial.number, lineage, checkpoints)
         return TrialState.COMPLETE

@@ -1,0 +1,74 @@
+"""Samplers and pruners: per-trial seeds, and the cached median pruner deciding exactly as Optuna's."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from sft_optuna.config import PrunerConfig, SamplerConfig
+from sft_optuna.samplers import CachedCompletedPruner, make_pruner, make_sampler, trial_seed
+
+
+def test_trial_seeds_are_shared_across_workers_and_differ_across_trials() -> None:
+    assert trial_seed(0, 5) == trial_seed(0, 5)
+    assert len({trial_seed(0, n) for n in range(100)}) == 100
+    assert trial_seed(None, 3) is None
+    a = make_sampler(SamplerConfig("random", 0), 7)
+    b = make_sampler(SamplerConfig("random", 0), 7)
+    dist = {"x": FloatDistribution(0, 1)}
+    sa = optuna.create_study(sampler=a)
+    sb = optuna.create_study(sampler=b)
+    assert sa.ask(dist).params == sb.ask(dist).params
+
+
+def _study_with_curves(n: int) -> optuna.Study:
+    study = optuna.create_study(direction="maximize")
+    dist = {"lr": FloatDistribution(1e-4, 1.0, log=True)}
+    study.add_trials(
+        [
+            create_trial(
+                params={"lr": 0.01},
+                distributions=dist,
+                value=0.5,
+                intermediate_values={s: 0.1 * s + 0.01 * (i % 7) for s in range(1, 6)},
+                state=TrialState.COMPLETE,
+            )
+            for i in range(n)
+        ]
+    )
+    return study
+
+
+@pytest.mark.parametrize("value", [0.05, 0.2, 0.23, 0.5])
+def test_cached_median_pruner_decides_like_optunas(value: float) -> None:
+    study = _study_with_curves(12)
+    trial = study.ask({"lr": FloatDistribution(1e-4, 1.0, log=True)})
+    trial.report(value, 2)
+    frozen = study._storage.get_trial(trial._trial_id)
+    plain = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+    ours = make_pruner(PrunerConfig("median", {"n_startup_trials": 5, "n_warmup_steps": 1}))
+    assert isinstance(ours, CachedCompletedPruner)
+    assert ours.prune(study, frozen) == plain.prune(study, frozen)
+
+
+def test_cached_pruner_reads_completed_trials_once_per_refresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    study = _study_with_curves(8)
+    calls = []
+    real = optuna.Study.get_trials
+
+    def counting(self: optuna.Study, deepcopy: bool = True, states: object = None) -> list:  # type: ignore[type-arg]
+        calls.append(states)
+        return real(self, deepcopy=deepcopy, states=states)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(optuna.Study, "get_trials", counting)
+    pruner = CachedCompletedPruner(optuna.pruners.MedianPruner(n_startup_trials=2), refresh_s=3600)
+    trial = study.ask({"lr": FloatDistribution(1e-4, 1.0, log=True)})
+    for step in range(1, 6):
+        trial.report(0.9, step)
+        pruner.prune(study, study._storage.get_trial(trial._trial_id))
+    assert len(calls) == 1
+    pruner.refresh_s = 0.0
+    pruner.prune(study, study._storage.get_trial(trial._trial_id))
+    assert len(calls) == 2
