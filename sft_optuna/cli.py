@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig, load_study_file
 from sft_optuna.errors import UserError
-from sft_optuna.storage import mask_url, open_storage, resolve_url
+from sft_optuna.storage import error_reason, mask_url, open_storage, resolve_url
 from sft_optuna.study import create_study, load_study, study_names
 
 __all__ = ["main"]
@@ -59,7 +59,7 @@ def _work(study: optuna.Study, config: StudyConfig, url: str, args: argparse.Nam
     try:
         return run_worker(study, config, url, _worker_options(args))
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        reason = error_reason(exc)
         print(
             f"sft-optuna: error: storage {mask_url(url)} failed ({reason}); worker stopped, "
             "its trial will be retried by the next worker",

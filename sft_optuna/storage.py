@@ -26,6 +26,7 @@ from sft_optuna.errors import StorageError
 __all__ = [
     "DEFAULT_STORAGE",
     "RetryingStorage",
+    "error_reason",
     "mask_url",
     "open_storage",
     "resolve_url",
@@ -180,11 +181,19 @@ def open_storage(url: str) -> Any:
             # get_storage adds Optuna's cache of finished trials in front of the database.
             return RetryingStorage(optuna.storages.get_storage(rdb))  # type: ignore[abstract]
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        reason = error_reason(exc)
         raise StorageError(f"cannot open storage {mask_url(url)}: {reason}") from None
 
 
 OUTAGE_S = 60.0  # how long a worker keeps retrying a storage that stopped answering (restarts, failovers)
+
+
+def error_reason(exc: BaseException) -> str:
+    """The first line of what the database driver said (unwrapping Optuna's and SQLAlchemy's wrappers)."""
+    if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _transient(exc: BaseException) -> bool:
@@ -214,8 +223,7 @@ def _retry(fn: Any, what: str, max_wait: float = OUTAGE_S) -> Any:
         except Exception as exc:
             if not _transient(exc) or time.monotonic() + delay > deadline:
                 raise
-            cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
-            reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0][:200]
+            reason = error_reason(exc)[:200]
             log.warning("storage %s failed (%s); retrying in %.1f s", what, reason, delay)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
