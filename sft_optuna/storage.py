@@ -22,6 +22,7 @@ from filelock import FileLock
 from sqlalchemy.engine import make_url
 
 from sft_optuna.errors import StorageError
+from sft_optuna.fast_writes import FastWrites
 
 __all__ = [
     "DEFAULT_STORAGE",
@@ -178,8 +179,9 @@ def open_storage(url: str) -> Any:
     try:
         with storage_lock(url, "schema"):
             rdb = _retry(lambda: optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(parsed)), "open")
+            fast = _retry(lambda: FastWrites.for_storage(rdb), "open")
             # get_storage adds Optuna's cache of finished trials in front of the database.
-            return RetryingStorage(optuna.storages.get_storage(rdb))  # type: ignore[abstract]
+            return RetryingStorage(optuna.storages.get_storage(rdb), fast)  # type: ignore[abstract]
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
         reason = error_reason(exc)
         raise StorageError(f"cannot open storage {mask_url(url)}: {reason}") from None
@@ -236,10 +238,30 @@ class RetryingStorage(optuna.storages.BaseStorage):
     pause, not a crash. A retried write whose commit did reach the server before the connection died could
     apply twice; Optuna's writes are idempotent except trial creation, where the budget check's lock limits
     the harm to one extra trial record.
+
+    With ``fast`` (SQL storages, see :mod:`sft_optuna.fast_writes`) the per-epoch writes — intermediate values,
+    trial attributes, heartbeats — take one statement each; a write the fast path refuses (finished or unknown
+    trial) goes to Optuna's method, which raises Optuna's error.
     """
 
-    def __init__(self, inner: optuna.storages.BaseStorage) -> None:
+    def __init__(self, inner: optuna.storages.BaseStorage, fast: FastWrites | None = None) -> None:
         self.inner = inner
+        self.fast = fast
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
+        self._write("set_trial_intermediate_value", "intermediate_value", trial_id, step, intermediate_value)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._write("set_trial_user_attr", "user_attr", trial_id, key, value)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._write("set_trial_system_attr", "system_attr", trial_id, key, value)
+
+    def _write(self, name: str, fast_name: str, *args: Any) -> None:
+        fast = self.fast
+        if fast is not None and _retry(lambda: getattr(fast, fast_name)(*args), name):
+            return
+        _retry(lambda: getattr(self.inner, name)(*args), name)
 
     def __getattr__(self, name: str) -> Any:  # anything not in BaseStorage: passed through unretried
         return getattr(self.inner, name)
@@ -254,5 +276,6 @@ def _delegate(name: str) -> Any:
 
 
 for _name in [*sorted(optuna.storages.BaseStorage.__abstractmethods__), "get_n_trials", "get_best_trial"]:
-    setattr(RetryingStorage, _name, _delegate(_name))
+    if _name not in RetryingStorage.__dict__:  # the writes defined in the class have a fast path
+        setattr(RetryingStorage, _name, _delegate(_name))
 RetryingStorage.__abstractmethods__ = frozenset()

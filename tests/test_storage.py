@@ -1,0 +1,102 @@
+"""The storage wrapper: one-statement per-epoch writes that store exactly what Optuna's own methods store."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.exceptions import UpdateFinishedTrialError
+
+from sft_optuna import fast_writes
+from sft_optuna.storage import open_storage
+
+VALUES = [0.25, 0.0, 1e-300, float("nan"), float("inf"), float("-inf")]
+ATTRS: dict[str, Any] = {"history": [{"epoch": 1, "val_acc": 0.5, "lr": 0.1}], "reason": "pruned at 2", "n": 3}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The SQL storages (the journal file keeps Optuna's methods)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'studies.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def _rdb(storage: Any) -> optuna.storages.RDBStorage:
+    return storage.inner._backend  # RetryingStorage -> Optuna's _CachedStorage -> RDBStorage
+
+
+def _written_by(storage: Any, fast: bool) -> optuna.trial.FrozenTrial:
+    """One trial's values and attrs written either through the fast path or through Optuna's own methods."""
+    study = optuna.create_study(storage=storage, study_name=uuid.uuid4().hex, direction="maximize")
+    trial = study.ask()
+    writer = storage if fast else _rdb(storage)
+    for step, value in enumerate(VALUES):
+        writer.set_trial_intermediate_value(trial._trial_id, step, value)
+    writer.set_trial_intermediate_value(trial._trial_id, 0, 0.75)  # overwrite an existing step
+    for key, value in ATTRS.items():
+        writer.set_trial_user_attr(trial._trial_id, key, value)
+        writer.set_trial_system_attr(trial._trial_id, key, value)
+    writer.set_trial_user_attr(trial._trial_id, "n", 4)  # overwrite an existing key
+    return storage.get_trial(trial._trial_id)
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+def test_fast_writes_store_exactly_what_optunas_methods_store(sql_url: str) -> None:
+    storage = open_storage(sql_url)
+    assert storage.fast is not None
+    ours, optunas = _written_by(storage, fast=True), _written_by(storage, fast=False)
+    assert ours.intermediate_values.keys() == optunas.intermediate_values.keys() == set(range(len(VALUES)))
+    assert all(_same(ours.intermediate_values[s], optunas.intermediate_values[s]) for s in ours.intermediate_values)
+    assert ours.intermediate_values[0] == 0.75
+    assert ours.user_attrs == optunas.user_attrs == {**ATTRS, "n": 4}
+    assert ours.system_attrs == optunas.system_attrs
+
+
+def test_a_report_is_one_statement(sql_url: str) -> None:
+    storage = open_storage(sql_url)
+    study = optuna.create_study(storage=storage, study_name="one", direction="maximize")
+    trial = study.ask()
+    statements: list[str] = []
+    sqlalchemy.event.listen(_rdb(storage).engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    trial.report(0.5, 1)
+    trial.set_user_attr("history", [1, 2])
+    assert len(statements) == 2, statements
+    assert all(s.lstrip().upper().startswith("INSERT") for s in statements)
+
+
+def test_writes_to_a_finished_or_unknown_trial_raise_optunas_errors(sql_url: str) -> None:
+    storage = open_storage(sql_url)
+    study = optuna.create_study(storage=storage, study_name="done", direction="maximize")
+    trial = study.ask()
+    trial.report(0.5, 1)
+    study.tell(trial, 0.5)
+    tid = trial._trial_id
+    for write in (
+        lambda: storage.set_trial_intermediate_value(tid, 2, 0.6),
+        lambda: storage.set_trial_user_attr(tid, "k", 1),
+        lambda: storage.set_trial_system_attr(tid, "k", 1),
+    ):
+        with pytest.raises(UpdateFinishedTrialError):
+            write()
+    assert storage.get_trial(tid).intermediate_values == {1: 0.5}
+    with pytest.raises(KeyError):
+        storage.set_trial_intermediate_value(tid + 1000, 1, 0.5)
+
+
+def test_an_unknown_schema_version_keeps_optunas_methods(sql_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fast_writes, "SCHEMA_VERSIONS", frozenset({"v9.9.9"}))
+    storage = open_storage(sql_url)
+    assert storage.fast is None
+    study = optuna.create_study(storage=storage, study_name="old", direction="maximize")
+    trial = study.ask()
+    trial.report(0.5, 1)
+    assert storage.get_trial(trial._trial_id).intermediate_values == {1: 0.5}
