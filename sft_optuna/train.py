@@ -154,6 +154,8 @@ class Trainer:
         self.on_step: Callable[[int, int], None] | None = None
         """Called as ``on_step(step, steps_per_epoch)`` after each training step (progress bars); no sync."""
         self._compiled = not train_cfg.compile
+        self._weights_version = 0  # bumped whenever the weights change; keys the cached predictions
+        self._predictions: tuple[BatchPipeline, int, torch.Tensor] | None = None
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.train_data.batches(
@@ -166,6 +168,7 @@ class Trainer:
         Returns (mean loss, accuracy, images, seconds without compilation, compile seconds).
         """
         model, cfg, device = self.model, self.cfg, self.device
+        self._weights_version += 1
         model.train()
         _sync(device)
         start = time.perf_counter()
@@ -226,16 +229,24 @@ class Trainer:
         data = data or self.val_data
         if len(data) == 0:
             return 0.0
-        preds = predict(self.step_model, data, self.cfg.eval_batch_size, self.cfg.precision)  # type: ignore[arg-type]
-        return float((preds == data.y).float().mean())
+        return float((self._predict(data) == data.y).float().mean())
 
     def confusion_matrix(self, data: BatchPipeline | None = None) -> list[list[int]]:
         """Counts of (true class, predicted class) on ``data`` (the validation split by default)."""
         data = data or self.val_data
         n = self.num_classes
-        preds = predict(self.step_model, data, self.cfg.eval_batch_size, self.cfg.precision)  # type: ignore[arg-type]
-        flat = torch.bincount(data.y * n + preds, minlength=n * n)
+        flat = torch.bincount(data.y * n + self._predict(data), minlength=n * n)
         return flat.view(n, n).tolist()  # type: ignore[no-any-return]
+
+    def _predict(self, data: BatchPipeline) -> torch.Tensor:
+        """Predictions on ``data``, reused while the weights are unchanged (the last epoch's validation pass
+        also gives the trial's confusion matrix)."""
+        cached = self._predictions
+        if cached is not None and cached[0] is data and cached[1] == self._weights_version:
+            return cached[2]
+        preds = predict(self.step_model, data, self.cfg.eval_batch_size, self.cfg.precision)  # type: ignore[arg-type]
+        self._predictions = (data, self._weights_version, preds)
+        return preds
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: model, optimizer, schedule position, RNG, learning curve."""
@@ -251,6 +262,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`: the next :meth:`run_epoch` is epoch ``state['epoch'] + 1``."""
         self.model.load_state_dict(state["model"])
+        self._weights_version += 1
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"].cpu())

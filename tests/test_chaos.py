@@ -180,3 +180,44 @@ def _fresh(request: pytest.FixtureRequest, folder: Path, like: str) -> str:
         conn.commit()
     engine.dispose()
     return like
+
+
+CONNECTIONS_PER_WORKER = 4  # README: trial, heartbeat, stale-trial watcher, lock
+
+
+def test_workers_wait_for_scarce_database_connections_instead_of_dying(
+    folder_root: Path, write_study: Callable[..., Path], postgres_url: str, tmp_path: Path
+) -> None:
+    """Plain Optuna lost 5 of 12 workers to too few connections; ours wait for one and go on."""
+    import psycopg
+    import sqlalchemy
+
+    url, workers_n = postgres_url, 3
+    cfg = study_dict(folder_root, name="scarce", budget={"n_trials": 4}, train={"epochs": 2})
+    create = _spawn(url, tmp_path / "ck", "create", str(write_study(cfg)))
+    assert create.wait(timeout=120) == 0, create.stdout.read() if create.stdout else ""
+    db = sqlalchemy.make_url(url)
+    dsn = db.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    def limit(n: int) -> None:  # the database's owner may cap its connections; the server stays as it is
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{db.database}" CONNECTION LIMIT {n}')  # type: ignore[arg-type]
+
+    limit(CONNECTIONS_PER_WORKER * workers_n)
+    hog = [psycopg.connect(dsn) for _ in range(CONNECTIONS_PER_WORKER * workers_n)]  # every slot taken
+    try:
+        with pytest.raises(psycopg.OperationalError, match="too many connections"):
+            psycopg.connect(dsn)
+        workers = [_spawn(url, tmp_path / "ck", "worker", "scarce") for _ in range(workers_n)]
+        time.sleep(8)  # the workers find no free connection for a while: they must wait, not exit
+        assert [p.poll() for p in workers] == [None] * workers_n
+    finally:
+        for conn in hog:
+            conn.close()
+    outs = [(p.wait(timeout=300), p.stdout.read() if p.stdout else "") for p in workers]
+    assert all(code == 0 for code, _ in outs), [o[-2000:] for c, o in outs if c != 0]
+    assert any("too many connections" in o for _, o in outs), "the workers should have met the limit"
+    limit(-1)
+    trials = _trials(url)
+    assert budget_used(trials) == 4
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)

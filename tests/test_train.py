@@ -83,3 +83,23 @@ def test_nan_loss_raises_diverged(splits) -> None:  # type: ignore[no-untyped-de
     trainer = Trainer(splits, MODEL, TrainConfig(epochs=2, batch_size=32, lr=1e30, momentum=0.0), CPU)
     with pytest.raises(DivergedError, match="training loss is"):
         trainer.run_epoch()
+
+
+def test_the_confusion_matrix_reuses_the_last_validation_pass_only_while_weights_are_unchanged(
+    splits,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sft_optuna import train
+
+    calls: list[int] = []
+    real = train.predict
+    monkeypatch.setattr(train, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    trainer = Trainer(splits, MODEL, TrainConfig(epochs=2, batch_size=32, lr=0.05), CPU)
+    r = trainer.run_epoch()
+    matrix = torch.tensor(trainer.confusion_matrix())
+    assert len(calls) == 1, "the epoch's validation predictions serve the confusion matrix"
+    assert int(matrix.sum()) == len(splits.val_y)
+    assert float(matrix.diag().sum()) / len(splits.val_y) == pytest.approx(r.val_acc)
+    trainer.train_steps(max_steps=1)  # the weights change: predictions are made again
+    trainer.confusion_matrix()
+    assert len(calls) == 2
