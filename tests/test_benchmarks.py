@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -52,3 +53,38 @@ def test_throughput_benchmark_runs_on_cpu_and_writes_its_figures(tmp_path: Path)
     assert abs(figures["loader_speedup"] - ratio) < 0.02 * ratio
     assert len(figures["rss_mb_per_epoch"]) == 2
     assert "loader images/s" in proc.stdout and "ratio" in proc.stdout
+
+
+def test_the_prepared_gpu_script_parses_and_passes_only_options_the_benchmark_has() -> None:
+    script = REPO / "benchmarks" / "gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    helped = subprocess.run(
+        [PYTHON, str(REPO / "benchmarks" / "throughput.py"), "--help"],
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert helped.returncode == 0, helped.stderr[-2000:]
+    used = set(re.findall(r"(--[a-z][a-z-]+)", script.read_text()))
+    assert used and used <= set(re.findall(r"(--[a-z][a-z-]+)", helped.stdout)), used
+
+
+def test_storage_benchmark_runs_both_pruners_and_writes_its_figures(tmp_path: Path) -> None:
+    out = tmp_path / "storage.json"
+    args = ["--storages", "sqlite,journal", "--workers", "1", "--sizes", "5", "--trials-per-worker", "1"]
+    proc = subprocess.run(
+        [PYTHON, str(REPO / "benchmarks" / "storage.py"), *args, "--epoch-seconds", "0.01", "--json", str(out)],
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert {(r["storage"], r["pruner"]) for r in rows} == {
+        (s, p) for s in ("sqlite", "journal") for p in ("optuna", "sft-optuna")
+    }
+    for r in rows:
+        assert r["trials_before"] == 5 and r["workers"] == 1
+        assert r["epoch_cost_ms_median"] > 0 and r["trials_per_s"] > 0
