@@ -101,9 +101,8 @@ def fresh_url(kind: str, tmp: Path) -> str | None:
     return PG.rsplit("/", 1)[0] + f"/{name}"
 
 
-def run_case(url: str, size: int, workers: int, trials_per_worker: int, epoch_s: float, pruner: str) -> dict[str, Any]:
-    name = f"bench-{size}-{workers}-{pruner}"
-    prefill(url, name, size)
+def run_case(url: str, name: str, workers: int, trials_per_worker: int, epoch_s: float, pruner: str) -> dict[str, Any]:
+    before = len(optuna.load_study(study_name=name, storage=open_storage(url)).get_trials(deepcopy=False))
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [
@@ -121,7 +120,7 @@ def run_case(url: str, size: int, workers: int, trials_per_worker: int, epoch_s:
     costs.sort()
     return {
         "pruner": pruner,
-        "trials_before": size,
+        "trials_before": before,
         "workers": workers,
         "epoch_cost_ms_median": round(1000 * statistics.median(costs), 2),
         "epoch_cost_ms_p95": round(1000 * costs[int(0.95 * (len(costs) - 1))], 2),
@@ -154,12 +153,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.storages.split(","):
             for size in map(int, args.sizes.split(",")):
+                # One prefilled study per storage and size serves every worker count and pruner; the few
+                # trials each case adds are counted in the next case's "trials" column.
+                url = fresh_url(kind, Path(tmp))
+                if url is None:
+                    break
+                name = f"bench-{size}"
+                prefill(url, name, size)
                 for w in map(int, args.workers.split(",")):
-                    url = fresh_url(kind, Path(tmp))
-                    if url is None:
-                        break
                     for pruner in args.pruners.split(","):
-                        case = run_case(url, size, w, args.trials_per_worker, args.epoch_seconds, pruner)
+                        case = run_case(url, name, w, args.trials_per_worker, args.epoch_seconds, pruner)
                         row = {"storage": kind, **case}
                         rows.append(row)
                         print(_line(row), flush=True)

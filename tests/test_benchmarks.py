@@ -66,7 +66,8 @@ def test_the_prepared_gpu_script_parses_and_passes_only_options_the_benchmark_ha
         timeout=120,
     )
     assert helped.returncode == 0, helped.stderr[-2000:]
-    used = set(re.findall(r"(--[a-z][a-z-]+)", script.read_text()))
+    lines = [ln for ln in script.read_text().splitlines() if "throughput.py" in ln or ln.startswith("run ")]
+    used = set(re.findall(r"(--[a-z][a-z-]+)", "\n".join(lines)))
     assert used and used <= set(re.findall(r"(--[a-z][a-z-]+)", helped.stdout)), used
 
 
@@ -86,5 +87,5 @@ def test_storage_benchmark_runs_both_pruners_and_writes_its_figures(tmp_path: Pa
         (s, p) for s in ("sqlite", "journal") for p in ("optuna", "sft-optuna")
     }
     for r in rows:
-        assert r["trials_before"] == 5 and r["workers"] == 1
+        assert r["trials_before"] >= 5 and r["workers"] == 1  # the study grows by the trials each case runs
         assert r["epoch_cost_ms_median"] > 0 and r["trials_per_s"] > 0

@@ -194,8 +194,14 @@ def test_workers_wait_for_scarce_database_connections_instead_of_dying(
 
     url, workers_n = postgres_url, 3
     cfg = study_dict(folder_root, name="scarce", budget={"n_trials": 4}, train={"epochs": 2})
-    create = _spawn(url, tmp_path / "ck", "create", str(write_study(cfg)))
-    assert create.wait(timeout=120) == 0, create.stdout.read() if create.stdout else ""
+    create = subprocess.run(
+        [PYTHON, "-m", "sft_optuna", "--storage", url, "create", str(write_study(cfg))],
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert create.returncode == 0, create.stderr[-2000:]
     db = sqlalchemy.make_url(url)
     dsn = db.set(drivername="postgresql").render_as_string(hide_password=False)
 
@@ -218,6 +224,6 @@ def test_workers_wait_for_scarce_database_connections_instead_of_dying(
     assert all(code == 0 for code, _ in outs), [o[-2000:] for c, o in outs if c != 0]
     assert any("too many connections" in o for _, o in outs), "the workers should have met the limit"
     limit(-1)
-    trials = _trials(url)
+    trials = optuna.load_study(study_name="scarce", storage=open_storage(url)).get_trials()
     assert budget_used(trials) == 4
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
