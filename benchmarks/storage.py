@@ -3,7 +3,8 @@
 For each storage (SQLite, journal file, PostgreSQL when reachable), each study size (finished trials already
 in the study, each with a full learning curve) and each number of concurrent worker processes, workers run
 trials whose epochs *sleep* in place of GPU work; each epoch is ``trial.report`` + ``trial.should_prune``
-(the median pruner) through the same storage wrapper the real workers use. Printed as one table.
+(the median pruner). Two variants side by side: ``optuna`` (Optuna's own storage and MedianPruner, as a plain
+Optuna user has them) and ``sft-optuna`` (the storage wrapper and pruner the real workers use). One table.
 
     python benchmarks/storage.py                                   # all storages, 1/4/16/32 workers, 100/2000 trials
     python benchmarks/storage.py --storages sqlite --workers 1,4 --sizes 100 --json out.json
@@ -57,16 +58,27 @@ def prefill(url: str, name: str, n: int) -> None:
     study.add_trials(trials)
 
 
-def pruner_for(kind: str) -> optuna.pruners.BasePruner:
+def pruner_for(variant: str) -> optuna.pruners.BasePruner:
     """Optuna's MedianPruner as is, or sft-optuna's (the same pruner reading completed trials via a cache)."""
-    if kind == "optuna":
+    if variant == "optuna":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
     return make_pruner(PrunerConfig("median", {"n_startup_trials": 5, "n_warmup_steps": 1}))
 
 
-def worker(url: str, name: str, n_trials: int, epoch_s: float, pruner: str, out: Any) -> None:
-    storage = open_storage(url)
-    study = optuna.load_study(study_name=name, storage=storage, pruner=pruner_for(pruner))
+def storage_for(variant: str, url: str) -> Any:
+    """Plain Optuna's storage for ``url``, as an Optuna user would open it, or sft-optuna's (retries, one-statement
+    writes)."""
+    if variant != "optuna":
+        return open_storage(url)
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(url.removeprefix("journal://")))
+    return optuna.storages.get_storage(url)
+
+
+def worker(url: str, name: str, n_trials: int, epoch_s: float, variant: str, out: Any) -> None:
+    study = optuna.load_study(study_name=name, storage=storage_for(variant, url), pruner=pruner_for(variant))
     costs = []
     for _ in range(n_trials):
         trial = study.ask({"lr": FloatDistribution(1e-4, 1.0, log=True)})
@@ -101,12 +113,12 @@ def fresh_url(kind: str, tmp: Path) -> str | None:
     return PG.rsplit("/", 1)[0] + f"/{name}"
 
 
-def run_case(url: str, name: str, workers: int, trials_per_worker: int, epoch_s: float, pruner: str) -> dict[str, Any]:
+def run_case(url: str, name: str, workers: int, trials_per_worker: int, epoch_s: float, variant: str) -> dict[str, Any]:
     before = len(optuna.load_study(study_name=name, storage=open_storage(url)).get_trials(deepcopy=False))
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [
-        ctx.Process(target=worker, args=(url, name, trials_per_worker, epoch_s, pruner, out)) for _ in range(workers)
+        ctx.Process(target=worker, args=(url, name, trials_per_worker, epoch_s, variant, out)) for _ in range(workers)
     ]
     start = time.perf_counter()
     for p in procs:
@@ -119,7 +131,7 @@ def run_case(url: str, name: str, workers: int, trials_per_worker: int, epoch_s:
     wall = time.perf_counter() - start
     costs.sort()
     return {
-        "pruner": pruner,
+        "variant": variant,
         "trials_before": before,
         "workers": workers,
         "epoch_cost_ms_median": round(1000 * statistics.median(costs), 2),
@@ -131,7 +143,7 @@ def run_case(url: str, name: str, workers: int, trials_per_worker: int, epoch_s:
 
 def _line(r: dict[str, Any]) -> str:
     return (
-        f"{r['storage']:<11}{r['pruner']:<11}{r['trials_before']:>7}{r['workers']:>8}"
+        f"{r['storage']:<11}{r['variant']:<11}{r['trials_before']:>7}{r['workers']:>8}"
         f"{r['epoch_cost_ms_median']:>10.2f}{r['epoch_cost_ms_p95']:>9.2f}{r['trials_per_s']:>10.2f}"
         f"{r['share_of_60s_trial_pct']:>16.3f}"
     )
@@ -144,7 +156,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,2000", help="finished trials in the study before the run")
     parser.add_argument("--trials-per-worker", type=int, default=2)
     parser.add_argument("--epoch-seconds", type=float, default=0.2, help="sleep standing in for an epoch")
-    parser.add_argument("--pruners", default="optuna,sft-optuna", help="optuna: MedianPruner as is")
+    parser.add_argument(
+        "--variants", default="optuna,sft-optuna", help="optuna: Optuna's own storage and MedianPruner, as is"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -153,7 +167,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.storages.split(","):
             for size in map(int, args.sizes.split(",")):
-                # One prefilled study per storage and size serves every worker count and pruner; the few
+                # One prefilled study per storage and size serves every worker count and variant; the few
                 # trials each case adds are counted in the next case's "trials" column.
                 url = fresh_url(kind, Path(tmp))
                 if url is None:
@@ -161,14 +175,14 @@ def main() -> None:
                 name = f"bench-{size}"
                 prefill(url, name, size)
                 for w in map(int, args.workers.split(",")):
-                    for pruner in args.pruners.split(","):
-                        case = run_case(url, name, w, args.trials_per_worker, args.epoch_seconds, pruner)
+                    for variant in args.variants.split(","):
+                        case = run_case(url, name, w, args.trials_per_worker, args.epoch_seconds, variant)
                         row = {"storage": kind, **case}
                         rows.append(row)
                         print(_line(row), flush=True)
 
     print(
-        f"\n{'storage':<11}{'pruner':<11}{'trials':>7}{'workers':>8}{'epoch ms':>10}{'p95 ms':>9}{'trials/s':>10}"
+        f"\n{'storage':<11}{'variant':<11}{'trials':>7}{'workers':>8}{'epoch ms':>10}{'p95 ms':>9}{'trials/s':>10}"
         f"{'% of 60s trial':>16}"
     )
     for r in rows:

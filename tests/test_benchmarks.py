@@ -71,7 +71,7 @@ def test_the_prepared_gpu_script_parses_and_passes_only_options_the_benchmark_ha
     assert used and used <= set(re.findall(r"(--[a-z][a-z-]+)", helped.stdout)), used
 
 
-def test_storage_benchmark_runs_both_pruners_and_writes_its_figures(tmp_path: Path) -> None:
+def test_storage_benchmark_runs_both_variants_and_writes_its_figures(tmp_path: Path) -> None:
     out = tmp_path / "storage.json"
     args = ["--storages", "sqlite,journal", "--workers", "1", "--sizes", "5", "--trials-per-worker", "1"]
     proc = subprocess.run(
@@ -83,7 +83,7 @@ def test_storage_benchmark_runs_both_pruners_and_writes_its_figures(tmp_path: Pa
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert {(r["storage"], r["pruner"]) for r in rows} == {
+    assert {(r["storage"], r["variant"]) for r in rows} == {
         (s, p) for s in ("sqlite", "journal") for p in ("optuna", "sft-optuna")
     }
     for r in rows:
