@@ -10,33 +10,23 @@ from pathlib import Path
 from conftest import PYTHON, REPO, worker_env
 
 
-def test_throughput_benchmark_runs_on_cpu_and_writes_its_figures(tmp_path: Path) -> None:
-    out = tmp_path / "figures.json"
+def _bench(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``benchmarks/<script>`` as a user would; fail the test with its stderr if it fails."""
     proc = subprocess.run(
-        [
-            PYTHON,
-            str(REPO / "benchmarks" / "throughput.py"),
-            "--device",
-            "cpu",
-            "--images",
-            "256",
-            "--batch-size",
-            "32",
-            "--loader-batches",
-            "2",
-            "--train-steps",
-            "1",
-            "--memory-epochs",
-            "2",
-            "--json",
-            str(out),
-        ],
+        [PYTHON, str(REPO / "benchmarks" / script), *args],
         env=worker_env(),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_throughput_benchmark_runs_on_cpu_and_writes_its_figures(tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    args = ["--device", "cpu", "--images", "256", "--batch-size", "32", "--loader-batches", "2"]
+    proc = _bench("throughput.py", *args, "--train-steps", "1", "--memory-epochs", "2", "--json", str(out))
     figures = json.loads(out.read_text())
     for key in (
         "loader_speedup",
@@ -58,14 +48,7 @@ def test_throughput_benchmark_runs_on_cpu_and_writes_its_figures(tmp_path: Path)
 def test_the_prepared_gpu_script_parses_and_passes_only_options_the_benchmark_has() -> None:
     script = REPO / "benchmarks" / "gpu.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    helped = subprocess.run(
-        [PYTHON, str(REPO / "benchmarks" / "throughput.py"), "--help"],
-        env=worker_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert helped.returncode == 0, helped.stderr[-2000:]
+    helped = _bench("throughput.py", "--help")
     lines = [ln for ln in script.read_text().splitlines() if "throughput.py" in ln or ln.startswith("run ")]
     used = set(re.findall(r"(--[a-z][a-z-]+)", "\n".join(lines)))
     assert used and used <= set(re.findall(r"(--[a-z][a-z-]+)", helped.stdout)), used
@@ -74,14 +57,7 @@ def test_the_prepared_gpu_script_parses_and_passes_only_options_the_benchmark_ha
 def test_storage_benchmark_runs_both_variants_and_writes_its_figures(tmp_path: Path) -> None:
     out = tmp_path / "storage.json"
     args = ["--storages", "sqlite,journal", "--workers", "1", "--sizes", "5", "--trials-per-worker", "1"]
-    proc = subprocess.run(
-        [PYTHON, str(REPO / "benchmarks" / "storage.py"), *args, "--epoch-seconds", "0.01", "--json", str(out)],
-        env=worker_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _bench("storage.py", *args, "--epoch-seconds", "0.01", "--json", str(out))
     rows = json.loads(out.read_text())
     assert {(r["storage"], r["variant"]) for r in rows} == {
         (s, p) for s in ("sqlite", "journal") for p in ("optuna", "sft-optuna")
