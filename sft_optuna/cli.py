@@ -28,9 +28,13 @@ __all__ = ["main"]
 log = logging.getLogger("sft_optuna")
 
 
-def _open(args: argparse.Namespace) -> tuple[Any, str]:
+QUERY_PATIENCE_S = 5.0  # status/best/export/studies: a person waiting at a prompt; a wrong host should fail fast
+
+
+def _open(args: argparse.Namespace, patience: float | None = None) -> tuple[Any, str]:
+    """The storage of ``--storage``; workers and other long-running commands wait out outages (60 s)."""
     url = resolve_url(args.storage)
-    return open_storage(url), url
+    return open_storage(url, patience), url
 
 
 def _worker_options(args: argparse.Namespace) -> Any:
@@ -143,14 +147,14 @@ def _print_status(study: optuna.Study, config: StudyConfig) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    storage, url = _open(args)
+    storage, url = _open(args, QUERY_PATIENCE_S)
     study, config = load_study(args.name, storage, url)
     _print_status(study, config)
     return 0
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    storage, url = _open(args)
+    storage, url = _open(args, QUERY_PATIENCE_S)
     study, config = load_study(args.name, storage, url)
     from sft_optuna.export import best_train_block
 
@@ -166,7 +170,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from sft_optuna.export import export_study
 
-    storage, url = _open(args)
+    storage, url = _open(args, QUERY_PATIENCE_S)
     study, config = load_study(args.name, storage, url)
     written = export_study(study, config, Path(args.out))
     print(f"wrote {len(written)} files to {args.out}: " + ", ".join(p.name for p in written))
@@ -254,7 +258,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    storage, url = _open(args)
+    storage, url = _open(args, QUERY_PATIENCE_S)
     names = study_names(storage)
     if not names:
         print(f"no studies in {mask_url(url)}")

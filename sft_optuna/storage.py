@@ -84,12 +84,13 @@ def _parse(url: str) -> sqlalchemy.URL:
 
 
 @contextlib.contextmanager
-def storage_lock(url: str, name: str = "claim") -> Iterator[None]:
+def storage_lock(url: str, name: str = "claim", patience: float | None = None) -> Iterator[None]:
     """A lock shared by every worker of this storage, for claiming trials and creating schema/studies.
 
     SQLite and journal files: a lock file beside the database (one machine, or a filesystem with working
     locks). PostgreSQL: a session advisory lock, released by the server if the worker dies holding it.
     SQLite ignores ``SELECT ... FOR UPDATE``, which is why claiming a queued trial needs this at all.
+    ``patience``: how long to wait for an unreachable PostgreSQL server (default :data:`OUTAGE_S`).
     """
     if url.startswith("journal:"):
         with FileLock(f"{_journal_path(url)}.{name}.lock", timeout=LOCK_TIMEOUT_S):
@@ -118,7 +119,7 @@ def storage_lock(url: str, name: str = "claim") -> Iterator[None]:
                 raise
             return conn
 
-        conn = _retry(acquire, "lock")
+        conn = _retry(acquire, "lock", OUTAGE_S if patience is None else patience)
         try:
             yield
         finally:
@@ -153,8 +154,11 @@ def _engine_kwargs(parsed: sqlalchemy.URL) -> dict[str, Any]:
     return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2, "pool_recycle": 3600}
 
 
-def open_storage(url: str) -> Any:
+def open_storage(url: str, patience: float | None = None) -> Any:
     """The Optuna storage behind ``url``, retrying through short outages (see :class:`RetryingStorage`).
+
+    ``patience``: how long opening waits for a server that does not answer (default :data:`OUTAGE_S`; a
+    command a person types to look at results passes a few seconds, so a wrong host fails fast).
 
     Schema creation is serialized by the storage lock, so a cold start of many workers on an empty database
     does not race into "table already exists" / duplicate ``alembic_version`` errors.
@@ -177,9 +181,10 @@ def open_storage(url: str) -> Any:
         if db_path is not None and not db_path.parent.is_dir():
             raise StorageError(f"storage URL {mask_url(url)}: directory {db_path.parent} does not exist")
     try:
-        with storage_lock(url, "schema"):
-            rdb = _retry(lambda: optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(parsed)), "open")
-            fast = _retry(lambda: FastWrites.for_storage(rdb), "open")
+        wait = OUTAGE_S if patience is None else patience
+        with storage_lock(url, "schema", wait):
+            rdb = _retry(lambda: optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(parsed)), "open", wait)
+            fast = _retry(lambda: FastWrites.for_storage(rdb), "open", wait)
             # get_storage adds Optuna's cache of finished trials in front of the database.
             return RetryingStorage(optuna.storages.get_storage(rdb), fast)  # type: ignore[abstract]
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
