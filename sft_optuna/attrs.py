@@ -25,5 +25,8 @@ CONFUSION = "confusion_matrix"
 """Trial: validation confusion matrix after the last epoch (rows true class, columns predicted)."""
 HOST = "host"
 """Trial: hostname:pid and device of the worker that ran it."""
+CLAIM_RACED = "claim raced"
+"""Reason of a trial dropped right after its claim: the claim lock was lost mid-claim and another worker's
+claim made this one excess (over the budget, or a second retry of the same trial). Not counted, not retried."""
 RETRYABLE_REASONS = ("interrupted",)
 """Reasons whose trials are retried; a trial failed by a stale heartbeat has no reason and is retried too."""

@@ -19,7 +19,7 @@ from sft_optuna.samplers import make_sampler
 from sft_optuna.search_space import suggest
 from sft_optuna.storage import storage_lock
 
-__all__ = ["budget_used", "claim_trial", "recover_trials", "retries_due"]
+__all__ = ["budget_used", "claim_trial", "raced", "recover_trials", "retries_due"]
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,17 @@ def budget_used(trials: Sequence[FrozenTrial]) -> int:
 
     A failed trial that was retried is replaced by its retry, so a crash does not eat budget.
     """
+    return len(_counted(trials))
+
+
+def _counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     retried = _retried_numbers(trials)
-    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.FAIL)
-    return sum(1 for t in trials if t.state in counted and t.number not in retried)
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.FAIL)
+    return [
+        t
+        for t in trials
+        if t.state in states and t.number not in retried and t.user_attrs.get(attrs.REASON) != attrs.CLAIM_RACED
+    ]
 
 
 def retries_due(trials: Sequence[FrozenTrial], max_retries: int) -> list[FrozenTrial]:
@@ -81,7 +89,7 @@ def claim_trial(study: optuna.Study, config: StudyConfig, url: str) -> optuna.Tr
     workers never overshoot), then take a queued trial or ask the sampler for a new point — and suggest its
     parameters before letting go, so a concurrent TPE sees them as running (constant liar).
     """
-    with storage_lock(url, f"claim:{config.name}"):
+    with storage_lock(url, f"claim:{config.name}") as hold:
         _enqueue_retries(study, config)
         trials = study.get_trials(deepcopy=False)
         if budget_used(trials) >= config.budget.n_trials:
@@ -92,4 +100,29 @@ def claim_trial(study: optuna.Study, config: StudyConfig, url: str) -> optuna.Tr
         study.sampler = make_sampler(config.sampler, len(trials))
         trial = study.ask()
         suggest(trial, config.search_space)
-        return trial
+    if hold.lost and raced(study.get_trials(deepcopy=False), trial.number, config.budget.n_trials):
+        log.warning("trial %d: the claim lock was lost mid-claim and another claim won; dropping it", trial.number)
+        trial.set_user_attr(attrs.REASON, attrs.CLAIM_RACED)
+        study.tell(trial, state=TrialState.FAIL)
+        return claim_trial(study, config, url)
+    return trial
+
+
+def raced(trials: Sequence[FrozenTrial], number: int, n_trials: int) -> bool:
+    """Is trial ``number`` excess, claimed while another worker claimed too (the lock having been lost)?
+
+    Excess: a second retry of the same failed trial (the lower number keeps it), or a trial over the budget
+    (the newest counted trials are the excess ones). Optuna hands each queued trial (a grid point) to one
+    worker only, so grid points cannot be claimed twice this way.
+    """
+    mine = trials[number]
+    retry_of = mine.user_attrs.get(attrs.RETRY_OF)
+    counted = _counted(trials)
+    if retry_of is not None and any(
+        t.user_attrs.get(attrs.RETRY_OF) == retry_of and t.number < number
+        for t in trials
+        if t.user_attrs.get(attrs.REASON) != attrs.CLAIM_RACED
+    ):
+        return True
+    excess = len(counted) - n_trials
+    return excess > 0 and number in {t.number for t in counted[-excess:]}

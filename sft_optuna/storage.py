@@ -26,6 +26,7 @@ from sft_optuna.fast_writes import FastWrites
 
 __all__ = [
     "DEFAULT_STORAGE",
+    "LockHold",
     "RetryingStorage",
     "error_reason",
     "mask_url",
@@ -83,8 +84,15 @@ def _parse(url: str) -> sqlalchemy.URL:
         ) from None
 
 
+class LockHold:
+    """What :func:`storage_lock` yields: ``lost`` turns true, at the end of the block, if the lock may have
+    been released while the block ran (PostgreSQL dropped the session holding it: a restart or a failover)."""
+
+    lost: bool = False
+
+
 @contextlib.contextmanager
-def storage_lock(url: str, name: str = "claim", patience: float | None = None) -> Iterator[None]:
+def storage_lock(url: str, name: str = "claim", patience: float | None = None) -> Iterator[LockHold]:
     """A lock shared by every worker of this storage, for claiming trials and creating schema/studies.
 
     SQLite and journal files: a lock file beside the database (one machine, or a filesystem with working
@@ -92,9 +100,10 @@ def storage_lock(url: str, name: str = "claim", patience: float | None = None) -
     SQLite ignores ``SELECT ... FOR UPDATE``, which is why claiming a queued trial needs this at all.
     ``patience``: how long to wait for an unreachable PostgreSQL server (default :data:`OUTAGE_S`).
     """
+    hold = LockHold()
     if url.startswith("journal:"):
         with FileLock(f"{_journal_path(url)}.{name}.lock", timeout=LOCK_TIMEOUT_S):
-            yield
+            yield hold
         return
     parsed = _parse(url)
     backend = parsed.get_backend_name()
@@ -102,10 +111,10 @@ def storage_lock(url: str, name: str = "claim", patience: float | None = None) -
         path = _sqlite_path(parsed)
         if path is None:
             with _memory_lock:
-                yield
+                yield hold
             return
         with FileLock(f"{path}.{name}.lock", timeout=LOCK_TIMEOUT_S):
-            yield
+            yield hold
         return
     if backend == "postgresql":
         key = int.from_bytes(hashlib.sha256(f"sft-optuna:{name}".encode()).digest()[:8], "little", signed=True)
@@ -121,18 +130,21 @@ def storage_lock(url: str, name: str = "claim", patience: float | None = None) -
 
         conn = _retry(acquire, "lock", OUTAGE_S if patience is None else patience)
         try:
-            yield
+            yield hold
         finally:
             try:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                # False: this session no longer held it. The same session answering True held it throughout.
+                held = conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key}).scalar()
                 conn.close()
+                hold.lost = not held
             except sqlalchemy.exc.SQLAlchemyError as exc:
-                # The server ended the session (restart): it released the lock with it.
+                # The server ended the session (restart): it released the lock with it, maybe mid-block.
                 log.warning("storage lock connection lost (%s); the server released the lock", exc)
                 conn.invalidate()
+                hold.lost = True
         return
     log.warning("no cross-worker lock for %s storage; run one worker at a time", backend)
-    yield
+    yield hold
 
 
 _memory_lock = threading.RLock()

@@ -13,7 +13,7 @@ import sqlalchemy
 from optuna.exceptions import UpdateFinishedTrialError
 
 from sft_optuna import fast_writes
-from sft_optuna.storage import open_storage
+from sft_optuna.storage import open_storage, storage_lock
 
 VALUES = [0.25, 0.0, 1e-300, float("nan"), float("inf"), float("-inf")]
 ATTRS: dict[str, Any] = {"history": [{"epoch": 1, "val_acc": 0.5, "lr": 0.1}], "reason": "pruned at 2", "n": 3}
@@ -100,3 +100,25 @@ def test_an_unknown_schema_version_keeps_optunas_methods(sql_url: str, monkeypat
     trial = study.ask()
     trial.report(0.5, 1)
     assert storage.get_trial(trial._trial_id).intermediate_values == {1: 0.5}
+
+
+def test_a_postgresql_lock_whose_session_the_server_ended_is_reported_lost(postgres_url: str) -> None:
+    with storage_lock(postgres_url, "t") as hold:
+        pass
+    assert not hold.lost
+    with storage_lock(postgres_url, "t") as hold:
+        # What a server restart does to the session holding the lock, done to that session alone.
+        admin = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            ended = conn.execute(
+                sqlalchemy.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' "
+                    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                )
+            ).scalar()
+        admin.dispose()
+        assert ended == 1
+    assert hold.lost
+    with storage_lock(postgres_url, "t") as hold:  # and the lock works again afterwards
+        pass
+    assert not hold.lost

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -16,6 +17,7 @@ from optuna.trial import TrialState
 from sft_optuna import attrs
 from sft_optuna.cli import main
 from sft_optuna.storage import open_storage
+from sft_optuna.study import load_study
 
 pytestmark = pytest.mark.slow
 
@@ -133,3 +135,65 @@ def test_ctrl_c_fails_the_trial_and_the_next_worker_resumes_it_from_its_checkpoi
     assert sorted(retry.intermediate_values) == [1, 2, 3, 4]
     for step, value in first.intermediate_values.items():
         assert retry.intermediate_values[step] == value
+
+
+def test_a_claim_that_raced_after_its_lock_was_lost_is_dropped_and_the_budget_stays_exact(
+    folder_root: Path, write_study: Callable[..., Path], storage_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sft_optuna import claims
+    from sft_optuna.storage import LockHold
+
+    cfg = study_dict(folder_root, budget={"n_trials": 2}, train={"epochs": 1})
+    assert main(["--storage", storage_url, "create", str(write_study(cfg))]) == 0
+    storage = open_storage(storage_url)
+    study, config = load_study("t", storage, storage_url)
+    first = claims.claim_trial(study, config, storage_url)
+    assert first is not None
+    study.ask()  # another worker's claim: the budget of 2 is now taken
+
+    # Our claim ran while the server had dropped our lock: it read the trials before the other claim landed.
+    real_lock, real_used = claims.storage_lock, claims.budget_used
+    stale = iter([1])
+
+    @contextlib.contextmanager
+    def lost_lock(*args: object, **kwargs: object) -> Iterator[LockHold]:
+        with real_lock(*args, **kwargs) as hold:  # type: ignore[arg-type]
+            yield hold
+        hold.lost = True
+
+    monkeypatch.setattr(claims, "storage_lock", lost_lock)
+    monkeypatch.setattr(claims, "budget_used", lambda trials: next(stale, None) or real_used(trials))
+    assert claims.claim_trial(study, config, storage_url) is None, "after dropping the excess claim, nothing is left"
+    trials = study.get_trials()
+    dropped = [t for t in trials if t.user_attrs.get(attrs.REASON) == attrs.CLAIM_RACED]
+    assert [t.number for t in dropped] == [2] and dropped[0].state == TrialState.FAIL
+    assert real_used(trials) == 2
+    assert claims.retries_due(trials, max_retries=3) == [], "a dropped claim is not retried"
+
+
+def test_of_two_retries_of_one_trial_the_later_is_the_raced_one() -> None:
+    from optuna.distributions import FloatDistribution
+
+    from sft_optuna.claims import raced
+
+    def trial(number: int, state: TrialState, **user_attrs: object) -> optuna.trial.FrozenTrial:
+        t = optuna.trial.create_trial(
+            params={"lr": 0.1},
+            distributions={"lr": FloatDistribution(0.01, 1.0)},
+            value=0.5 if state == TrialState.COMPLETE else None,
+            state=state,
+            user_attrs=user_attrs,
+        )
+        t.number = number
+        return t
+
+    trials = [
+        trial(0, TrialState.FAIL),
+        trial(1, TrialState.RUNNING, retry_of=0),
+        trial(2, TrialState.RUNNING, retry_of=0),
+    ]
+    assert raced(trials, 2, n_trials=10) and not raced(trials, 1, n_trials=10)
+    trials[1] = trial(1, TrialState.FAIL, retry_of=0, reason=attrs.CLAIM_RACED)
+    assert not raced(trials, 2, n_trials=10), "the lower one was itself dropped: ours is the retry"
+    over = [trial(0, TrialState.COMPLETE), trial(1, TrialState.RUNNING), trial(2, TrialState.RUNNING)]
+    assert raced(over, 2, n_trials=2) and not raced(over, 1, n_trials=2)
