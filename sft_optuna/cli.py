@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig, load_study_file
 from sft_optuna.errors import UserError
-from sft_optuna.storage import error_reason, mask_url, open_storage, resolve_url
+from sft_optuna.storage import OUTAGE_S, error_reason, mask_url, open_storage, resolve_url
 from sft_optuna.study import create_study, load_study, study_names
 
 __all__ = ["main"]
@@ -31,7 +31,7 @@ log = logging.getLogger("sft_optuna")
 QUERY_PATIENCE_S = 5.0  # status/best/export/studies: a person waiting at a prompt; a wrong host should fail fast
 
 
-def _open(args: argparse.Namespace, patience: float | None = None) -> tuple[Any, str]:
+def _open(args: argparse.Namespace, patience: float = OUTAGE_S) -> tuple[Any, str]:
     """The storage of ``--storage``; workers and other long-running commands wait out outages (60 s)."""
     url = resolve_url(args.storage)
     return open_storage(url, patience), url
@@ -213,7 +213,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from sft_optuna.plan import describe, make_plan, timed_calibration, train_image_count
+    from sft_optuna.plan import calibrate, describe, make_plan, train_image_count
     from sft_optuna.worker import resolve_device
 
     config = load_study_file(args.study_file)
@@ -222,7 +222,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    ips, _ = timed_calibration(config, device)
+    ips = calibrate(config, device)
     plan = make_plan(config, ips, train_image_count(config, args.data_root))
     print(describe(config, plan, str(device)))
     return 0

@@ -13,7 +13,6 @@ after the warm-up epochs (``n_warmup_steps + 1``): a rough, stated assumption, n
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,10 +130,3 @@ def describe(config: StudyConfig, plan: Plan, device: str) -> str:
             lines.append(f"  {name}: {spec.type} in [{spec.low:g}, {spec.high:g}]{extra}")
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
-
-
-def timed_calibration(config: StudyConfig, device: torch.device) -> tuple[float, float]:
-    """(images/s, seconds the calibration took)."""
-    start = time.perf_counter()
-    ips = calibrate(config, device)
-    return ips, time.perf_counter() - start

@@ -26,6 +26,7 @@ from sft_optuna.fast_writes import FastWrites
 
 __all__ = [
     "DEFAULT_STORAGE",
+    "OUTAGE_S",
     "LockHold",
     "RetryingStorage",
     "error_reason",
@@ -41,6 +42,7 @@ DEFAULT_STORAGE = "sqlite:///sft-optuna.db"
 ENV_STORAGE = "SFT_OPTUNA_STORAGE"
 SQLITE_BUSY_TIMEOUT_S = 60  # workers wait for each other's writes instead of failing with "database is locked"
 LOCK_TIMEOUT_S = 600  # a claim takes milliseconds; ten minutes means something is badly wrong
+OUTAGE_S = 60.0  # how long a worker keeps retrying a storage that stopped answering (restarts, failovers)
 
 
 def resolve_url(url: str | None) -> str:
@@ -92,13 +94,13 @@ class LockHold:
 
 
 @contextlib.contextmanager
-def storage_lock(url: str, name: str = "claim", patience: float | None = None) -> Iterator[LockHold]:
+def storage_lock(url: str, name: str = "claim", patience: float = OUTAGE_S) -> Iterator[LockHold]:
     """A lock shared by every worker of this storage, for claiming trials and creating schema/studies.
 
     SQLite and journal files: a lock file beside the database (one machine, or a filesystem with working
     locks). PostgreSQL: a session advisory lock, released by the server if the worker dies holding it.
     SQLite ignores ``SELECT ... FOR UPDATE``, which is why claiming a queued trial needs this at all.
-    ``patience``: how long to wait for an unreachable PostgreSQL server (default :data:`OUTAGE_S`).
+    ``patience``: how long to wait for an unreachable PostgreSQL server.
     """
     hold = LockHold()
     if url.startswith("journal:"):
@@ -128,7 +130,7 @@ def storage_lock(url: str, name: str = "claim", patience: float | None = None) -
                 raise
             return conn
 
-        conn = _retry(acquire, "lock", OUTAGE_S if patience is None else patience)
+        conn = _retry(acquire, "lock", patience)
         try:
             yield hold
         finally:
@@ -166,11 +168,11 @@ def _engine_kwargs(parsed: sqlalchemy.URL) -> dict[str, Any]:
     return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2, "pool_recycle": 3600}
 
 
-def open_storage(url: str, patience: float | None = None) -> Any:
+def open_storage(url: str, patience: float = OUTAGE_S) -> Any:
     """The Optuna storage behind ``url``, retrying through short outages (see :class:`RetryingStorage`).
 
-    ``patience``: how long opening waits for a server that does not answer (default :data:`OUTAGE_S`; a
-    command a person types to look at results passes a few seconds, so a wrong host fails fast).
+    ``patience``: how long opening waits for a server that does not answer (a command a person types to look
+    at results passes a few seconds, so a wrong host fails fast).
 
     Schema creation is serialized by the storage lock, so a cold start of many workers on an empty database
     does not race into "table already exists" / duplicate ``alembic_version`` errors.
@@ -193,18 +195,16 @@ def open_storage(url: str, patience: float | None = None) -> Any:
         if db_path is not None and not db_path.parent.is_dir():
             raise StorageError(f"storage URL {mask_url(url)}: directory {db_path.parent} does not exist")
     try:
-        wait = OUTAGE_S if patience is None else patience
-        with storage_lock(url, "schema", wait):
-            rdb = _retry(lambda: optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(parsed)), "open", wait)
-            fast = _retry(lambda: FastWrites.for_storage(rdb), "open", wait)
+        with storage_lock(url, "schema", patience):
+            rdb = _retry(
+                lambda: optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(parsed)), "open", patience
+            )
+            fast = _retry(lambda: FastWrites.for_storage(rdb), "open", patience)
             # get_storage adds Optuna's cache of finished trials in front of the database.
             return RetryingStorage(optuna.storages.get_storage(rdb), fast)  # type: ignore[abstract]
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
         reason = error_reason(exc)
         raise StorageError(f"cannot open storage {mask_url(url)}: {reason}") from None
-
-
-OUTAGE_S = 60.0  # how long a worker keeps retrying a storage that stopped answering (restarts, failovers)
 
 
 def error_reason(exc: BaseException) -> str:
