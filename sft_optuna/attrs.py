@@ -28,5 +28,10 @@ HOST = "host"
 CLAIM_RACED = "claim raced"
 """Reason of a trial dropped right after its claim: the claim lock was lost mid-claim and another worker's
 claim made this one excess (over the budget, or a second retry of the same trial). Not counted, not retried."""
-RETRYABLE_REASONS = ("interrupted",)
+NODE_FAULT = "node fault"
+"""Reason of a trial its node could not run (device failed, checkpoint directory unwritable, weights or data
+gone): given back, retried by another worker, not counted against the budget."""
+NODE_FAULT_DETAIL = "node_fault"
+"""Trial: what the node's fault was (with ``reason`` = ``node fault``)."""
+RETRYABLE_REASONS = ("interrupted", NODE_FAULT)
 """Reasons whose trials are retried; a trial failed by a stale heartbeat has no reason and is retried too."""

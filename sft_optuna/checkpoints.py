@@ -6,12 +6,15 @@ file, so a retry resumes where the dead worker's last finished epoch left off.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sft_optuna.errors import NodeFault
 
 __all__ = ["CheckpointStore"]
 
@@ -31,11 +34,17 @@ class CheckpointStore:
 
     def save(self, lineage: int, state: dict[str, Any]) -> None:
         """Write a checkpoint; a reader never sees a half-written file."""
-        self.dir.mkdir(parents=True, exist_ok=True)
         path = self.path(lineage)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            torch.save(state, tmp)
+            tmp.replace(path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            # The node's disk, not the trial: give the trial back (see worker.py) instead of failing it.
+            raise NodeFault(f"cannot write checkpoint {path} ({exc.strerror or exc})") from None
 
     def load(self, lineage: int, device: torch.device) -> dict[str, Any] | None:
         """The lineage's last checkpoint, or None if there is none (or it cannot be read)."""

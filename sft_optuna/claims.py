@@ -19,7 +19,7 @@ from sft_optuna.samplers import make_sampler
 from sft_optuna.search_space import suggest
 from sft_optuna.storage import storage_lock
 
-__all__ = ["budget_used", "claim_trial", "raced", "recover_trials", "retries_due"]
+__all__ = ["budget_used", "claim_trial", "raced", "recover_trials", "retries_due", "study_done"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,16 @@ def retries_due(trials: Sequence[FrozenTrial], max_retries: int) -> list[FrozenT
         and t.user_attrs.get(attrs.REASON) in (None, *attrs.RETRYABLE_REASONS)
         and int(t.user_attrs.get(attrs.RETRY, 0)) < max_retries
     ]
+
+
+def study_done(trials: Sequence[FrozenTrial], config: StudyConfig) -> bool:
+    """No work is left, now or later: nothing running (its worker may still die), queued or due for a retry,
+    and the budget spent (or, for a grid, every point claimed)."""
+    if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+        return False
+    if retries_due(trials, config.budget.max_retries):
+        return False
+    return config.sampler.name == "grid" or budget_used(trials) >= config.budget.n_trials
 
 
 def _enqueue_retries(study: optuna.Study, config: StudyConfig, alive: Collection[int] = ()) -> None:

@@ -6,6 +6,8 @@ import argparse
 import json
 import logging
 import sys
+import time
+import typing
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -19,7 +21,7 @@ from optuna.trial import TrialState
 
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig, load_study_file
-from sft_optuna.errors import UserError
+from sft_optuna.errors import NodeFault, UserError
 from sft_optuna.storage import OUTAGE_S, error_reason, mask_url, open_storage, resolve_url
 from sft_optuna.study import create_study, load_study, study_names
 
@@ -57,11 +59,14 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _work(study: optuna.Study, config: StudyConfig, url: str, args: argparse.Namespace) -> int:
+def _work(study: optuna.Study, config: StudyConfig, url: str, args: argparse.Namespace, node: Any = None) -> int:
     from sft_optuna.worker import run_worker
 
     try:
-        return run_worker(study, config, url, _worker_options(args))
+        return run_worker(study, config, url, _worker_options(args), node)
+    except NodeFault as exc:
+        print(f"sft-optuna: error: this node cannot run trials: {exc}; worker stopped", file=sys.stderr)
+        return 1
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
         reason = error_reason(exc)
         print(
@@ -79,23 +84,28 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from sft_optuna.worker import prepare_node
+
     config = load_study_file(args.study_file)
     storage, url = _open(args)
+    node = prepare_node(config, _worker_options(args))  # device, weights, data: checked before the study exists
     study, _ = create_study(config, storage, url, args.study_file)
-    code = _work(study, config, url, args)
+    code = _work(study, config, url, args, node)
     _print_status(study, config)
     return code
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
     from sft_optuna.launch import launch, parse_gpus
+    from sft_optuna.node import resolve_threads
 
     gpus = parse_gpus(args.gpus)
+    threads = resolve_threads(args.threads)
     storage, url = _open(args)
     load_study(args.name, storage, url)  # fail here, once, if the study does not exist
+    # The URL (and its password) reaches the workers through their environment, never their command line,
+    # which every user of the node can read with ps.
     argv = [
-        "--storage",
-        url,
         "--log-level",
         args.log_level,
         "worker",
@@ -107,7 +117,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         argv += ["--data-root", args.data_root]
     if args.n_trials is not None:
         argv += ["--n-trials", str(args.n_trials)]
-    return launch(gpus, args.workers_per_gpu, argv, args.threads)
+    return launch(gpus, args.workers_per_gpu, argv, url, threads)
 
 
 def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -119,6 +129,7 @@ def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 def _print_status(study: optuna.Study, config: StudyConfig) -> None:
     from sft_optuna.claims import budget_used
+    from sft_optuna.heartbeat import last_beat
 
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name for t in trials)
@@ -130,13 +141,21 @@ def _print_status(study: optuna.Study, config: StudyConfig) -> None:
     best = _best(study)
     if best is not None:
         print(f"best: trial {best.number} value {best.value:.4f} params {json.dumps(best.params)}")
+    now = time.time()
     for t in trials:
         if t.state == TrialState.RUNNING:
             history = t.user_attrs.get(attrs.HISTORY) or [{}]
             last = history[-1]
+            silent = now - last_beat(t)
+            # A dead worker's trial stays RUNNING until a live worker fails it: say so, not "running".
+            gone = (
+                f" - no heartbeat for {silent:.0f} s: its worker looks gone; a worker of this study will retry it"
+                if silent > config.heartbeat.grace_period
+                else ""
+            )
             print(
                 f"running: trial {t.number} epoch {last.get('epoch', 0)}/{t.params.get('epochs', config.train.epochs)}"
-                f" val_acc {last.get('val_acc', float('nan')):.4f} on {t.user_attrs.get(attrs.HOST, '?')}"
+                f" val_acc {last.get('val_acc', float('nan')):.4f} on {t.user_attrs.get(attrs.HOST, '?')}{gone}"
             )
     retrain = study.user_attrs.get(attrs.RETRAIN)
     if retrain:
@@ -173,6 +192,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     storage, url = _open(args, QUERY_PATIENCE_S)
     study, config = load_study(args.name, storage, url)
     written = export_study(study, config, Path(args.out))
+    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        print(f"wrote {args.out}/trials.csv; no completed trial yet, so no best.yaml and no figures")
+        return 0
     print(f"wrote {len(written)} files to {args.out}: " + ", ".join(p.name for p in written))
     return 0
 
@@ -181,14 +203,13 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     import dataclasses
 
     from sft_optuna.data import load_dataset
-    from sft_optuna.export import best_train_block
+    from sft_optuna.export import best_train_block, output_dir
+    from sft_optuna.node import resolve_device
     from sft_optuna.retrain import retrain, subset_training
     from sft_optuna.train import TrainConfig
-    from sft_optuna.worker import resolve_device
 
-    if args.seeds < 1:
-        raise UserError(f"--seeds {args.seeds}: must be at least 1")
     device = resolve_device(args.device)
+    out = output_dir(Path(args.out), "--out")
     storage, url = _open(args)
     study, config = load_study(args.name, storage, url)
     block = best_train_block(study, config)
@@ -198,7 +219,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     data = load_dataset(config.data, args.data_root)
     if args.train_subset is not None:
         data = subset_training(data, args.train_subset, config.data.seed)
-    card = retrain(config, train, data, list(range(args.seeds)), device, Path(args.out), block["trial"])
+    card = retrain(config, train, data, list(range(args.seeds)), device, out, block["trial"])
     study.set_user_attr(
         attrs.RETRAIN,
         {k: card[k] for k in ("test_acc", "test_acc_mean", "test_acc_std", "trial")}
@@ -207,21 +228,22 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     print(
         f"test accuracy {card['test_acc_mean']:.4f} ± {card['test_acc_std']:.4f} over {args.seeds} seed(s): "
         + ", ".join(f"{a:.4f}" for a in card["test_acc"])
-        + f"; model card: {Path(args.out) / 'model-card.json'}"
+        + f"; model card: {out / 'model-card.json'}"
     )
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from sft_optuna.node import resolve_device, resolve_threads
     from sft_optuna.plan import calibrate, describe, make_plan, train_image_count
-    from sft_optuna.worker import resolve_device
 
     config = load_study_file(args.study_file)
     device = resolve_device(args.device)
-    if args.threads:
+    threads = resolve_threads(args.threads)
+    if threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     ips = calibrate(config, device)
     plan = make_plan(config, ips, train_image_count(config, args.data_root))
     print(describe(config, plan, str(device)))
@@ -274,26 +296,54 @@ def cmd_studies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (``--threads 0`` or ``-2`` is a mistake, not "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def _add_common_args(p: argparse.ArgumentParser, top: bool) -> None:
+    """``--storage`` and ``--log-level`` before or after the command (``sft-optuna status NAME --storage URL``
+    as Optuna's own CLI takes it). Below the top level the defaults are suppressed, so they never undo a value
+    given before the command."""
+    default: Any = None if top else argparse.SUPPRESS
+    p.add_argument(
+        "--storage", default=default, help="storage URL (default: $SFT_OPTUNA_STORAGE, else sqlite:///sft-optuna.db)"
+    )
+    p.add_argument(
+        "--log-level", default="INFO" if top else argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+
+
 def _add_worker_args(p: argparse.ArgumentParser, device: bool = True) -> None:
     if device:
         p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--data-root", default=None, help="where this node keeps the data (overrides data.root)")
-    p.add_argument("--n-trials", type=int, default=None, help="stop after this many trials of this worker")
+    p.add_argument("--n-trials", type=_positive_int, default=None, help="stop after this many trials of this worker")
     p.add_argument(
         "--checkpoint-dir",
         default="checkpoints",
         help="shared directory for per-epoch checkpoints, or 'none' (default: checkpoints)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: $OMP_NUM_THREADS)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: $OMP_NUM_THREADS)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
-    parser = argparse.ArgumentParser(prog="sft-optuna", description="Hyperparameter search for fine-tuning.")
-    parser.add_argument(
-        "--storage", default=None, help="storage URL (default: $SFT_OPTUNA_STORAGE, else sqlite:///sft-optuna.db)"
-    )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser = _Parser(prog="sft-optuna", description="Hyperparameter search for fine-tuning.")
+    _add_common_args(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("create", help="create a study from a study file (no-op if it exists unchanged)")
@@ -313,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("launch", help="start one worker per GPU of this node for study NAME")
     p.add_argument("name")
     p.add_argument("--gpus", default="all", help="all | cpu | GPU indices like 0,1,3 (default: all)")
-    p.add_argument("--workers-per-gpu", type=int, default=1, help="workers sharing each GPU (small models)")
+    p.add_argument("--workers-per-gpu", type=_positive_int, default=1, help="workers sharing each GPU (small models)")
     _add_worker_args(p, device=False)
     p.set_defaults(func=cmd_launch)
 
@@ -333,12 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("retrain", help="train the best recipe on train+val over seeds, report test accuracy")
     p.add_argument("name")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    p.add_argument("--seeds", type=_positive_int, default=3)
+    p.add_argument("--epochs", type=_positive_int, default=None, help="override the recipe's epochs")
     p.add_argument("--out", required=True, help="output directory (models, model-card.json, summary.md)")
     p.add_argument(
         "--train-subset",
-        type=int,
+        type=_positive_int,
         default=None,
         help="train on a stratified subset of this many training images (quick CPU runs)",
     )
@@ -350,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study_file")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=_positive_int, default=None)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on the storage (127.0.0.1 by default)")
@@ -377,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("studies", help="studies in the storage, with trial counts")
     p.set_defaults(func=cmd_studies)
+    for command in sub.choices.values():
+        _add_common_args(command, top=False)
     return parser
 
 
@@ -403,6 +455,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"sft-optuna: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C twice in a worker (the trial was already marked interrupted and resumes from its checkpoint),
+        # or Ctrl-C in any other command: a person's decision, not a crash.
+        print("sft-optuna: interrupted", file=sys.stderr)
+        return 130
 
 
 def main_entry() -> None:

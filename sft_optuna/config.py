@@ -32,6 +32,7 @@ __all__ = [
     "config_diff",
     "load_study_file",
     "parse_config",
+    "train_config_for",
 ]
 
 
@@ -328,6 +329,13 @@ def check_train(train: TrainConfig, where: str = "train") -> None:
     _check_train(where, train)
 
 
+def train_config_for(config: StudyConfig, params: dict[str, Any]) -> TrainConfig:
+    """The study's fixed train values with a trial's parameters laid over them, validated (ConfigError)."""
+    train = dataclasses.replace(config.train, **params)
+    check_train(train, "trial params")
+    return train
+
+
 def parse_config(raw: Any, source: str = "<config>") -> StudyConfig:
     """Turn parsed YAML (or a stored config dict) into a validated :class:`StudyConfig`."""
     if not isinstance(raw, dict):
@@ -368,7 +376,29 @@ def parse_config(raw: Any, source: str = "<config>") -> StudyConfig:
     kwargs["search_space"] = space
     config = StudyConfig(**kwargs)
     _check_values(config, source)
+    for pname, spec in space.items():
+        _check_space_values(f"{source}: search_space.{pname}", pname, spec, config.train)
     return config
+
+
+def _check_space_values(where: str, pname: str, spec: ParamSpec, train: TrainConfig) -> None:
+    """Every value the parameter can take — each choice, both ends of a range — must pass the same checks as
+    a fixed ``train:`` value, so that ``cosin`` fails at ``create``, not as a silently misread trial."""
+    tp = TrainConfig.__dataclass_fields__[pname].type
+    if spec.type == "categorical":
+        assert spec.choices is not None
+        values = [("choices", v) for v in spec.choices]
+    else:
+        values = [("low", spec.low), ("high", spec.high)]
+        if spec.type == "int":
+            values = [(k, int(v)) for k, v in values if v is not None]
+    for key, value in values:
+        if not _type_ok(value, tp):
+            raise ConfigError(f"{where}.{key}: {value!r} is not a valid train.{pname} (expected {_describe(tp)})")
+        try:
+            _check_train("train", dataclasses.replace(train, **{pname: value}))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.{key}: value {value!r} is refused: {exc}") from None
 
 
 def _check_values(config: StudyConfig, source: str) -> None:
@@ -394,9 +424,11 @@ def load_study_file(path: str | Path) -> StudyConfig:
     """Read and validate a study file; every problem is a one-line :class:`ConfigError`."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read study file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}); save the study file as UTF-8") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -28,7 +28,9 @@ __all__ = [
     "load_cifar10",
     "load_dataset",
     "load_imagefolder",
+    "load_splits",
     "make_splits",
+    "split_indices",
     "stratified_split",
 ]
 
@@ -81,8 +83,9 @@ def load_cifar10(root: str | Path, download: bool = False) -> Dataset:
     if not all((base / n).is_file() for n in names):
         if not download:
             raise DataError(
-                f"CIFAR-10 not found: expected {base}/data_batch_1..5 and test_batch; set data.download: true "
-                f"(needs network) or unpack cifar-10-python.tar.gz from {CIFAR10_URL} into {Path(root)}"
+                f"CIFAR-10 not found: expected {base}/data_batch_1..5 and test_batch (data.download: false); "
+                f"set data.download: true (needs network), or unpack cifar-10-python.tar.gz from {CIFAR10_URL} "
+                f"into {Path(root)}"
             )
         _download_cifar10(Path(root))
     try:
@@ -113,16 +116,29 @@ def _download_cifar10(root: Path) -> None:
         with tarfile.open(root / "cifar-10-python.tar.gz", "r:gz") as tar:
             tar.extractall(root, filter="data")
     except Exception as exc:  # noqa: BLE001 - any network/disk failure is the same message to a user
-        raise DataError(f"cannot download CIFAR-10 from {CIFAR10_URL} into {root}: {exc}") from None
+        raise DataError(
+            f"cannot download CIFAR-10 into {root} ({type(exc).__name__}: {str(exc)[:100]}); offline, either copy "
+            f"cifar-10-python.tar.gz (from {CIFAR10_URL}, fetched on a machine with network) into {root} and run "
+            "again, or use your own images: studies/smoke-imagefolder.yaml with --data-root DIR holding "
+            "DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg"
+        ) from None
 
 
 def _list_images(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    """Class folders (hidden ones skipped) and their image files; a class folder without images is refused:
+    it would become a class no image ever shows, skewing the head and the confusion matrix."""
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     files: list[tuple[Path, int]] = []
     for label, cls in enumerate(classes):
-        for path in sorted((split_dir / cls).iterdir()):
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append((path, label))
+        found = [p for p in sorted((split_dir / cls).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if not found:
+            raise DataError(
+                f"{split_dir / cls}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                "add images or remove the folder"
+            )
+        files += [(p, label) for p in found]
+    if len(classes) < 2:
+        raise DataError(f"{split_dir}: {len(classes)} class folder(s); a classifier needs at least two")
     return classes, files
 
 
@@ -153,27 +169,37 @@ def _cache_key(files: list[tuple[Path, int]], size: int) -> str:
     return h.hexdigest()[:16]
 
 
-def _load_split(root: Path, split: str, size: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+def _list_split(root: Path, split: str) -> tuple[list[str], list[tuple[Path, int]]]:
     split_dir = root / split
     if not split_dir.is_dir():
         raise DataError(f"image folder not found: expected {split_dir}/<class>/*.png|jpg")
-    classes, files = _list_images(split_dir)
-    if not files:
-        raise DataError(f"{split_dir}: no images found (expected {split_dir}/<class>/*.png|jpg)")
+    return _list_images(split_dir)
+
+
+def _load_split(root: Path, split: str, size: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    classes, files = _list_split(root, split)
+    x, y = _decode_cached(root, split, files, size)
+    return classes, x, y
+
+
+def _decode_cached(root: Path, split: str, files: list[tuple[Path, int]], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode ``files`` once; later calls with the same files (names, sizes, mtimes) read the cache."""
+    split_dir = root / split
     cache_dir = Path(os.environ.get("SFT_OPTUNA_CACHE", root / ".sft-optuna-cache"))
     cache = cache_dir / f"{split}-{_cache_key(files, size)}.npz"
     if cache.is_file():
         with np.load(cache) as npz:
-            return classes, npz["x"], npz["y"]
+            return npz["x"], npz["y"]
     x, y = _decode(files, size, f"decoding {split_dir}")
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
+        (cache_dir / ".gitignore").write_text("*\n")  # a derived cache: never shows up in a user's git status
         tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
         np.savez(tmp, x=x, y=y)
         tmp.replace(cache)  # atomic: concurrent workers never read a half-written cache
     except OSError as exc:
         log.warning("cannot cache decoded images in %s (%s); decoding again next time", cache_dir, exc)
-    return classes, x, y
+    return x, y
 
 
 def load_imagefolder(root: str | Path, image_size: int = 32) -> Dataset:
@@ -193,11 +219,40 @@ def load_imagefolder(root: str | Path, image_size: int = 32) -> Dataset:
 
 
 def load_dataset(cfg: DataConfig, root: str | Path | None = None) -> Dataset:
-    """The dataset a config names; ``root`` overrides ``cfg.root`` (a node's own data location)."""
+    """The dataset a config names, test split included; ``root`` overrides ``cfg.root`` (a node's own data
+    location). Only ``retrain`` needs this; a search needs :func:`load_splits`."""
     where = Path(root if root is not None else cfg.root)
     if cfg.dataset == "cifar10":
-        return load_cifar10(where, download=cfg.download)
+        data = load_cifar10(where, download=cfg.download)
+        if len(torch.unique(data.train_y)) < 2:
+            raise DataError(f"{where}: the training images have fewer than two classes")
+        return data
     return load_imagefolder(where, cfg.image_size)
+
+
+def load_splits(cfg: DataConfig, root: str | Path | None = None) -> tuple[Splits, list[str]]:
+    """What a trial trains and validates on, and the class names; the test split is never read.
+
+    Image folders: the labels come from the folder listing, so the split is drawn before decoding and only
+    the images it uses are decoded (with ``train_subset: 1000`` a thousand and the validation images, not
+    60,000) — the same split :func:`make_splits` draws from the whole decoded set.
+    """
+    where = Path(root if root is not None else cfg.root)
+    if cfg.dataset == "cifar10":
+        data = load_dataset(cfg, where)
+        return make_splits(data, cfg), list(data.classes)
+    classes, files = _list_split(where, "train")
+    test_classes, _ = _list_split(where, "test")
+    if test_classes != classes:
+        raise DataError(f"{where}: train and test have different class folders ({classes} vs {test_classes})")
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    val_idx, train_idx = split_indices(labels, cfg)
+    need = torch.cat([val_idx, train_idx]).sort().values
+    x, y = _decode_cached(where, "train", [files[i] for i in need.tolist()], cfg.image_size)
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+    val_at, train_at = torch.searchsorted(need, val_idx), torch.searchsorted(need, train_idx)
+    splits = Splits(xs[train_at], ys[train_at], xs[val_at], ys[val_at], num_classes=len(classes))
+    return splits, classes
 
 
 def stratified_split(labels: torch.Tensor, n_first: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,12 +278,19 @@ def stratified_split(labels: torch.Tensor, n_first: int, seed: int) -> tuple[tor
     return torch.cat(first).sort().values, torch.cat(rest).sort().values
 
 
+def split_indices(labels: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted indices (validation, training) into the training set: ``val_size`` held out, the rest capped at
+    ``train_subset``; both stratified and seeded."""
+    val_idx, train_idx = stratified_split(labels, cfg.val_size, cfg.seed)
+    if cfg.train_subset is not None and cfg.train_subset < len(train_idx):
+        keep, _ = stratified_split(labels[train_idx], cfg.train_subset, cfg.seed + 1)
+        train_idx = train_idx[keep]
+    return val_idx, train_idx
+
+
 def make_splits(data: Dataset, cfg: DataConfig) -> Splits:
     """Hold ``val_size`` images out of the training set; cap the rest at ``train_subset``."""
-    val_idx, train_idx = stratified_split(data.train_y, cfg.val_size, cfg.seed)
-    if cfg.train_subset is not None and cfg.train_subset < len(train_idx):
-        keep, _ = stratified_split(data.train_y[train_idx], cfg.train_subset, cfg.seed + 1)
-        train_idx = train_idx[keep]
+    val_idx, train_idx = split_indices(data.train_y, cfg)
     return Splits(
         train_x=data.train_x[train_idx],
         train_y=data.train_y[train_idx],

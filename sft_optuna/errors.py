@@ -24,3 +24,11 @@ class ModelError(UserError):
 
 class StorageError(UserError):
     """A storage URL is malformed or the storage cannot be reached."""
+
+
+class NodeFault(Exception):  # noqa: N818 - named for what it is, like Optuna's TrialPruned
+    """This node cannot run trials (device, disk, weights file, data), whatever the trial's parameters.
+
+    Raised inside a trial, the trial is given back (failed as retryable, not counted) and the worker stops:
+    a broken node must not burn the study's budget trial after trial.
+    """

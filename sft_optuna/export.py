@@ -18,11 +18,10 @@ import yaml
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
-from sft_optuna.config import StudyConfig
+from sft_optuna.config import StudyConfig, train_config_for
 from sft_optuna.errors import UserError
-from sft_optuna.objective import train_config_for
 
-__all__ = ["FIGURES", "best_train_block", "export_study", "trial_rows"]
+__all__ = ["FIGURES", "best_train_block", "export_study", "output_dir", "trial_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +79,17 @@ FIGURES = {
 }
 
 
+def output_dir(path: Path, option: str) -> Path:
+    """Create (if needed) and return an output directory; one line naming it if it cannot be one."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path}: is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{option} {path}: cannot create the directory ({exc.strerror or exc})") from None
+    return path
+
+
 def export_study(study: optuna.Study, config: StudyConfig, out: Path, progress: bool = True) -> list[Path]:
     """Write trials.csv, best.yaml and every figure (HTML + PNG) under ``out``; returns the files written."""
     import matplotlib
@@ -88,7 +98,7 @@ def export_study(study: optuna.Study, config: StudyConfig, out: Path, progress: 
     import matplotlib.pyplot as plt
     from tqdm import tqdm
 
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out, "--out")
     written: list[Path] = []
     rows = trial_rows(study)
     with (out / "trials.csv").open("w", newline="") as fh:
@@ -98,16 +108,18 @@ def export_study(study: optuna.Study, config: StudyConfig, out: Path, progress: 
         writer.writerows(rows)
     written.append(out / "trials.csv")
     completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if completed:
-        block = best_train_block(study, config)
-        text = f"# best trial {block['trial']} of study {config.name!r}: validation accuracy {block['value']:.4f}\n"
-        (out / "best.yaml").write_text(text + yaml.safe_dump({"train": block["train"]}, sort_keys=False))
-        written.append(out / "best.yaml")
+    if not completed:
+        return written  # no best recipe, and every figure would be empty
+    block = best_train_block(study, config)
+    text = f"# best trial {block['trial']} of study {config.name!r}: validation accuracy {block['value']:.4f}\n"
+    (out / "best.yaml").write_text(text + yaml.safe_dump({"train": block["train"]}, sort_keys=False))
+    written.append(out / "best.yaml")
     items = list(FIGURES.items())
     for stem, fn in tqdm(items, desc="figures", disable=not progress or len(rows) < 50, leave=False):
         try:
             fig = _plotly(fn)(study)
-            fig.write_html(out / f"{stem}.html", include_plotlyjs="cdn")
+            # "directory": one plotly.min.js beside the pages, so they open offline and on air-gapped clusters
+            fig.write_html(out / f"{stem}.html", include_plotlyjs="directory")
             written.append(out / f"{stem}.html")
             ax = _mpl(fn)(study)
             figure = ax.flatten()[0].figure if hasattr(ax, "flatten") else ax.figure
@@ -118,4 +130,6 @@ def export_study(study: optuna.Study, config: StudyConfig, out: Path, progress: 
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
             # e.g. importances need 2+ completed trials with varying params
             log.warning("figure %s skipped: %s", stem, exc)
+    if (out / "plotly.min.js").is_file():
+        written.append(out / "plotly.min.js")
     return written

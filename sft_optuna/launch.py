@@ -17,6 +17,7 @@ from types import FrameType
 from typing import IO
 
 from sft_optuna.errors import UserError
+from sft_optuna.storage import ENV_STORAGE
 
 __all__ = ["launch", "parse_gpus"]
 
@@ -48,18 +49,24 @@ def _pump(stream: IO[str], prefix: str) -> None:
         sys.stdout.flush()
 
 
-def launch(gpus: Sequence[str], workers_per_gpu: int, worker_argv: Sequence[str], threads: int | None = None) -> int:
-    """Run ``python -m sft_optuna <worker_argv> --device ...`` once per GPU slot; returns the exit code."""
+def launch(
+    gpus: Sequence[str], workers_per_gpu: int, worker_argv: Sequence[str], url: str, threads: int | None = None
+) -> int:
+    """Run ``python -m sft_optuna <worker_argv> --device ...`` once per GPU slot; returns the exit code.
+
+    The storage URL goes to the workers as ``$SFT_OPTUNA_STORAGE``: a command line is world-readable (``ps``),
+    a process's environment is not.
+    """
     if workers_per_gpu < 1:
         raise UserError(f"--workers-per-gpu {workers_per_gpu}: must be at least 1")
     slots = [(gpu, k) for gpu in gpus for k in range(workers_per_gpu)]
-    # Share the node's cores between the workers unless the user chose (two workers on 2 cores each using
-    # all cores ran 5x slower than one).
+    # ``threads`` (--threads, else an exported $OMP_NUM_THREADS: node.resolve_threads), else the node's cores
+    # shared between the workers (two workers on 2 cores each using all cores ran 5x slower than one).
     per_worker = threads or max(1, (os.cpu_count() or 1) // len(slots))
     procs: list[tuple[str, subprocess.Popen[str]]] = []
     pumps = []
     for gpu, k in slots:
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(per_worker))}
+        env = {**os.environ, "OMP_NUM_THREADS": str(per_worker), ENV_STORAGE: url}
         if gpu == "cpu":
             device, tag = "cpu", f"[cpu.{k}]"
         else:

@@ -10,7 +10,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from sft_optuna import attrs
-from sft_optuna.config import StudyConfig
+from sft_optuna.config import StudyConfig, train_config_for
+from sft_optuna.errors import ConfigError
 
 __all__ = ["confusion_figure", "study_note", "trial_note", "write_best_figure", "write_study_note", "write_trial_note"]
 
@@ -27,8 +28,6 @@ def study_note(config: StudyConfig, study_file: str | None) -> str:
 
 def trial_note(trial: FrozenTrial, config: StudyConfig) -> str:
     """Markdown: how the trial ended and why, where it ran, how fast, and its full training config."""
-    from sft_optuna.objective import train_config_for
-
     history = trial.user_attrs.get(attrs.HISTORY) or []
     reason = trial.user_attrs.get(attrs.REASON) or ("completed" if trial.state == TrialState.COMPLETE else "")
     lines = [f"**{trial.state.name}**" + (f": {reason}" if reason else "")]
@@ -48,7 +47,7 @@ def trial_note(trial: FrozenTrial, config: StudyConfig) -> str:
         )
     try:
         train = train_config_for(config, trial.params).__dict__
-    except ValueError:
+    except ConfigError:
         train = dict(trial.params)
     lines += ["", "```json", json.dumps(train, indent=2), "```"]
     return "\n".join(lines) + "\n"

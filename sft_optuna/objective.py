@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -13,12 +12,12 @@ import torch
 
 from sft_optuna import attrs
 from sft_optuna.checkpoints import CheckpointStore
-from sft_optuna.config import StudyConfig, TrainConfig, check_train
+from sft_optuna.config import StudyConfig, TrainConfig, train_config_for
 from sft_optuna.data import Splits
 from sft_optuna.errors import ConfigError
 from sft_optuna.train import EpochResult, Trainer
 
-__all__ = ["Interrupted", "InvalidValueError", "Objective", "train_config_for"]
+__all__ = ["Interrupted", "InvalidValueError", "Objective"]
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +30,13 @@ class InvalidValueError(ValueError):
     """The objective produced something that is not a finite accuracy in [0, 1]."""
 
 
-def train_config_for(config: StudyConfig, params: dict[str, Any]) -> TrainConfig:
-    """The study's fixed train values with a trial's parameters laid over them, validated."""
-    train = dataclasses.replace(config.train, **params)
+def _train_config(config: StudyConfig, params: dict[str, Any]) -> TrainConfig:
+    """The trial's training config; a combination the study file's checks could not see (say warmup_epochs
+    and epochs both searched) fails the trial as invalid."""
     try:
-        check_train(train, "trial params")
+        return train_config_for(config, params)
     except ConfigError as exc:
         raise InvalidValueError(str(exc)) from None
-    return train
 
 
 def lineage_of(trial: optuna.Trial) -> int:
@@ -69,7 +67,7 @@ class Objective:
         """``on_step(trial number, epoch, step, steps per epoch)``: progress for a person at a terminal."""
 
     def __call__(self, trial: optuna.Trial) -> float:
-        train_cfg = train_config_for(self.config, trial.params)
+        train_cfg = _train_config(self.config, trial.params)
         lineage = lineage_of(trial)
         trainer = Trainer(self.splits, self.config.model, train_cfg, self.device, seed=train_cfg.seed + lineage)
         self._resume(trial, trainer, lineage)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -51,17 +53,23 @@ def resolve_url(url: str | None) -> str:
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (safe for logs and error messages)."""
-    if url.startswith("journal:"):
+    """The URL with its password replaced by ``***`` (safe for logs and error messages).
+
+    Done by hand, not by SQLAlchemy's parser: with an unencoded ``@`` in the password (``u:SEC@RET@host``) a
+    parser splits at the first ``@`` and prints the password's tail as the host. Everything between ``://``
+    and the *last* ``@`` before the query string is credentials.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - a URL we cannot parse: hide everything between : and @
-        head, sep, tail = url.rpartition("@")
-        if not sep:
-            return url
-        scheme, _, creds = head.partition("://")
-        return f"{scheme}://{creds.split(':')[0]}:***@{tail}"
+    head, _, query = rest.partition("?")
+    creds, at, host = head.rpartition("@")
+    if not at:
+        return url if "password=" not in url.lower() else re.sub(r"(password=)[^&]*", r"\1***", url, flags=re.I)
+    user, colon, _ = creds.partition(":")
+    masked = f"{scheme}://{user}{':***' if colon else ''}@{host}"
+    query = re.sub(r"(password=)[^&]*", r"\1***", query, flags=re.IGNORECASE)
+    return masked + (f"?{query}" if query else "")
 
 
 def _journal_path(url: str) -> Path:
@@ -69,6 +77,40 @@ def _journal_path(url: str) -> Path:
     if not path.startswith("/"):
         raise StorageError(f"{url}: a journal URL needs an absolute path, e.g. journal:///nfs/studies.log")
     return Path(path)
+
+
+LOCK_DIR = ".sft-optuna-locks"  # beside the storage file; ignores itself in git (see _lock_file)
+
+
+def _lock_file(storage_file: Path, name: str) -> str:
+    """``<dir>/.sft-optuna-locks/<file>.<name>.lock``: one hidden folder, not a lock file per name beside the
+    user's files (they showed up in ``git status``)."""
+    folder = storage_file.parent / LOCK_DIR
+    if not folder.is_dir():
+        folder.mkdir(exist_ok=True)
+        (folder / ".gitignore").write_text("*\n")
+    return str(folder / f"{storage_file.name}.{name}.lock")
+
+
+def _looks_like_journal(path: Path) -> bool:
+    """An absent or empty file, or one whose first line is a journal entry (a JSON object with an op code).
+
+    Optuna skips lines it cannot parse, so without this a worker would append a study to any file it is
+    pointed at, a user's notes included."""
+    try:
+        with path.open("rb") as fh:
+            first = fh.readline(1 << 20)
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        raise StorageError(f"journal://{path}: cannot read ({exc.strerror or exc})") from None
+    if not first.strip():
+        return True
+    try:
+        entry = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(entry, dict) and "op_code" in entry
 
 
 def _sqlite_path(url: sqlalchemy.URL) -> Path | None:
@@ -104,7 +146,7 @@ def storage_lock(url: str, name: str = "claim", patience: float = OUTAGE_S) -> I
     """
     hold = LockHold()
     if url.startswith("journal:"):
-        with FileLock(f"{_journal_path(url)}.{name}.lock", timeout=LOCK_TIMEOUT_S):
+        with FileLock(_lock_file(_journal_path(url), name), timeout=LOCK_TIMEOUT_S):
             yield hold
         return
     parsed = _parse(url)
@@ -115,7 +157,7 @@ def storage_lock(url: str, name: str = "claim", patience: float = OUTAGE_S) -> I
             with _memory_lock:
                 yield hold
             return
-        with FileLock(f"{path}.{name}.lock", timeout=LOCK_TIMEOUT_S):
+        with FileLock(_lock_file(path, name), timeout=LOCK_TIMEOUT_S):
             yield hold
         return
     if backend == "postgresql":
@@ -183,13 +225,21 @@ def open_storage(url: str, patience: float = OUTAGE_S) -> Any:
         path = _journal_path(url)
         if not path.parent.is_dir():
             raise StorageError(f"{url}: directory {path.parent} does not exist")
+        if path.is_dir():
+            example = f"journal://{str(path).rstrip('/')}/studies.log"
+            raise StorageError(f"{url}: {path} is a directory; name a file in it, e.g. {example}")
+        if not _looks_like_journal(path):
+            raise StorageError(f"{url}: {path} is not an Optuna journal file (its first line is not a journal entry)")
         backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
-        return RetryingStorage(JournalStorage(backend))  # type: ignore[abstract]  # methods set below the class
+        try:
+            journal = JournalStorage(backend)  # replays the whole log: a file that is not a journal fails here
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+            raise StorageError(f"{url}: {path} is not an Optuna journal file ({type(exc).__name__})") from None
+        except OSError as exc:
+            raise StorageError(f"{url}: cannot open {path} ({exc.strerror or exc})") from None
+        return RetryingStorage(journal)  # type: ignore[abstract]  # methods set below the class
     parsed = _parse(url)
-    try:
-        parsed.get_dialect()
-    except Exception as exc:  # noqa: BLE001 - unknown dialect or missing driver
-        raise StorageError(f"storage URL {mask_url(url)}: unsupported or driver missing ({exc})") from None
+    _check_driver(url, parsed)
     if parsed.get_backend_name() == "sqlite":
         db_path = _sqlite_path(parsed)
         if db_path is not None and not db_path.parent.is_dir():
@@ -205,6 +255,35 @@ def open_storage(url: str, patience: float = OUTAGE_S) -> Any:
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
         reason = error_reason(exc)
         raise StorageError(f"cannot open storage {mask_url(url)}: {reason}") from None
+
+
+# driver name (as SQLAlchemy calls it) -> what to install for it
+DRIVER_PACKAGES = {
+    "psycopg": "pip install 'psycopg[binary]' (or pip install -e '.[postgres]')",
+    "psycopg2": "pip install psycopg2-binary, or use postgresql+psycopg:// with pip install -e '.[postgres]'",
+    "asyncpg": "use postgresql+psycopg:// (pip install -e '.[postgres]'); async drivers do not fit Optuna",
+    "pg8000": "pip install pg8000",
+    "mysqldb": "pip install mysqlclient, or use mysql+pymysql:// with pip install pymysql",
+    "pymysql": "pip install pymysql",
+    "mysqlconnector": "pip install mysql-connector-python",
+}
+
+
+def _check_driver(url: str, parsed: sqlalchemy.URL) -> None:
+    """Refuse an unknown database kind, or a driver that is not installed, naming what to install."""
+    try:
+        dialect = parsed.get_dialect()
+    except Exception:  # noqa: BLE001 - SQLAlchemy's NoSuchModuleError and friends: not a database it knows
+        raise StorageError(
+            f"storage URL {mask_url(url)}: unknown database kind {parsed.drivername!r} "
+            "(expected sqlite:///, postgresql+psycopg://, mysql+pymysql:// or journal:///)"
+        ) from None
+    try:
+        dialect.import_dbapi()
+    except ImportError:
+        driver = dialect.driver
+        hint = DRIVER_PACKAGES.get(driver, f"install the Python package of the {driver!r} driver")
+        raise StorageError(f"storage URL {mask_url(url)}: driver {driver!r} is not installed ({hint})") from None
 
 
 def error_reason(exc: BaseException) -> str:

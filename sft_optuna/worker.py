@@ -25,16 +25,19 @@ from optuna.trial import TrialState
 
 from sft_optuna import attrs
 from sft_optuna.checkpoints import CheckpointStore
-from sft_optuna.claims import budget_used, claim_trial, recover_trials
+from sft_optuna.claims import claim_trial, recover_trials, study_done
 from sft_optuna.config import StudyConfig
-from sft_optuna.data import load_dataset, make_splits
+from sft_optuna.data import Splits, load_splits
+from sft_optuna.errors import DataError, ModelError, NodeFault
 from sft_optuna.heartbeat import Heartbeat, Watcher
+from sft_optuna.model import build_model
+from sft_optuna.node import check_checkpoint_dir, resolve_device, resolve_threads
 from sft_optuna.notes import write_best_figure, write_trial_note
 from sft_optuna.objective import Interrupted, InvalidValueError, Objective, lineage_of
 from sft_optuna.samplers import CachedCompletedPruner
 from sft_optuna.train import DivergedError, EpochResult
 
-__all__ = ["WorkerOptions", "resolve_device", "run_worker"]
+__all__ = ["Node", "WorkerOptions", "prepare_node", "run_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -55,25 +58,11 @@ class WorkerOptions:
     """Shared directory for per-epoch checkpoints; None disables checkpoints (no resume)."""
     threads: int | None = None
     """torch CPU threads; default: ``$OMP_NUM_THREADS`` if set, else torch's default."""
+    poll_s: float | None = None
+    """With the budget spent but trials still running elsewhere, how often to look for a retry to take
+    (default: the study's heartbeat interval)."""
     max_consecutive_failures: int = 5
     """A node that fails this many trials in a row is broken: the worker exits non-zero."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> ``cuda`` if available else ``cpu``; otherwise the named device, checked."""
-    from sft_optuna.errors import UserError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return device
 
 
 class _StopFlag:
@@ -157,18 +146,47 @@ def _set_reason(trial: optuna.Trial, reason: str) -> None:
         log.debug("cannot record reason of trial %d: %s", trial.number, exc)
 
 
-def run_worker(study: optuna.Study, config: StudyConfig, url: str, options: WorkerOptions) -> int:
-    """Pull and run trials until the budget is spent; returns the process exit code."""
+@dataclass
+class Node:
+    """This node, checked and ready: its device, the study's data on it, its checkpoint store."""
+
+    device: torch.device
+    splits: Splits
+    classes: list[str]
+    checkpoints: CheckpointStore | None
+
+
+def prepare_node(config: StudyConfig, options: WorkerOptions) -> Node:
+    """Check everything a trial needs from this node before the first claim; a problem is one line.
+
+    Cheap checks first (device, threads, checkpoint directory, model weights), the data last: a wrong
+    ``--device`` should not wait for 60,000 images to be decoded.
+    """
     device = resolve_device(options.device)
-    threads = options.threads or (int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") else None)
+    threads = resolve_threads(options.threads)
     if threads:
         torch.set_num_threads(threads)
-    if budget_used(study.get_trials(deepcopy=False)) >= config.budget.n_trials:
-        log.info("study %r: budget of %d trials already spent", config.name, config.budget.n_trials)
+    checkpoints = None
+    if options.checkpoint_dir:
+        check_checkpoint_dir(options.checkpoint_dir)
+        checkpoints = CheckpointStore(options.checkpoint_dir, config.name)
+    build_model(2, config.model)  # the weights file or cache is readable and fits ResNet-18 (on the CPU)
+    splits, classes = load_splits(config.data, options.data_root)
+    return Node(device, splits, classes, checkpoints)
+
+
+def run_worker(
+    study: optuna.Study, config: StudyConfig, url: str, options: WorkerOptions, node: Node | None = None
+) -> int:
+    """Pull and run trials until the study is done; returns the process exit code.
+
+    Done means: the budget is spent, nothing is left to retry, and no trial is still running — a trial
+    running elsewhere may lose its worker, and its retry must find someone to run it, even the last one.
+    """
+    if study_done(study.get_trials(deepcopy=False), config):
+        log.info("study %r: done (budget of %d trials spent, nothing to retry)", config.name, config.budget.n_trials)
         return 0
-    dataset = load_dataset(config.data, options.data_root)
-    splits = make_splits(dataset, config.data)
-    checkpoints = CheckpointStore(options.checkpoint_dir, config.name) if options.checkpoint_dir else None
+    node = node or prepare_node(config, options)
     stop = _StopFlag()
     progress = _Progress()
 
@@ -176,10 +194,12 @@ def run_worker(study: optuna.Study, config: StudyConfig, url: str, options: Work
         progress.close()
         _log_epoch(number, r)
 
-    objective = Objective(config, splits, device, checkpoints, stop.event.is_set, on_epoch, progress.step)
-    classes = [str(c) for c in dataset.classes]
-    host = f"{socket.gethostname()}:{os.getpid()} {device}"
+    checkpoints = node.checkpoints
+    objective = Objective(config, node.splits, node.device, checkpoints, stop.event.is_set, on_epoch, progress.step)
+    host = f"{socket.gethostname()}:{os.getpid()} {node.device}"
+    poll_s = options.poll_s or config.heartbeat.interval
     done = failures = 0
+    waiting = False
     current: set[int] = set()  # the trial this worker runs: alive, whatever its beats look like after an outage
     watcher = Watcher(
         config.heartbeat.interval, lambda: recover_trials(study, config, url, set(current)), "stale-trial watcher"
@@ -188,8 +208,22 @@ def run_worker(study: optuna.Study, config: StudyConfig, url: str, options: Work
         while not stop.event.is_set() and (options.n_trials is None or done < options.n_trials):
             trial = claim_trial(study, config, url)
             if trial is None:
-                log.info("study %r: budget spent, worker done", config.name)
-                break
+                trials = study.get_trials(deepcopy=False)
+                if study_done(trials, config):
+                    log.info("study %r: budget spent, worker done", config.name)
+                    break
+                if not waiting:
+                    running = sorted(t.number for t in trials if t.state == TrialState.RUNNING)
+                    log.info(
+                        "study %r: budget spent; waiting for running trial(s) %s to finish (a retry, if one of "
+                        "their workers dies, runs here)",
+                        config.name,
+                        running,
+                    )
+                    waiting = True
+                stop.event.wait(poll_s)
+                continue
+            waiting = False
             trial.set_user_attr(attrs.HOST, host)
             log.info("trial %d: %s", trial.number, trial.params)
             current.add(trial.number)
@@ -198,7 +232,7 @@ def run_worker(study: optuna.Study, config: StudyConfig, url: str, options: Work
             finally:
                 current.discard(trial.number)
             if state is not None:
-                _annotate(study, trial, config, classes, state)
+                _annotate(study, trial, config, node.classes, state)
             done += 1
             failures = failures + 1 if state == TrialState.FAIL else 0
             if failures >= options.max_consecutive_failures:
@@ -234,6 +268,9 @@ def _run_one(
         if isinstance(exc, KeyboardInterrupt):
             raise
         return TrialState.FAIL
+    except (NodeFault, ModelError, DataError) as exc:
+        _give_back(study, trial, str(exc))
+        raise NodeFault(f"{exc}; trial {trial.number} was given back and will be retried") from None
     except torch.cuda.OutOfMemoryError:
         _set_reason(trial, "out of memory")
         log.error("trial %d: CUDA out of memory\n%s", trial.number, traceback.format_exc())
@@ -250,6 +287,16 @@ def _run_one(
         # The storage stayed away longer than the retries wait: stop this worker. The trial stays RUNNING
         # until its heartbeat goes stale, then another worker retries it from its checkpoint.
         raise
+    except RuntimeError as exc:
+        if _is_device_fault(exc):
+            reason = str(exc).strip().splitlines()[0]
+            _give_back(study, trial, reason)
+            raise NodeFault(
+                f"device failed ({reason}); trial {trial.number} was given back and will be retried"
+            ) from None
+        _set_reason(trial, f"error: {type(exc).__name__}: {exc}")
+        log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
+        state = TrialState.FAIL
     except Exception as exc:  # noqa: BLE001 - a trial's bug must not take the worker down
         _set_reason(trial, f"error: {type(exc).__name__}: {exc}")
         log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
@@ -272,6 +319,23 @@ def _run_one(
     if checkpoints is not None:
         checkpoints.remove(lineage)
     return state
+
+
+def _is_device_fault(exc: RuntimeError) -> bool:
+    """A CUDA error other than running out of memory: the GPU or its driver, not the trial's parameters."""
+    text = str(exc)
+    return ("CUDA error" in text or "CUDA driver" in text or "cuDNN error" in text) and "out of memory" not in text
+
+
+def _give_back(study: optuna.Study, trial: optuna.Trial, detail: str) -> None:
+    """Fail a trial this node could not run, with a retryable reason: another worker retries it, uncounted."""
+    _set_reason(trial, attrs.NODE_FAULT)
+    try:
+        trial.set_user_attr(attrs.NODE_FAULT_DETAIL, detail[:500])
+    except Exception as exc:  # noqa: BLE001 - the trial may already be finished elsewhere
+        log.debug("cannot record the fault of trial %d: %s", trial.number, exc)
+    log.error("trial %d: this node cannot run trials (%s); giving the trial back", trial.number, detail)
+    _safe_tell(study, trial, state=TrialState.FAIL)
 
 
 def _annotate(

@@ -159,4 +159,4 @@ def test_malformed_and_unreachable_storage_urls_mask_the_password(capsys: pytest
     err = capsys.readouterr().err
     assert "s3cret" not in err and "sft:***@127.0.0.1:1" in err and err.count("\n") == 1
     assert main(["--storage", "nosuchdb://a:b@c/d", "studies"]) == 2
-    assert "unsupported or driver missing" in capsys.readouterr().err
+    assert "unknown database kind 'nosuchdb'" in capsys.readouterr().err

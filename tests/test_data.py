@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_images, write_cifar10, write_imagefolder
 
 from sft_optuna import data as data_mod
 from sft_optuna.config import DataConfig
-from sft_optuna.data import load_cifar10, load_dataset, load_imagefolder, make_splits, stratified_split
+from sft_optuna.data import (
+    load_cifar10,
+    load_dataset,
+    load_imagefolder,
+    load_splits,
+    make_splits,
+    stratified_split,
+)
 from sft_optuna.errors import DataError
 
 
@@ -61,8 +69,56 @@ def test_imagefolder_errors_name_the_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=str(tmp_path / "train")):
         load_imagefolder(tmp_path)
     (tmp_path / "train" / "a").mkdir(parents=True)
-    with pytest.raises(DataError, match="no images found"):
+    with pytest.raises(DataError, match=f"{tmp_path / 'train' / 'a'}: class folder has no images"):
         load_imagefolder(tmp_path)
+
+
+def test_an_empty_class_folder_in_both_splits_is_refused_naming_it(tmp_path: Path) -> None:
+    # Before: an empty class3/ in train/ and test/ became a fourth class no image shows (a 5x5 matrix here).
+    root = write_imagefolder(tmp_path / "d", n_train=40, n_test=8, num_classes=4)
+    for split in ("train", "test"):
+        (root / split / "class9").mkdir()
+    with pytest.raises(DataError, match=f"{root / 'train' / 'class9'}: class folder has no images"):
+        load_imagefolder(root)
+    with pytest.raises(DataError, match="class9"):
+        load_splits(DataConfig(dataset="imagefolder", root=str(root), val_size=8, image_size=32))
+    # hidden folders (.ipynb_checkpoints, a cache) are not classes
+    for split in ("train", "test"):
+        (root / split / "class9").rmdir()
+        (root / split / ".ipynb_checkpoints").mkdir()
+    assert load_imagefolder(root).classes == ("class0", "class1", "class2", "class3")
+
+
+def test_a_dataset_with_one_class_is_refused(tmp_path: Path) -> None:
+    # Before: one class gave validation accuracy 1.0 as the study's best.
+    root = write_imagefolder(tmp_path / "d", n_train=20, n_test=4, num_classes=1)
+    with pytest.raises(DataError, match="1 class folder.*at least two"):
+        load_splits(DataConfig(dataset="imagefolder", root=str(root), val_size=4, image_size=32))
+    cifar = write_cifar10(tmp_path / "c", n_train=50, n_test=10, num_classes=1)
+    with pytest.raises(DataError, match="fewer than two classes"):
+        load_dataset(DataConfig(dataset="cifar10", root=str(cifar)))
+
+
+def test_load_splits_decodes_only_the_images_the_split_uses_and_matches_make_splits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = write_imagefolder(tmp_path / "d", n_train=200, n_test=40, num_classes=4)
+    cfg = DataConfig(dataset="imagefolder", root=str(root), val_size=40, train_subset=60, image_size=32)
+    decoded: list[int] = []
+    real = data_mod._decode
+
+    def counting(files: list[tuple[Path, int]], size: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
+        decoded.append(len(files))
+        return real(files, size, desc)
+
+    monkeypatch.setattr(data_mod, "_decode", counting)
+    monkeypatch.setenv("SFT_OPTUNA_CACHE", str(tmp_path / "cache"))
+    splits, classes = load_splits(cfg)
+    assert decoded == [100], "validation (40) + training subset (60): neither the rest nor the test split"
+    whole = make_splits(load_imagefolder(root, 32), cfg)
+    for name in ("train_x", "train_y", "val_x", "val_y"):
+        assert torch.equal(getattr(splits, name), getattr(whole, name)), name
+    assert classes == ["class0", "class1", "class2", "class3"] and splits.num_classes == 4
 
 
 def test_stratified_split_keeps_class_proportions_and_is_seeded() -> None:
