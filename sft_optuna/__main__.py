@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
-from sft_optuna.cli import main
+from sft_optuna.cli import main_entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_entry()

@@ -187,11 +187,12 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sft_optuna.export import export_study
+    from sft_optuna.export import export_study, output_dir
 
+    out = output_dir(Path(args.out), "--out")  # a mistake in the command line first, before the storage
     storage, url = _open(args, QUERY_PATIENCE_S)
     study, config = load_study(args.name, storage, url)
-    written = export_study(study, config, Path(args.out))
+    written = export_study(study, config, out)
     if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         print(f"wrote {args.out}/trials.csv; no completed trial yet, so no best.yaml and no figures")
         return 0
@@ -464,4 +465,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def main_entry() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a Ctrl-C that lands after a command finished, while it exits
+        print("sft-optuna: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)

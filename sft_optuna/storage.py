@@ -120,12 +120,19 @@ def _sqlite_path(url: sqlalchemy.URL) -> Path | None:
 
 def _parse(url: str) -> sqlalchemy.URL:
     try:
-        return make_url(url)
+        parsed = make_url(url)
     except Exception:  # noqa: BLE001
         raise StorageError(
             f"malformed storage URL {mask_url(url)!r}: expected e.g. sqlite:///study.db, "
             "postgresql+psycopg://user:pass@host/db or journal:///path/studies.log"
         ) from None
+    if "@" in (parsed.host or ""):
+        # SQLAlchemy split at the first @: the rest of the password would be tried, and printed, as the host.
+        raise StorageError(
+            f"storage URL {mask_url(url)}: the password contains an unencoded '@'; percent-encode it as %40 "
+            "(and ':' as %3A, '/' as %2F)"
+        )
+    return parsed
 
 
 class LockHold:

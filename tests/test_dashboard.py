@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -144,17 +145,25 @@ def test_dashboard_renders_the_study_and_its_trials_in_headless_chromium(dashboa
         f"--user-data-dir={tempfile.mkdtemp()}",
         "--virtual-time-budget=15000",
     ]
-    dom = subprocess.run(
-        [browser, *flags, "--dump-dom", dashboard + "/dashboard"], capture_output=True, text=True, timeout=120
-    ).stdout
-    assert "dash-study" in dom
-    trials_dom = subprocess.run(
-        [browser, *flags, "--dump-dom", dashboard + "/dashboard/studies/1/trials"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
-    assert "Trial 0" in trials_dom or "#0" in trials_dom
+
+    def dump(path: str) -> str:
+        return subprocess.run(
+            [browser, *flags, "--dump-dom", dashboard + path], capture_output=True, text=True, timeout=120
+        ).stdout
+
+    assert "dash-study" in dump("/dashboard")
+    # What the trials page must show for this study: its 3 trials, each complete, one marked best, its note.
+    # (Before: `"Trial 0" in dom or "#0" in dom`, which an empty study passes through the CSS colour #0096ff.)
+    trials_dom = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", _strip_code(dump("/dashboard/studies/1/trials"))))
+    assert "3 Trials" in trials_dom
+    for number in range(3):
+        assert f"Trial {number} Complete" in trials_dom
+    assert "Best Trial" in trials_dom and "Parameter lr" in trials_dom and "ran on:" in trials_dom
+    # The study page plots a point per trial in its history chart (an unknown study: none, and no name).
+    study_dom = dump("/dashboard/studies/1")
+    assert "dash-study" in study_dom and study_dom.count('class="point"') >= 3
+    missing = dump("/dashboard/studies/99")
+    assert "dash-study" not in missing and 'class="point"' not in missing
     shot = Path(os.environ.get("SFT_TEST_ARTIFACTS", tmp_path)) / "dashboard-study.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(
@@ -162,4 +171,12 @@ def test_dashboard_renders_the_study_and_its_trials_in_headless_chromium(dashboa
         capture_output=True,
         timeout=120,
     )
-    assert shot.read_bytes()[:4] == b"\x89PNG"
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        assert image.format == "PNG" and image.size == (1400, 900)
+
+
+def _strip_code(html: str) -> str:
+    """The page without its <style> and <script> blocks (their text is not what a person reads)."""
+    return re.sub(r"<(style|script)\b.*?</\1>", " ", html, flags=re.S)

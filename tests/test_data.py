@@ -92,7 +92,7 @@ def test_an_empty_class_folder_in_both_splits_is_refused_naming_it(tmp_path: Pat
 def test_a_dataset_with_one_class_is_refused(tmp_path: Path) -> None:
     # Before: one class gave validation accuracy 1.0 as the study's best.
     root = write_imagefolder(tmp_path / "d", n_train=20, n_test=4, num_classes=1)
-    with pytest.raises(DataError, match="1 class folder.*at least two"):
+    with pytest.raises(DataError, match=r"1 class folder.*at least two"):
         load_splits(DataConfig(dataset="imagefolder", root=str(root), val_size=4, image_size=32))
     cifar = write_cifar10(tmp_path / "c", n_train=50, n_test=10, num_classes=1)
     with pytest.raises(DataError, match="fewer than two classes"):

@@ -54,13 +54,125 @@ def test_many_failures_in_a_row_make_the_worker_exit_non_zero(
     folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(self: Trainer) -> EpochResult:
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        raise ValueError("a bug in the training code that every trial hits")
 
     monkeypatch.setattr(Trainer, "run_epoch", broken)
     assert _run(sqlite_url, write_study(study_dict(folder_root, budget={"n_trials": 20}))) == 1
     trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
     assert len(trials) == 5 and all(t.state == TrialState.FAIL for t in trials)
-    assert "illegal memory access" in trials[0].user_attrs[attrs.REASON]
+    assert "every trial hits" in trials[0].user_attrs[attrs.REASON]
+
+
+def _flaky(fault: Callable[[], None]) -> Callable[[Trainer], EpochResult]:
+    """run_epoch that raises ``fault`` in the first trial's second epoch, then trains normally."""
+    real = Trainer.run_epoch
+    calls = {"n": 0}
+
+    def run_epoch(self: Trainer) -> EpochResult:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            fault()
+        return real(self)
+
+    return run_epoch
+
+
+def _cuda_fault() -> None:
+    raise RuntimeError("CUDA error: unspecified launch failure")
+
+
+def _disk_full() -> None:
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("fault", ["device", "checkpoint disk"])
+def test_a_node_fault_inside_a_trial_gives_it_back_and_stops_the_worker(
+    fault: str,
+    folder_root: Path,
+    write_study: Callable[..., Path],
+    sqlite_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Before: the trial failed with reason "error: ...", counted against the budget, never retried, and the
+    # worker took the next trial on the same broken node.
+    if fault == "device":
+        monkeypatch.setattr(Trainer, "run_epoch", _flaky(_cuda_fault))
+    else:
+        import sft_optuna.checkpoints as checkpoints_mod
+
+        real_save = checkpoints_mod.torch.save
+        calls = {"n": 0}
+
+        def save(obj: object, f: object) -> None:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                _disk_full()
+            real_save(obj, f)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(checkpoints_mod.torch, "save", save)
+    path = write_study(study_dict(folder_root, budget={"n_trials": 2}, train={"epochs": 3}))
+    argv = ["--storage", sqlite_url, "run", str(path), "--device", "cpu", "--checkpoint-dir", str(tmp_path / "ck")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "this node cannot run trials" in err and "trial 0 was given back" in err and "Traceback" not in err
+    (first,) = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+    assert first.state == TrialState.FAIL and first.user_attrs[attrs.REASON] == attrs.NODE_FAULT
+    assert ("launch failure" if fault == "device" else "No space left") in first.user_attrs[attrs.NODE_FAULT_DETAIL]
+
+    monkeypatch.undo()  # the node is mended: the next worker retries the trial from its checkpoint
+    assert main(argv) == 0
+    trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[1].user_attrs[attrs.RETRY_OF] == 0 and trials[1].params == first.params
+    assert trials[1].user_attrs[attrs.RESUMED_FROM_EPOCH] == 1, "epoch 1 was checkpointed before the fault"
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("weights file missing", "model.weights: {d}/missing.pt: no such file"),
+        ("checkpoint dir is a file", "--checkpoint-dir {d}/ck: not a writable directory"),
+        ("no such device", "--device mps: "),
+        ("data missing", "image folder not found: expected {d}/nodata/train"),
+    ],
+)
+def test_a_broken_node_stops_before_its_first_claim_and_burns_no_budget(
+    case: str,
+    expected: str,
+    folder_root: Path,
+    write_study: Callable[..., Path],
+    sqlite_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Before: each of these failed trial after trial (each counted) until the five-failures rule stopped it.
+    cfg = study_dict(folder_root, budget={"n_trials": 20})
+    args = ["--device", "cpu", "--checkpoint-dir", str(tmp_path / "ck")]
+    if case == "weights file missing":
+        cfg["model"]["weights"] = str(tmp_path / "missing.pt")
+    elif case == "checkpoint dir is a file":
+        (tmp_path / "ck").write_text("")
+    elif case == "no such device":
+        args = ["--device", "mps", "--checkpoint-dir", str(tmp_path / "ck")]
+    else:
+        args += ["--data-root", str(tmp_path / "nodata")]
+    path = write_study(cfg)
+    assert main(["--storage", sqlite_url, "run", str(path), *args]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected.format(d=tmp_path) in lines[0], err
+    # `run` checks the node before it creates the study: a failed first run leaves nothing behind
+    assert optuna.get_all_study_names(sqlite_url) == []
+    # and a worker on an existing study stops before claiming anything
+    assert main(["--storage", sqlite_url, "create", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["--storage", sqlite_url, "worker", "t", *args]) == 2
+    assert expected.format(d=tmp_path) in capsys.readouterr().err
+    assert optuna.load_study(study_name="t", storage=sqlite_url).get_trials() == []
 
 
 def test_system_exit_in_a_trial_never_leaves_it_running(

@@ -102,10 +102,17 @@ def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.parametrize("n_trials", [2, 1])
 def test_ctrl_c_fails_the_trial_and_the_next_worker_resumes_it_from_its_checkpoint(
-    folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, tmp_path: Path
+    n_trials: int,
+    folder_root: Path,
+    write_study: Callable[..., Path],
+    sqlite_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    cfg = study_dict(folder_root, budget={"n_trials": 2}, train={"epochs": 4})
+    # n_trials 1: the interrupted trial is the last of the budget (before: "budget already spent", never resumed)
+    cfg = study_dict(folder_root, budget={"n_trials": n_trials}, train={"epochs": 4})
     assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
     ckpt = tmp_path / "ck"
     proc = _worker(sqlite_url, "t", ckpt)
@@ -127,7 +134,10 @@ def test_ctrl_c_fails_the_trial_and_the_next_worker_resumes_it_from_its_checkpoi
     _finish([_worker(sqlite_url, "t", ckpt)])
     trials = _study(sqlite_url).get_trials()
     states = [t.state for t in trials]
-    assert states.count(TrialState.COMPLETE) == 2 and TrialState.RUNNING not in states
+    assert states.count(TrialState.COMPLETE) == n_trials and TrialState.RUNNING not in states
+    capsys.readouterr()
+    assert main(["--storage", sqlite_url, "status", "t"]) == 0
+    assert f"budget {n_trials}/{n_trials} used; " in capsys.readouterr().out
     retry = next(t for t in trials if t.user_attrs.get(attrs.RETRY_OF) == 0)
     assert retry.params == first.params and retry.state == TrialState.COMPLETE
     assert retry.user_attrs[attrs.RESUMED_FROM_EPOCH] == done_epochs
@@ -197,3 +207,68 @@ def test_of_two_retries_of_one_trial_the_later_is_the_raced_one() -> None:
     assert not raced(trials, 2, n_trials=10), "the lower one was itself dropped: ours is the retry"
     over = [trial(0, TrialState.COMPLETE), trial(1, TrialState.RUNNING), trial(2, TrialState.RUNNING)]
     assert raced(over, 2, n_trials=2) and not raced(over, 1, n_trials=2)
+
+
+def test_a_worker_killed_on_the_last_trial_is_retried_by_a_worker_that_waits_out_the_grace_period(
+    folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, tmp_path: Path
+) -> None:
+    # Before: the second worker saw the budget spent (a RUNNING trial counts) and exited at once; the dead
+    # worker's trial stayed RUNNING forever.
+    cfg = study_dict(
+        folder_root, budget={"n_trials": 1}, train={"epochs": 40}, heartbeat={"interval": 0.5, "grace_period": 2}
+    )
+    assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
+    ckpt = tmp_path / "ck"
+    proc = _worker(sqlite_url, "t", ckpt)
+    _wait_for(lambda: (ckpt / "t" / "trial-0.pt").is_file(), 120, "the first checkpoint")
+    # A second worker arrives while the last trial runs: the budget is spent, but it must not leave.
+    log = tmp_path / "second.log"
+    with log.open("w") as fh:
+        second = subprocess.Popen(
+            [PYTHON, "-m", "sft_optuna", "--storage", sqlite_url, "worker", "t", "--checkpoint-dir", str(ckpt)],
+            env=worker_env(),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    _wait_for(lambda: "waiting for running trial(s) [0]" in log.read_text(), 120, "the second worker to wait")
+    proc.kill()
+    proc.communicate(timeout=30)
+    first = _study(sqlite_url).get_trials()[0]
+    assert first.state == TrialState.RUNNING and len(first.intermediate_values) < 40
+
+    assert second.wait(timeout=180) == 0, log.read_text()[-3000:]
+    out = log.read_text()
+    trials = _study(sqlite_url).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE], out[-3000:]
+    retry = trials[1]
+    assert retry.user_attrs[attrs.RETRY_OF] == 0 and retry.params == first.params
+    assert "no heartbeat for" in out, "the waiting worker failed the dead trial itself"
+    resumed = retry.user_attrs[attrs.RESUMED_FROM_EPOCH]
+    assert resumed >= 1, "resumed from the dead worker's checkpoint, not from scratch"
+    assert sorted(retry.intermediate_values) == list(range(1, 41))
+    for step in range(1, resumed + 1):
+        assert retry.intermediate_values[step] == first.intermediate_values[step]
+
+
+def test_ctrl_c_twice_stops_at_once_with_one_line_and_the_trial_resumable(
+    folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, tmp_path: Path
+) -> None:
+    # 64 px on the device: epochs of a few seconds, so the second Ctrl-C lands inside one
+    cfg = study_dict(folder_root, budget={"n_trials": 1}, train={"epochs": 30}, model={"image_size": 64})
+    assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
+    proc = _worker(sqlite_url, "t", tmp_path / "ck")
+
+    def first_epoch_reported() -> bool:
+        trials = _study(sqlite_url).get_trials()
+        return bool(trials) and len(trials[0].intermediate_values) >= 1
+
+    _wait_for(first_epoch_reported, 120, "the first epoch")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    # Before: a KeyboardInterrupt traceback.
+    assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
+    assert out.rstrip().endswith("sft-optuna: interrupted")
+    (trial,) = _study(sqlite_url).get_trials()
+    assert trial.state == TrialState.FAIL and trial.user_attrs[attrs.REASON] == "interrupted"

@@ -1,0 +1,65 @@
+"""The stale-trial watcher: a worker that stopped beating loses its trial to a retry; live ones keep theirs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import study_dict
+from optuna.trial import TrialState
+
+from sft_optuna import attrs
+from sft_optuna.claims import recover_trials, study_done
+from sft_optuna.cli import main
+from sft_optuna.config import parse_config
+from sft_optuna.heartbeat import BEAT_ATTR
+from sft_optuna.storage import open_storage
+from sft_optuna.study import create_study
+
+
+def test_an_old_heartbeat_is_failed_and_retried_while_fresh_and_own_trials_are_not(
+    tmp_path: Path, storage_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = parse_config(study_dict(tmp_path, budget={"n_trials": 3}, heartbeat={"interval": 1, "grace_period": 5}))
+    study, _ = create_study(config, open_storage(storage_url), storage_url)
+    dead, fresh, own = (study.ask() for _ in range(3))
+    for trial in (dead, fresh, own):
+        trial.suggest_float("lr", 0.01, 0.1, log=True)
+    now = time.time()
+    storage = study._storage
+    storage.set_trial_system_attr(dead._trial_id, BEAT_ATTR, now - 60)  # its worker died a minute ago
+    storage.set_trial_system_attr(fresh._trial_id, BEAT_ATTR, now - 1)
+    storage.set_trial_system_attr(own._trial_id, BEAT_ATTR, now - 60)  # ours, old only because of an outage
+
+    assert main(["--storage", storage_url, "status", "t"]) == 0
+    out = capsys.readouterr().out
+    stale = [line for line in out.splitlines() if "no heartbeat for" in line]
+    assert len(stale) == 2 and stale[0].startswith("running: trial 0") and stale[1].startswith("running: trial 2")
+
+    recover_trials(study, config, storage_url, alive={own.number})
+    trials = study.get_trials()
+    assert [t.state for t in trials[:3]] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING]
+    (retry,) = trials[3:]
+    assert retry.state == TrialState.WAITING and retry.system_attrs["fixed_params"] == trials[0].params
+    assert retry.user_attrs[attrs.RETRY_OF] == 0 and retry.user_attrs[attrs.LINEAGE] == 0
+    assert retry.user_attrs[attrs.RETRY] == 1
+    # a second pass changes nothing: the dead trial is retried once
+    recover_trials(study, config, storage_url, alive={own.number})
+    assert len(study.get_trials()) == 4
+
+
+def test_a_study_is_done_only_when_nothing_runs_waits_or_is_due_for_a_retry(tmp_path: Path) -> None:
+    config = parse_config(study_dict(tmp_path, budget={"n_trials": 1, "max_retries": 1}))
+    study = optuna.create_study()
+    trial = study.ask()
+    assert not study_done(study.get_trials(), config), "the budget is spent, but the trial may lose its worker"
+    trial.set_user_attr(attrs.REASON, "interrupted")
+    study.tell(trial, state=TrialState.FAIL)
+    assert not study_done(study.get_trials(), config), "an interrupted last trial is due for a retry"
+    study.enqueue_trial({}, user_attrs={attrs.RETRY_OF: 0, attrs.RETRY: 1, attrs.LINEAGE: 0})
+    assert not study_done(study.get_trials(), config), "its retry is queued"
+    retry = study.ask()
+    study.tell(retry, 0.5)
+    assert study_done(study.get_trials(), config)
