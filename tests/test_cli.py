@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import study_dict
+from conftest import study_dict, write_imagefolder
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
@@ -160,3 +160,27 @@ def test_malformed_and_unreachable_storage_urls_mask_the_password(capsys: pytest
     assert "s3cret" not in err and "sft:***@127.0.0.1:1" in err and err.count("\n") == 1
     assert main(["--storage", "nosuchdb://a:b@c/d", "studies"]) == 2
     assert "unknown database kind 'nosuchdb'" in capsys.readouterr().err
+
+
+def test_trial_values_and_confusion_matrices_come_from_validation_only(
+    tmp_path: Path, write_study: Callable[..., Path], sqlite_url: str
+) -> None:
+    # The test images are filed under shifted labels (class k's colour under class k+1): a search that read
+    # the test split in place of validation would score near 0 here, not near 1.
+    root = write_imagefolder(tmp_path / "shifted", test_labels_shift=1)
+    cfg = study_dict(
+        root,
+        budget={"n_trials": 1},
+        train={"epochs": 4, "batch_size": 32},
+        search_space={"lr": {"type": "categorical", "choices": [0.05]}},
+    )
+    assert (
+        main(["--storage", sqlite_url, "run", str(write_study(cfg)), "--device", "cpu", "--checkpoint-dir", "none"])
+        == 0
+    )
+    (trial,) = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+    matrix = trial.user_attrs["confusion_matrix"]
+    assert sum(map(sum, matrix)) == 40, "every validation image once, no test image"
+    assert sum(matrix[i][i] for i in range(4)) / 40 == pytest.approx(trial.value)
+    assert trial.value >= 0.75, trial.intermediate_values
+    assert trial.intermediate_values[4] == trial.value  # objective: last

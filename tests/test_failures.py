@@ -253,11 +253,20 @@ def test_launch_runs_one_prefixed_worker_per_slot_and_forwards_sigterm(
         text=True,
     )
     deadline = time.monotonic() + 120
+    seen: dict[int, tuple[str, str]] = {}  # worker pid -> (command line, environment)
     while time.monotonic() < deadline:
+        seen.update(_children(proc.pid))
         trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
         if sum(len(t.intermediate_values) >= 1 for t in trials) >= 2:
             break
         time.sleep(0.3)
+    seen.update(_children(proc.pid))
+    # The storage URL (a password, on PostgreSQL) reaches the workers through their environment, never their
+    # command line, which every user of the node reads with ps. Before: `... --storage URL ... worker t`.
+    assert len(seen) == 2
+    for cmdline, environ in seen.values():
+        assert "worker t" in cmdline and "--storage" not in cmdline and sqlite_url not in cmdline, cmdline
+        assert f"SFT_OPTUNA_STORAGE={sqlite_url}" in environ.split("\0")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
@@ -266,6 +275,19 @@ def test_launch_runs_one_prefixed_worker_per_slot_and_forwards_sigterm(
     assert all(t.state != TrialState.RUNNING for t in trials)
     interrupted = [t for t in trials if t.user_attrs.get(attrs.REASON) == "interrupted"]
     assert len(interrupted) == 2, "each worker stopped its trial after the epoch, resumable"
+
+
+def _children(pid: int) -> dict[int, tuple[str, str]]:
+    """Command line and environment of each child process of ``pid`` (Linux /proc)."""
+    found: dict[int, tuple[str, str]] = {}
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        for kid in map(int, kids):
+            cmdline = Path(f"/proc/{kid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            found[kid] = (cmdline, Path(f"/proc/{kid}/environ").read_bytes().decode(errors="replace"))
+    except (FileNotFoundError, ProcessLookupError):
+        pass  # a worker that already exited
+    return found
 
 
 def test_launch_refuses_bad_gpu_lists(sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:

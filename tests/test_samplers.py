@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 from optuna.distributions import FloatDistribution
@@ -32,7 +34,8 @@ def _study_with_curves(n: int) -> optuna.Study:
                 params={"lr": 0.01},
                 distributions=dist,
                 value=0.5,
-                intermediate_values={s: 0.1 * s + 0.01 * (i % 7) for s in range(1, 6)},
+                # spread out, so the median of all of them differs from the median of any half
+                intermediate_values={s: 0.1 * s + 0.05 * i for s in range(1, 6)},
                 state=TrialState.COMPLETE,
             )
             for i in range(n)
@@ -41,7 +44,8 @@ def _study_with_curves(n: int) -> optuna.Study:
     return study
 
 
-@pytest.mark.parametrize("value", [0.05, 0.2, 0.23, 0.5])
+# at step 2 the completed curves run 0.2 .. 0.75 (median 0.475); the first half's median is 0.325
+@pytest.mark.parametrize("value", [0.05, 0.2, 0.4, 0.46, 0.5, 0.8])
 def test_cached_median_pruner_decides_like_optunas(value: float) -> None:
     study = _study_with_curves(12)
     trial = study.ask({"lr": FloatDistribution(1e-4, 1.0, log=True)})
@@ -72,3 +76,39 @@ def test_cached_pruner_reads_completed_trials_once_per_refresh(monkeypatch: pyte
     pruner.refresh_s = 0.0
     pruner.prune(study, study._storage.get_trial(trial._trial_id))
     assert len(calls) == 2
+
+
+def test_cached_pruner_refreshes_below_the_startup_count_when_other_workers_complete_trials(tmp_path: Path) -> None:
+    # Two workers = two processes' views of one storage. Worker A's cache is filled while only 2 trials are
+    # complete (below n_startup_trials: no pruning yet); worker B then completes 8 more. A's next check must
+    # see them at once (a stale view would stay below the startup count and never prune) and prune a trial
+    # that is worse than the median of all ten.
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    optuna.create_study(study_name="p", storage=url, direction="maximize")
+    pruner = make_pruner(PrunerConfig("median", {"n_startup_trials": 4, "n_warmup_steps": 0}))
+    assert isinstance(pruner, CachedCompletedPruner)
+    pruner.refresh_s = 3600.0  # only the start-up rule can make it read again
+    worker_a = optuna.load_study(study_name="p", storage=url, pruner=pruner)
+    worker_b = optuna.load_study(study_name="p", storage=url)
+    dist = {"lr": FloatDistribution(1e-4, 1.0, log=True)}
+
+    def complete(i: int) -> None:
+        worker_b.add_trial(
+            create_trial(
+                params={"lr": 0.01},
+                distributions=dist,
+                value=0.5,
+                intermediate_values={1: 0.1 * i, 2: 0.1 * i},
+                state=TrialState.COMPLETE,
+            )
+        )
+
+    for i in range(2):
+        complete(i)
+    trial = worker_a.ask(dist)
+    trial.report(0.35, 1)
+    assert not trial.should_prune(), "2 completed trials: below the startup count"
+    for i in range(2, 10):
+        complete(i)
+    trial.report(0.35, 2)
+    assert trial.should_prune(), "0.35 is below the median (0.45) of the ten completed trials"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,12 @@ from typing import Any
 import optuna
 import pytest
 import sqlalchemy
+import yaml
+from conftest import study_dict
 from optuna.exceptions import UpdateFinishedTrialError
 
 from sft_optuna import fast_writes
+from sft_optuna.cli import main
 from sft_optuna.storage import open_storage, storage_lock
 
 VALUES = [0.25, 0.0, 1e-300, float("nan"), float("inf"), float("-inf")]
@@ -122,3 +126,19 @@ def test_a_postgresql_lock_whose_session_the_server_ended_is_reported_lost(postg
     with storage_lock(postgres_url, "t") as hold:  # and the lock works again afterwards
         pass
     assert not hold.lost
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_lock_files_stay_out_of_the_users_git_status(kind: str, tmp_path: Path) -> None:
+    # Before: studies.db.create.lock, studies.db.schema.lock, studies.db.claim:t.lock beside the database.
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump(study_dict(tmp_path)))
+    url = f"sqlite:///{tmp_path / 'studies.db'}" if kind == "sqlite" else f"journal://{tmp_path / 'studies.log'}"
+    assert main(["--storage", url, "create", str(study)]) == 0
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"], cwd=tmp_path, capture_output=True, text=True
+    ).stdout
+    expected = {"?? s.yaml", f"?? studies.{'db' if kind == 'sqlite' else 'log'}"}
+    assert set(status.splitlines()) == expected, status
+    assert any((tmp_path / ".sft-optuna-locks").iterdir()), "the locks are there, hidden"

@@ -103,3 +103,26 @@ def test_the_confusion_matrix_reuses_the_last_validation_pass_only_while_weights
     trainer.train_steps(max_steps=1)  # the weights change: predictions are made again
     trainer.confusion_matrix()
     assert len(calls) == 2
+
+
+def test_evaluate_is_plain_eval_mode_accuracy_without_augmentation(splits) -> None:  # type: ignore[no-untyped-def]
+    # Computed by hand from model.eval() on the validation images, normalised and upsampled as in training,
+    # never cropped or flipped: an evaluation that augmented (or stayed in train mode) would differ.
+    from sft_optuna.augment import normalize
+    from sft_optuna.train import predict
+
+    cfg = TrainConfig(epochs=4, batch_size=32, lr=0.05, channels_last=False)
+    trainer = Trainer(splits, MODEL, cfg, CPU)
+    for _ in range(4):
+        trainer.run_epoch()
+    model = trainer.model.eval()
+    with torch.no_grad():
+        x = normalize(splits.val_x, trainer.mean, trainer.std)
+        x = torch.nn.functional.interpolate(x, size=MODEL.image_size, mode="bilinear", align_corners=False)
+        logits = model(x)
+    by_hand = (logits.argmax(1) == splits.val_y).float().mean().item()
+    assert trainer.evaluate() == pytest.approx(by_hand)
+    assert trainer.history[-1].val_acc == pytest.approx(by_hand)
+    # the same prediction for every image (a cropped or flipped image would change some of them)
+    assert torch.equal(predict(trainer.model, trainer.val_data, 7), logits.argmax(1))
+    assert logits.argmax(1).unique().numel() > 1, "a model that predicts one class cannot tell"
