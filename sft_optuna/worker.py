@@ -287,17 +287,13 @@ def _run_one(
         # The storage stayed away longer than the retries wait: stop this worker. The trial stays RUNNING
         # until its heartbeat goes stale, then another worker retries it from its checkpoint.
         raise
-    except RuntimeError as exc:
-        if _is_device_fault(exc):
+    except Exception as exc:  # noqa: BLE001 - a trial's bug must not take the worker down
+        if isinstance(exc, RuntimeError) and _is_device_fault(exc):
             reason = str(exc).strip().splitlines()[0]
             _give_back(study, trial, reason)
             raise NodeFault(
                 f"device failed ({reason}); trial {trial.number} was given back and will be retried"
             ) from None
-        _set_reason(trial, f"error: {type(exc).__name__}: {exc}")
-        log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
-        state = TrialState.FAIL
-    except Exception as exc:  # noqa: BLE001 - a trial's bug must not take the worker down
         _set_reason(trial, f"error: {type(exc).__name__}: {exc}")
         log.error("trial %d failed:\n%s", trial.number, traceback.format_exc())
         state = TrialState.FAIL
