@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 import typing
@@ -467,7 +468,10 @@ def main_entry() -> None:
     """Console-script entry point."""
     try:
         code = main()
-    except KeyboardInterrupt:  # a Ctrl-C that lands after a command finished, while it exits
+        # The command is done (a worker stopped after its epoch, say): a late Ctrl-C must not turn the exit
+        # into a traceback or a death by signal while the interpreter shuts down.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except KeyboardInterrupt:  # a Ctrl-C that lands between the command's own handlers
         print("sft-optuna: interrupted", file=sys.stderr)
         code = 130
     sys.exit(code)

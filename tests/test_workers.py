@@ -263,6 +263,7 @@ def test_ctrl_c_twice_stops_at_once_with_one_line_and_the_trial_resumable(
         return bool(trials) and len(trials[0].intermediate_values) >= 1
 
     _wait_for(first_epoch_reported, 120, "the first epoch")
+    time.sleep(0.5)  # into epoch 2 (about 3 s here): both presses land inside it
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
