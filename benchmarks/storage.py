@@ -29,8 +29,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from sft_optuna.config import PrunerConfig
-from sft_optuna.samplers import make_pruner
-from sft_optuna.storage import open_storage
+from sft_optuna.coordination.storage import open_storage
+from sft_optuna.search.samplers import make_pruner
 
 PG = os.environ.get("SFT_TEST_POSTGRES", "postgresql+psycopg://sft:sft@127.0.0.1:5432/sft_test")
 EPOCHS = 10

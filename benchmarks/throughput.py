@@ -3,7 +3,7 @@
 Textbook: torchvision transforms on PIL images (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor,
 Normalize) in a ``DataLoader(num_workers=2)``, fp32 ResNet-18, ``loss.item()`` every step.
 Ours: the uint8 split resident on the device, crop/flip/normalize on whole batches there, no host sync in the
-step loop, bf16 autocast + channels_last on CUDA (``sft_optuna.train.Trainer``).
+step loop, bf16 autocast + channels_last on CUDA (``sft_optuna.training.trainer.Trainer``).
 
 Same data, same model, same batch size, same device, one run. On a GPU it also reports model FLOP utilisation:
 FLOPs of one training step (``torch.utils.flop_counter``) x steps/s / a measured bf16 matmul rate.
@@ -30,11 +30,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from sft_optuna.augment import BatchPipeline, channel_stats
 from sft_optuna.config import ModelConfig, TrainConfig
-from sft_optuna.data import Splits, load_imagefolder
-from sft_optuna.model import build_model
-from sft_optuna.train import Trainer
+from sft_optuna.training.augment import BatchPipeline, channel_stats
+from sft_optuna.training.data import Splits, load_imagefolder
+from sft_optuna.training.model import build_model
+from sft_optuna.training.trainer import Trainer
 
 
 class TextbookDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]

@@ -22,8 +22,8 @@ from optuna.trial import TrialState
 
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig, load_study_file
+from sft_optuna.coordination.storage import OUTAGE_S, error_reason, mask_url, open_storage, resolve_url
 from sft_optuna.errors import NodeFault, UserError
-from sft_optuna.storage import OUTAGE_S, error_reason, mask_url, open_storage, resolve_url
 from sft_optuna.study import create_study, load_study, study_names
 
 __all__ = ["main"]
@@ -129,8 +129,8 @@ def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 def _print_status(study: optuna.Study, config: StudyConfig) -> None:
-    from sft_optuna.claims import budget_used
-    from sft_optuna.heartbeat import last_beat
+    from sft_optuna.coordination.claims import budget_used
+    from sft_optuna.coordination.heartbeat import last_beat
 
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name for t in trials)
@@ -176,7 +176,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     storage, url = _open(args, QUERY_PATIENCE_S)
     study, config = load_study(args.name, storage, url)
-    from sft_optuna.export import best_train_block
+    from sft_optuna.results.export import best_train_block
 
     block = best_train_block(study, config)
     if args.format == "json":
@@ -188,7 +188,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sft_optuna.export import export_study, output_dir
+    from sft_optuna.results.export import export_study, output_dir
 
     out = output_dir(Path(args.out), "--out")  # a mistake in the command line first, before the storage
     storage, url = _open(args, QUERY_PATIENCE_S)
@@ -204,11 +204,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_retrain(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from sft_optuna.data import load_dataset
-    from sft_optuna.export import best_train_block, output_dir
     from sft_optuna.node import resolve_device
-    from sft_optuna.retrain import retrain, subset_training
-    from sft_optuna.train import TrainConfig
+    from sft_optuna.results.export import best_train_block, output_dir
+    from sft_optuna.results.retrain import retrain, subset_training
+    from sft_optuna.training.data import load_dataset
+    from sft_optuna.training.trainer import TrainConfig
 
     device = resolve_device(args.device)
     out = output_dir(Path(args.out), "--out")
@@ -237,7 +237,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from sft_optuna.node import resolve_device, resolve_threads
-    from sft_optuna.plan import calibrate, describe, make_plan, train_image_count
+    from sft_optuna.results.plan import calibrate, describe, make_plan, train_image_count
 
     config = load_study_file(args.study_file)
     device = resolve_device(args.device)
@@ -255,7 +255,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import os
 
-    from sft_optuna.dashboard import PASSWORD_ENV, build_app, is_loopback, serve
+    from sft_optuna.results.dashboard import PASSWORD_ENV, build_app, is_loopback, serve
 
     storage, url = _open(args)
     loopback = is_loopback(args.host)

@@ -39,7 +39,7 @@ __all__ = [
 @dataclass(frozen=True)
 class SamplerConfig:
     name: str = "tpe"
-    """Sampler, by name: ``tpe`` (Bayesian), ``random`` or ``grid`` (see ``samplers.py``)."""
+    """Sampler, by name: ``tpe`` (Bayesian), ``random`` or ``grid`` (see ``search/samplers.py``)."""
     seed: int | None = 0
     """Study-wide seed; each trial's sampler RNG is derived from (seed, trial number)."""
     options: dict[str, Any] = field(default_factory=dict)
@@ -403,7 +403,7 @@ def _check_space_values(where: str, pname: str, spec: ParamSpec, train: TrainCon
 
 def _check_values(config: StudyConfig, source: str) -> None:
     # Local imports: the name tables live with the code that uses them.
-    from sft_optuna.samplers import check_pruner, check_sampler
+    from sft_optuna.search.samplers import check_pruner, check_sampler
 
     _check_positive(f"{source}: budget.n_trials", config.budget.n_trials)
     _check_positive(f"{source}: budget.max_retries", config.budget.max_retries, allow_zero=True)

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import IO
 
+from sft_optuna.coordination.storage import ENV_STORAGE
 from sft_optuna.errors import UserError
-from sft_optuna.storage import ENV_STORAGE
 
 __all__ = ["launch", "parse_gpus"]
 

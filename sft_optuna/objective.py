@@ -1,4 +1,7 @@
-"""The only module that touches an ``optuna.Trial``: trial params -> train -> report / prune / checkpoint."""
+"""One trial: its parameters -> a trainer -> report and prune each epoch -> checkpoint; its value.
+
+The only place where training meets Optuna: the trainer below knows no trials. (Claiming a trial and telling
+the storage how it ended are the worker's and the claims' business.)"""
 
 from __future__ import annotations
 
@@ -11,11 +14,11 @@ import optuna
 import torch
 
 from sft_optuna import attrs
-from sft_optuna.checkpoints import CheckpointStore
 from sft_optuna.config import StudyConfig, TrainConfig, train_config_for
-from sft_optuna.data import Splits
+from sft_optuna.coordination.checkpoints import CheckpointStore
 from sft_optuna.errors import ConfigError
-from sft_optuna.train import EpochResult, Trainer
+from sft_optuna.training.data import Splits
+from sft_optuna.training.trainer import EpochResult, Trainer
 
 __all__ = ["Interrupted", "InvalidValueError", "Objective"]
 

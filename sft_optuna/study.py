@@ -9,11 +9,11 @@ import optuna
 
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig, config_diff, parse_config
+from sft_optuna.coordination.storage import mask_url, storage_lock
 from sft_optuna.errors import ConfigError, UserError
-from sft_optuna.notes import write_study_note
-from sft_optuna.samplers import make_pruner, make_sampler
-from sft_optuna.search_space import grid_points
-from sft_optuna.storage import mask_url, storage_lock
+from sft_optuna.results.notes import write_study_note
+from sft_optuna.search.samplers import make_pruner, make_sampler
+from sft_optuna.search.space import grid_points
 
 __all__ = ["create_study", "load_study", "study_names"]
 

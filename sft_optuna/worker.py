@@ -1,6 +1,6 @@
 """A worker: pull trials from a study by name until its budget is spent; signals, failures, heartbeats.
 
-No central master: workers coordinate only through the storage (see ``claims.py``).
+No central master: workers coordinate only through the storage (see ``coordination/claims.py``).
 """
 
 from __future__ import annotations
@@ -24,18 +24,18 @@ import torch
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
-from sft_optuna.checkpoints import CheckpointStore
-from sft_optuna.claims import claim_trial, recover_trials, study_done
 from sft_optuna.config import StudyConfig
-from sft_optuna.data import Splits, load_splits
+from sft_optuna.coordination.checkpoints import CheckpointStore
+from sft_optuna.coordination.claims import claim_trial, recover_trials, study_done
+from sft_optuna.coordination.heartbeat import Heartbeat, Watcher
 from sft_optuna.errors import DataError, ModelError, NodeFault
-from sft_optuna.heartbeat import Heartbeat, Watcher
-from sft_optuna.model import build_model
 from sft_optuna.node import check_checkpoint_dir, resolve_device, resolve_threads
-from sft_optuna.notes import write_best_figure, write_trial_note
 from sft_optuna.objective import Interrupted, InvalidValueError, Objective, lineage_of
-from sft_optuna.samplers import CachedCompletedPruner
-from sft_optuna.train import DivergedError, EpochResult
+from sft_optuna.results.notes import write_best_figure, write_trial_note
+from sft_optuna.search.samplers import CachedCompletedPruner
+from sft_optuna.training.data import Splits, load_splits
+from sft_optuna.training.model import build_model
+from sft_optuna.training.trainer import DivergedError, EpochResult
 
 __all__ = ["Node", "WorkerOptions", "prepare_node", "run_worker"]
 

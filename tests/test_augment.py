@@ -6,7 +6,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision import transforms
 
-from sft_optuna.augment import PAD, BatchPipeline, channel_stats, flip, normalize, random_crop
+from sft_optuna.training.augment import PAD, BatchPipeline, channel_stats, flip, normalize, random_crop
 
 
 def _images(n: int = 16, size: int = 32) -> torch.Tensor:

@@ -20,9 +20,9 @@ from conftest import PYTHON, study_dict, worker_env
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
-from sft_optuna.claims import budget_used
 from sft_optuna.cli import main
-from sft_optuna.storage import open_storage
+from sft_optuna.coordination.claims import budget_used
+from sft_optuna.coordination.storage import open_storage
 
 pytestmark = pytest.mark.slow
 

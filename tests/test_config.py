@@ -12,7 +12,7 @@ from conftest import REPO, study_dict
 from sft_optuna.cli import main
 from sft_optuna.config import config_diff, load_study_file, parse_config
 from sft_optuna.errors import ConfigError
-from sft_optuna.search_space import grid_points
+from sft_optuna.search.space import grid_points
 
 STUDY_FILES = sorted((REPO / "studies").glob("*.yaml"))
 

@@ -22,7 +22,7 @@ import yaml
 from conftest import PYTHON, study_dict, worker_env
 
 from sft_optuna.cli import main
-from sft_optuna.dashboard import is_loopback
+from sft_optuna.results.dashboard import is_loopback
 
 
 @pytest.fixture(scope="module")

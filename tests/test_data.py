@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import make_images, write_cifar10, write_imagefolder
 
-from sft_optuna import data as data_mod
 from sft_optuna.config import DataConfig
-from sft_optuna.data import (
+from sft_optuna.errors import DataError
+from sft_optuna.training import data as data_mod
+from sft_optuna.training.data import (
     load_cifar10,
     load_dataset,
     load_imagefolder,
@@ -19,7 +20,6 @@ from sft_optuna.data import (
     make_splits,
     stratified_split,
 )
-from sft_optuna.errors import DataError
 
 
 def test_official_cifar10_format_loads_images_and_labels(cifar_root: Path) -> None:

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from sft_optuna import attrs
 from sft_optuna.cli import main
-from sft_optuna.train import EpochResult, Trainer
+from sft_optuna.training.trainer import EpochResult, Trainer
 
 
 def _run(url: str, path: Path, *extra: str) -> int:
@@ -102,7 +102,7 @@ def test_a_node_fault_inside_a_trial_gives_it_back_and_stops_the_worker(
     if fault == "device":
         monkeypatch.setattr(Trainer, "run_epoch", _flaky(_cuda_fault))
     else:
-        import sft_optuna.checkpoints as checkpoints_mod
+        import sft_optuna.coordination.checkpoints as checkpoints_mod
 
         real_save = checkpoints_mod.torch.save
         calls = {"n": 0}

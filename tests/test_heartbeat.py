@@ -11,11 +11,11 @@ from conftest import study_dict
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
-from sft_optuna.claims import recover_trials, study_done
 from sft_optuna.cli import main
 from sft_optuna.config import parse_config
-from sft_optuna.heartbeat import BEAT_ATTR
-from sft_optuna.storage import open_storage
+from sft_optuna.coordination.claims import recover_trials, study_done
+from sft_optuna.coordination.heartbeat import BEAT_ATTR
+from sft_optuna.coordination.storage import open_storage
 from sft_optuna.study import create_study
 
 

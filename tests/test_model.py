@@ -10,7 +10,7 @@ import torchvision
 
 from sft_optuna.config import ModelConfig
 from sft_optuna.errors import ModelError
-from sft_optuna.model import build_model
+from sft_optuna.training.model import build_model
 
 
 def test_new_head_has_one_output_per_class() -> None:

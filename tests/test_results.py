@@ -16,10 +16,10 @@ from conftest import study_dict, write_imagefolder
 
 from sft_optuna.cli import main
 from sft_optuna.config import load_study_file, parse_config
-from sft_optuna.data import load_imagefolder
-from sft_optuna.export import FIGURES
-from sft_optuna.plan import EVAL_FACTOR, make_plan
-from sft_optuna.retrain import evaluate_model_file
+from sft_optuna.results.export import FIGURES
+from sft_optuna.results.plan import EVAL_FACTOR, make_plan
+from sft_optuna.results.retrain import evaluate_model_file
+from sft_optuna.training.data import load_imagefolder
 
 
 @pytest.fixture(scope="module")

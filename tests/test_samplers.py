@@ -10,7 +10,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from sft_optuna.config import PrunerConfig, SamplerConfig
-from sft_optuna.samplers import CachedCompletedPruner, make_pruner, make_sampler, trial_seed
+from sft_optuna.search.samplers import CachedCompletedPruner, make_pruner, make_sampler, trial_seed
 
 
 def test_trial_seeds_are_shared_across_workers_and_differ_across_trials() -> None:

@@ -15,9 +15,9 @@ import yaml
 from conftest import study_dict
 from optuna.exceptions import UpdateFinishedTrialError
 
-from sft_optuna import fast_writes
 from sft_optuna.cli import main
-from sft_optuna.storage import open_storage, storage_lock
+from sft_optuna.coordination import fast_writes
+from sft_optuna.coordination.storage import open_storage, storage_lock
 
 VALUES = [0.25, 0.0, 1e-300, float("nan"), float("inf"), float("-inf")]
 ATTRS: dict[str, Any] = {"history": [{"epoch": 1, "val_acc": 0.5, "lr": 0.1}], "reason": "pruned at 2", "n": 3}

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sft_optuna.config import DataConfig, ModelConfig, TrainConfig
-from sft_optuna.data import load_imagefolder, make_splits
-from sft_optuna.train import DivergedError, Trainer, lr_factor
+from sft_optuna.training.data import load_imagefolder, make_splits
+from sft_optuna.training.trainer import DivergedError, Trainer, lr_factor
 
 CPU = torch.device("cpu")
 MODEL = ModelConfig(image_size=16)
@@ -89,7 +89,7 @@ def test_the_confusion_matrix_reuses_the_last_validation_pass_only_while_weights
     splits,  # type: ignore[no-untyped-def]
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from sft_optuna import train
+    from sft_optuna.training import trainer as train
 
     calls: list[int] = []
     real = train.predict
@@ -108,8 +108,8 @@ def test_the_confusion_matrix_reuses_the_last_validation_pass_only_while_weights
 def test_evaluate_is_plain_eval_mode_accuracy_without_augmentation(splits) -> None:  # type: ignore[no-untyped-def]
     # Computed by hand from model.eval() on the validation images, normalised and upsampled as in training,
     # never cropped or flipped: an evaluation that augmented (or stayed in train mode) would differ.
-    from sft_optuna.augment import normalize
-    from sft_optuna.train import predict
+    from sft_optuna.training.augment import normalize
+    from sft_optuna.training.trainer import predict
 
     cfg = TrainConfig(epochs=4, batch_size=32, lr=0.05, channels_last=False)
     trainer = Trainer(splits, MODEL, cfg, CPU)

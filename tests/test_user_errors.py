@@ -11,7 +11,7 @@ import yaml
 from conftest import study_dict
 
 from sft_optuna.cli import main
-from sft_optuna.storage import mask_url
+from sft_optuna.coordination.storage import mask_url
 
 
 def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

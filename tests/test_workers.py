@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from sft_optuna import attrs
 from sft_optuna.cli import main
-from sft_optuna.storage import open_storage
+from sft_optuna.coordination.storage import open_storage
 from sft_optuna.study import load_study
 
 pytestmark = pytest.mark.slow
@@ -150,8 +150,8 @@ def test_ctrl_c_fails_the_trial_and_the_next_worker_resumes_it_from_its_checkpoi
 def test_a_claim_that_raced_after_its_lock_was_lost_is_dropped_and_the_budget_stays_exact(
     folder_root: Path, write_study: Callable[..., Path], storage_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sft_optuna import claims
-    from sft_optuna.storage import LockHold
+    from sft_optuna.coordination import claims
+    from sft_optuna.coordination.storage import LockHold
 
     cfg = study_dict(folder_root, budget={"n_trials": 2}, train={"epochs": 1})
     assert main(["--storage", storage_url, "create", str(write_study(cfg))]) == 0
@@ -184,7 +184,7 @@ def test_a_claim_that_raced_after_its_lock_was_lost_is_dropped_and_the_budget_st
 def test_of_two_retries_of_one_trial_the_later_is_the_raced_one() -> None:
     from optuna.distributions import FloatDistribution
 
-    from sft_optuna.claims import raced
+    from sft_optuna.coordination.claims import raced
 
     def trial(number: int, state: TrialState, **user_attrs: object) -> optuna.trial.FrozenTrial:
         t = optuna.trial.create_trial(

@@ -1,4 +1,4 @@
-"""Storage URL -> Optuna storage; the study-wide lock workers claim trials under; heartbeats.
+"""Storage URL -> Optuna storage that rides out outages; the storage-wide lock workers claim trials under.
 
 Spellings: any SQLAlchemy URL Optuna accepts (``sqlite:///study.db``, ``postgresql+psycopg://u:p@host/db``),
 or ``journal:///path/to/studies.log`` for Optuna's journal file on a shared filesystem.
@@ -23,8 +23,8 @@ import sqlalchemy
 from filelock import FileLock
 from sqlalchemy.engine import make_url
 
+from sft_optuna.coordination.fast_writes import FastWrites
 from sft_optuna.errors import StorageError
-from sft_optuna.fast_writes import FastWrites
 
 __all__ = [
     "DEFAULT_STORAGE",
@@ -342,7 +342,7 @@ class RetryingStorage(optuna.storages.BaseStorage):
     apply twice; Optuna's writes are idempotent except trial creation, where the budget check's lock limits
     the harm to one extra trial record.
 
-    With ``fast`` (SQL storages, see :mod:`sft_optuna.fast_writes`) the per-epoch writes — intermediate values,
+    With ``fast`` (SQL storages, see :mod:`.fast_writes`) the per-epoch writes — intermediate values,
     trial attributes, heartbeats — take one statement each; a write the fast path refuses (finished or unknown
     trial) goes to Optuna's method, which raises Optuna's error.
     """

@@ -2,7 +2,7 @@
 
 The grid is not an Optuna ``GridSampler``: that sampler re-picks a running point once every point is taken,
 so several workers train a point twice. Instead each grid point is queued once when the study is created and
-workers claim queued trials under a lock (see ``worker.py``); the sampler of a grid study only ever sees
+workers claim queued trials under a lock (see ``coordination/claims.py``); the sampler of a grid study only ever sees
 fixed parameters.
 """
 

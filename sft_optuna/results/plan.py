@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from sft_optuna.config import StudyConfig
-from sft_optuna.data import CIFAR10_CLASSES, IMAGE_EXTENSIONS, Splits
-from sft_optuna.search_space import grid_points
-from sft_optuna.train import Trainer
+from sft_optuna.search.space import grid_points
+from sft_optuna.training.data import CIFAR10_CLASSES, IMAGE_EXTENSIONS, Splits
+from sft_optuna.training.trainer import Trainer
 
 __all__ = ["Plan", "calibrate", "make_plan", "train_image_count"]
 

@@ -50,8 +50,8 @@ def random_crop(
     mirrored horizontally where ``flips`` is true.
 
     Equal to torchvision's ``RandomCrop(H, padding=pad)`` then ``RandomHorizontalFlip`` with those draws, for a
-    whole batch in two gathers (rows, then columns; a flip is just a reversed column index), several times
-    faster than advanced indexing plus a separate flip pass.
+    whole batch in one flat gather (:func:`crop_nhwc`; a flip is the window read with its columns reversed),
+    several times faster than advanced indexing plus a separate flip pass.
     """
     return crop_nhwc(x.permute(0, 2, 3, 1), offsets, flips, pad).permute(0, 3, 1, 2)
 

@@ -43,7 +43,7 @@ class CheckpointStore:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            # The node's disk, not the trial: give the trial back (see worker.py) instead of failing it.
+            # The node's disk, not the trial: give the trial back (see ``worker.py``) instead of failing it.
             raise NodeFault(f"cannot write checkpoint {path} ({exc.strerror or exc})") from None
 
     def load(self, lineage: int, device: torch.device) -> dict[str, Any] | None:

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sft_optuna.augment import BatchPipeline, channel_stats
 from sft_optuna.config import ModelConfig, TrainConfig
-from sft_optuna.data import Splits
-from sft_optuna.model import build_model
+from sft_optuna.training.augment import BatchPipeline, channel_stats
+from sft_optuna.training.data import Splits
+from sft_optuna.training.model import build_model
 
 __all__ = ["DivergedError", "EpochResult", "Trainer", "lr_factor", "predict"]
 

@@ -14,10 +14,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
-from sft_optuna.heartbeat import fail_stale_trials
-from sft_optuna.samplers import make_sampler
-from sft_optuna.search_space import suggest
-from sft_optuna.storage import storage_lock
+from sft_optuna.coordination.heartbeat import fail_stale_trials
+from sft_optuna.coordination.storage import storage_lock
+from sft_optuna.search.samplers import make_sampler
+from sft_optuna.search.space import suggest
 
 __all__ = ["budget_used", "claim_trial", "raced", "recover_trials", "retries_due", "study_done"]
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from sft_optuna.augment import BatchPipeline
 from sft_optuna.config import StudyConfig, TrainConfig
-from sft_optuna.data import Dataset, Splits
-from sft_optuna.model import build_model
-from sft_optuna.train import Trainer, predict
+from sft_optuna.training.augment import BatchPipeline
+from sft_optuna.training.data import Dataset, Splits
+from sft_optuna.training.model import build_model
+from sft_optuna.training.trainer import Trainer, predict
 
 __all__ = ["evaluate_model_file", "retrain", "subset_training"]
 
@@ -47,8 +47,8 @@ def _test_pipeline(
 
 def subset_training(data: Dataset, n: int, seed: int) -> Dataset:
     """The dataset with a stratified, seeded subset of ``n`` training images (the test split untouched)."""
-    from sft_optuna.data import stratified_split
     from sft_optuna.errors import UserError
+    from sft_optuna.training.data import stratified_split
 
     if not 0 < n <= len(data.train_y):
         raise UserError(f"--train-subset {n}: must be between 1 and {len(data.train_y)}")

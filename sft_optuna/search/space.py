@@ -1,4 +1,4 @@
-"""Search-space specs -> Optuna distributions; ``suggest`` for a trial; the grid from the same spec."""
+"""Search-space specs -> a trial's suggestions (``suggest``) and the grid from the same spec (``grid_points``)."""
 
 from __future__ import annotations
 
@@ -7,27 +7,10 @@ import math
 from typing import Any
 
 import optuna
-from optuna.distributions import (
-    BaseDistribution,
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
-)
 
 from sft_optuna.config import ParamSpec
 
-__all__ = ["distribution", "grid_points", "suggest"]
-
-
-def distribution(spec: ParamSpec) -> BaseDistribution:
-    """The Optuna distribution a (validated) spec describes."""
-    if spec.type == "categorical":
-        assert spec.choices is not None
-        return CategoricalDistribution(list(spec.choices))
-    assert spec.low is not None and spec.high is not None
-    if spec.type == "int":
-        return IntDistribution(int(spec.low), int(spec.high), log=spec.log, step=int(spec.step or 1))
-    return FloatDistribution(float(spec.low), float(spec.high), log=spec.log, step=spec.step)
+__all__ = ["grid_points", "suggest"]
 
 
 def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
