@@ -7,7 +7,6 @@ import json
 import logging
 import signal
 import sys
-import time
 import typing
 import warnings
 from collections import Counter
@@ -20,7 +19,6 @@ import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
-from sft_optuna import attrs
 from sft_optuna.config import StudyConfig, load_study_file
 from sft_optuna.coordination.storage import OUTAGE_S, error_reason, mask_url, open_storage, resolve_url
 from sft_optuna.errors import NodeFault, UserError
@@ -129,41 +127,9 @@ def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 def _print_status(study: optuna.Study, config: StudyConfig) -> None:
-    from sft_optuna.coordination.claims import budget_used
-    from sft_optuna.coordination.heartbeat import last_beat
+    from sft_optuna.results.status import status_lines
 
-    trials = study.get_trials(deepcopy=False)
-    states = Counter(t.state.name for t in trials)
-    print(f"study {config.name!r}: sampler {config.sampler.name}, pruner {config.pruner.name}")
-    print(
-        f"trials: budget {budget_used(trials)}/{config.budget.n_trials} used; "
-        + ", ".join(f"{s.name} {states.get(s.name, 0)}" for s in TrialState)
-    )
-    best = _best(study)
-    if best is not None:
-        print(f"best: trial {best.number} value {best.value:.4f} params {json.dumps(best.params)}")
-    now = time.time()
-    for t in trials:
-        if t.state == TrialState.RUNNING:
-            history = t.user_attrs.get(attrs.HISTORY) or [{}]
-            last = history[-1]
-            silent = now - last_beat(t)
-            # A dead worker's trial stays RUNNING until a live worker fails it: say so, not "running".
-            gone = (
-                f" - no heartbeat for {silent:.0f} s: its worker looks gone; a worker of this study will retry it"
-                if silent > config.heartbeat.grace_period
-                else ""
-            )
-            print(
-                f"running: trial {t.number} epoch {last.get('epoch', 0)}/{t.params.get('epochs', config.train.epochs)}"
-                f" val_acc {last.get('val_acc', float('nan')):.4f} on {t.user_attrs.get(attrs.HOST, '?')}{gone}"
-            )
-    retrain = study.user_attrs.get(attrs.RETRAIN)
-    if retrain:
-        print(
-            f"retrain: test accuracy {retrain['test_acc_mean']:.4f} ± {retrain['test_acc_std']:.4f} "
-            f"over {len(retrain['test_acc'])} seeds"
-        )
+    print("\n".join(status_lines(study, config)))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -202,31 +168,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from sft_optuna.node import resolve_device
-    from sft_optuna.results.export import best_train_block, output_dir
-    from sft_optuna.results.retrain import retrain, subset_training
-    from sft_optuna.training.data import load_dataset
-    from sft_optuna.training.trainer import TrainConfig
+    from sft_optuna.results.export import output_dir
+    from sft_optuna.results.retrain import retrain_best
 
     device = resolve_device(args.device)
     out = output_dir(Path(args.out), "--out")
     storage, url = _open(args)
     study, config = load_study(args.name, storage, url)
-    block = best_train_block(study, config)
-    train = TrainConfig(**block["train"])
-    if args.epochs is not None:
-        train = dataclasses.replace(train, epochs=args.epochs)
-    data = load_dataset(config.data, args.data_root)
-    if args.train_subset is not None:
-        data = subset_training(data, args.train_subset, config.data.seed)
-    card = retrain(config, train, data, list(range(args.seeds)), device, out, block["trial"])
-    study.set_user_attr(
-        attrs.RETRAIN,
-        {k: card[k] for k in ("test_acc", "test_acc_mean", "test_acc_std", "trial")}
-        | {"epochs": train.epochs, "out": str(args.out)},
-    )
+    card = retrain_best(study, config, args.seeds, device, out, args.epochs, args.train_subset, args.data_root)
     print(
         f"test accuracy {card['test_acc_mean']:.4f} ± {card['test_acc_std']:.4f} over {args.seeds} seed(s): "
         + ", ".join(f"{a:.4f}" for a in card["test_acc"])

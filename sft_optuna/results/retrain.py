@@ -16,15 +16,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import optuna
 import torch
 
+from sft_optuna import attrs
 from sft_optuna.config import StudyConfig, TrainConfig
+from sft_optuna.results.export import best_train_block
 from sft_optuna.training.augment import BatchPipeline
-from sft_optuna.training.data import Dataset, Splits
+from sft_optuna.training.data import Dataset, Splits, load_dataset
 from sft_optuna.training.model import build_model
 from sft_optuna.training.trainer import Trainer, predict
 
-__all__ = ["evaluate_model_file", "retrain", "subset_training"]
+__all__ = ["evaluate_model_file", "retrain", "retrain_best", "subset_training"]
 
 log = logging.getLogger(__name__)
 
@@ -161,3 +164,32 @@ def evaluate_model_file(card_path: Path, data: Dataset, device: torch.device, se
     test = _test_pipeline(data, torch.tensor(norm["mean"]), torch.tensor(norm["std"]), model_cfg.image_size, device)
     preds = predict(model, test, card["train"]["eval_batch_size"], card["train"]["precision"])
     return float((preds == test.y).float().mean())
+
+
+def retrain_best(
+    study: optuna.Study,
+    config: StudyConfig,
+    seeds: int,
+    device: torch.device,
+    out: Path,
+    epochs: int | None = None,
+    train_subset: int | None = None,
+    data_root: str | None = None,
+) -> dict[str, Any]:
+    """The whole ``retrain`` use case: the best trial's recipe (``epochs`` overriding its own), on this node's
+    data (capped at ``train_subset`` training images), over ``seeds`` seeds; the result is written to ``out``
+    and recorded on the study (``status`` shows it). Returns the model card."""
+    block = best_train_block(study, config)
+    train = TrainConfig(**block["train"])
+    if epochs is not None:
+        train = dataclasses.replace(train, epochs=epochs)
+    data = load_dataset(config.data, data_root)
+    if train_subset is not None:
+        data = subset_training(data, train_subset, config.data.seed)
+    card = retrain(config, train, data, list(range(seeds)), device, out, block["trial"])
+    study.set_user_attr(
+        attrs.RETRAIN,
+        {k: card[k] for k in ("test_acc", "test_acc_mean", "test_acc_std", "trial")}
+        | {"epochs": train.epochs, "out": str(out)},
+    )
+    return card

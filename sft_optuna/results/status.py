@@ -1,0 +1,56 @@
+"""The state of a study in a few lines: budget, trials by state, best, running trials (and dead ones), retrain."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+import optuna
+from optuna.trial import TrialState
+
+from sft_optuna import attrs
+from sft_optuna.config import StudyConfig
+from sft_optuna.coordination.claims import budget_used
+from sft_optuna.coordination.heartbeat import last_beat
+
+__all__ = ["status_lines"]
+
+
+def status_lines(study: optuna.Study, config: StudyConfig) -> list[str]:
+    """What ``sft-optuna status`` prints (and ``run`` after its work)."""
+    trials = study.get_trials(deepcopy=False)
+    states = Counter(t.state.name for t in trials)
+    lines = [
+        f"study {config.name!r}: sampler {config.sampler.name}, pruner {config.pruner.name}",
+        f"trials: budget {budget_used(trials)}/{config.budget.n_trials} used; "
+        + ", ".join(f"{s.name} {states.get(s.name, 0)}" for s in TrialState),
+    ]
+    try:
+        best = study.best_trial
+        lines.append(f"best: trial {best.number} value {best.value:.4f} params {json.dumps(best.params)}")
+    except ValueError:
+        pass  # no completed trial yet
+    now = time.time()
+    for t in trials:
+        if t.state == TrialState.RUNNING:
+            history = t.user_attrs.get(attrs.HISTORY) or [{}]
+            last = history[-1]
+            silent = now - last_beat(t)
+            # A dead worker's trial stays RUNNING until a live worker fails it: say so, not "running".
+            gone = (
+                f" - no heartbeat for {silent:.0f} s: its worker looks gone; a worker of this study will retry it"
+                if silent > config.heartbeat.grace_period
+                else ""
+            )
+            lines.append(
+                f"running: trial {t.number} epoch {last.get('epoch', 0)}/{t.params.get('epochs', config.train.epochs)}"
+                f" val_acc {last.get('val_acc', float('nan')):.4f} on {t.user_attrs.get(attrs.HOST, '?')}{gone}"
+            )
+    retrain = study.user_attrs.get(attrs.RETRAIN)
+    if retrain:
+        lines.append(
+            f"retrain: test accuracy {retrain['test_acc_mean']:.4f} ± {retrain['test_acc_std']:.4f} "
+            f"over {len(retrain['test_acc'])} seeds"
+        )
+    return lines
