@@ -38,7 +38,7 @@ EPOCHS = 10
 
 def prefill(url: str, name: str, n: int) -> None:
     """A study holding ``n`` finished trials with ``EPOCHS`` intermediate values each."""
-    storage = open_storage(url)
+    storage = open_storage(url).optuna
     study = optuna.create_study(
         storage=storage,
         study_name=name,
@@ -69,7 +69,7 @@ def storage_for(variant: str, url: str) -> Any:
     """Plain Optuna's storage for ``url``, as an Optuna user would open it, or sft-optuna's (retries, one-statement
     writes)."""
     if variant != "optuna":
-        return open_storage(url)
+        return open_storage(url).optuna
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -114,7 +114,7 @@ def fresh_url(kind: str, tmp: Path) -> str | None:
 
 
 def run_case(url: str, name: str, workers: int, trials_per_worker: int, epoch_s: float, variant: str) -> dict[str, Any]:
-    before = len(optuna.load_study(study_name=name, storage=open_storage(url)).get_trials(deepcopy=False))
+    before = len(optuna.load_study(study_name=name, storage=open_storage(url).optuna).get_trials(deepcopy=False))
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [

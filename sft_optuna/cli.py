@@ -20,9 +20,9 @@ import yaml
 from optuna.trial import TrialState
 
 from sft_optuna.config import StudyConfig, load_study_file
-from sft_optuna.coordination.storage import OUTAGE_S, error_reason, mask_url, open_storage, resolve_url
+from sft_optuna.coordination.storage import OUTAGE_S, Storage, error_reason, open_storage, resolve_url
 from sft_optuna.errors import NodeFault, UserError
-from sft_optuna.study import create_study, load_study, study_names
+from sft_optuna.study import create_study, load_study
 
 __all__ = ["main"]
 
@@ -32,10 +32,9 @@ log = logging.getLogger("sft_optuna")
 QUERY_PATIENCE_S = 5.0  # status/best/export/studies: a person waiting at a prompt; a wrong host should fail fast
 
 
-def _open(args: argparse.Namespace, patience: float = OUTAGE_S) -> tuple[Any, str]:
+def _open(args: argparse.Namespace, patience: float = OUTAGE_S) -> Storage:
     """The storage of ``--storage``; workers and other long-running commands wait out outages (60 s)."""
-    url = resolve_url(args.storage)
-    return open_storage(url, patience), url
+    return open_storage(resolve_url(args.storage), patience)
 
 
 def _worker_options(args: argparse.Namespace) -> Any:
@@ -52,24 +51,26 @@ def _worker_options(args: argparse.Namespace) -> Any:
 
 def cmd_create(args: argparse.Namespace) -> int:
     config = load_study_file(args.study_file)
-    storage, url = _open(args)
-    _, created = create_study(config, storage, url, args.study_file)
-    print(f"{'created' if created else 'exists (same config)'}: study {config.name!r} in {mask_url(url)}")
+    storage = _open(args)
+    _, created = create_study(config, storage, args.study_file)
+    print(f"{'created' if created else 'exists (same config)'}: study {config.name!r} in {storage.masked}")
     return 0
 
 
-def _work(study: optuna.Study, config: StudyConfig, url: str, args: argparse.Namespace, node: Any = None) -> int:
+def _work(
+    study: optuna.Study, config: StudyConfig, storage: Storage, args: argparse.Namespace, node: Any = None
+) -> int:
     from sft_optuna.worker import run_worker
 
     try:
-        return run_worker(study, config, url, _worker_options(args), node)
+        return run_worker(study, config, storage, _worker_options(args), node)
     except NodeFault as exc:
         print(f"sft-optuna: error: this node cannot run trials: {exc}; worker stopped", file=sys.stderr)
         return 1
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
         reason = error_reason(exc)
         print(
-            f"sft-optuna: error: storage {mask_url(url)} failed ({reason}); worker stopped, "
+            f"sft-optuna: error: storage {storage.masked} failed ({reason}); worker stopped, "
             "its trial will be retried by the next worker",
             file=sys.stderr,
         )
@@ -77,19 +78,19 @@ def _work(study: optuna.Study, config: StudyConfig, url: str, args: argparse.Nam
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    storage, url = _open(args)
-    study, config = load_study(args.name, storage, url)
-    return _work(study, config, url, args)
+    storage = _open(args)
+    study, config = load_study(args.name, storage)
+    return _work(study, config, storage, args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from sft_optuna.worker import prepare_node
 
     config = load_study_file(args.study_file)
-    storage, url = _open(args)
+    storage = _open(args)
     node = prepare_node(config, _worker_options(args))  # device, weights, data: checked before the study exists
-    study, _ = create_study(config, storage, url, args.study_file)
-    code = _work(study, config, url, args, node)
+    study, _ = create_study(config, storage, args.study_file)
+    code = _work(study, config, storage, args, node)
     _print_status(study, config)
     return code
 
@@ -100,8 +101,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     gpus = parse_gpus(args.gpus)
     threads = resolve_threads(args.threads)
-    storage, url = _open(args)
-    load_study(args.name, storage, url)  # fail here, once, if the study does not exist
+    storage = _open(args)
+    load_study(args.name, storage)  # fail here, once, if the study does not exist
     # The URL (and its password) reaches the workers through their environment, never their command line,
     # which every user of the node can read with ps.
     argv = [
@@ -116,7 +117,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         argv += ["--data-root", args.data_root]
     if args.n_trials is not None:
         argv += ["--n-trials", str(args.n_trials)]
-    return launch(gpus, args.workers_per_gpu, argv, url, threads)
+    return launch(gpus, args.workers_per_gpu, argv, storage.url, threads)
 
 
 def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -133,15 +134,15 @@ def _print_status(study: optuna.Study, config: StudyConfig) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    storage, url = _open(args, QUERY_PATIENCE_S)
-    study, config = load_study(args.name, storage, url)
+    storage = _open(args, QUERY_PATIENCE_S)
+    study, config = load_study(args.name, storage)
     _print_status(study, config)
     return 0
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    storage, url = _open(args, QUERY_PATIENCE_S)
-    study, config = load_study(args.name, storage, url)
+    storage = _open(args, QUERY_PATIENCE_S)
+    study, config = load_study(args.name, storage)
     from sft_optuna.results.export import best_train_block
 
     block = best_train_block(study, config)
@@ -157,8 +158,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from sft_optuna.results.export import export_study, output_dir
 
     out = output_dir(Path(args.out), "--out")  # a mistake in the command line first, before the storage
-    storage, url = _open(args, QUERY_PATIENCE_S)
-    study, config = load_study(args.name, storage, url)
+    storage = _open(args, QUERY_PATIENCE_S)
+    study, config = load_study(args.name, storage)
     written = export_study(study, config, out)
     if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         print(f"wrote {args.out}/trials.csv; no completed trial yet, so no best.yaml and no figures")
@@ -174,8 +175,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     out = output_dir(Path(args.out), "--out")
-    storage, url = _open(args)
-    study, config = load_study(args.name, storage, url)
+    storage = _open(args)
+    study, config = load_study(args.name, storage)
     card = retrain_best(study, config, args.seeds, device, out, args.epochs, args.train_subset, args.data_root)
     print(
         f"test accuracy {card['test_acc_mean']:.4f} ± {card['test_acc_std']:.4f} over {args.seeds} seed(s): "
@@ -207,7 +208,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     from sft_optuna.results.dashboard import PASSWORD_ENV, build_app, is_loopback, serve
 
-    storage, url = _open(args)
+    storage = _open(args)
     loopback = is_loopback(args.host)
     read_only_mode = args.read_only if args.read_only is not None else not loopback
     password = os.environ.get(PASSWORD_ENV)
@@ -218,9 +219,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             args.host,
             PASSWORD_ENV,
         )
-    app = build_app(storage, read_only_mode, args.user, password)
+    app = build_app(storage.optuna, read_only_mode, args.user, password)
     print(
-        f"dashboard for {mask_url(url)} on http://{args.host}:{args.port}/dashboard"
+        f"dashboard for {storage.masked} on http://{args.host}:{args.port}/dashboard"
         f"{' (read-only)' if read_only_mode else ''}{' (basic auth)' if password else ''}",
         flush=True,
     )
@@ -232,12 +233,12 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    storage, url = _open(args, QUERY_PATIENCE_S)
-    names = study_names(storage)
+    storage = _open(args, QUERY_PATIENCE_S)
+    names = storage.study_names()
     if not names:
-        print(f"no studies in {mask_url(url)}")
+        print(f"no studies in {storage.masked}")
     for name in names:
-        study = optuna.load_study(study_name=name, storage=storage)
+        study = optuna.load_study(study_name=name, storage=storage.optuna)
         trials = study.get_trials(deepcopy=False)
         best = _best(study)
         states = Counter(t.state.name for t in trials)

@@ -28,6 +28,7 @@ from sft_optuna.config import StudyConfig
 from sft_optuna.coordination.checkpoints import CheckpointStore
 from sft_optuna.coordination.claims import claim_trial, recover_trials, study_done
 from sft_optuna.coordination.heartbeat import Heartbeat, Watcher
+from sft_optuna.coordination.storage import Storage
 from sft_optuna.errors import DataError, ModelError, NodeFault
 from sft_optuna.node import check_checkpoint_dir, resolve_device, resolve_threads
 from sft_optuna.objective import Interrupted, InvalidValueError, Objective, lineage_of
@@ -176,7 +177,7 @@ def prepare_node(config: StudyConfig, options: WorkerOptions) -> Node:
 
 
 def run_worker(
-    study: optuna.Study, config: StudyConfig, url: str, options: WorkerOptions, node: Node | None = None
+    study: optuna.Study, config: StudyConfig, storage: Storage, options: WorkerOptions, node: Node | None = None
 ) -> int:
     """Pull and run trials until the study is done; returns the process exit code.
 
@@ -202,11 +203,11 @@ def run_worker(
     waiting = False
     current: set[int] = set()  # the trial this worker runs: alive, whatever its beats look like after an outage
     watcher = Watcher(
-        config.heartbeat.interval, lambda: recover_trials(study, config, url, set(current)), "stale-trial watcher"
+        config.heartbeat.interval, lambda: recover_trials(study, config, storage, set(current)), "stale-trial watcher"
     )
     with stop.installed(), watcher:
         while not stop.event.is_set() and (options.n_trials is None or done < options.n_trials):
-            trial = claim_trial(study, config, url)
+            trial = claim_trial(study, config, storage)
             if trial is None:
                 trials = study.get_trials(deepcopy=False)
                 if study_done(trials, config):

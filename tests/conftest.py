@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -137,6 +138,18 @@ def worker_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def spawn_worker(url: str, name: str, ckpt: Path, *extra: str, stdout: Any = subprocess.PIPE) -> subprocess.Popen[str]:
+    """``sft-optuna worker NAME`` as its own process on the CPU (one torch thread), output to ``stdout``."""
+    cli = [PYTHON, "-m", "sft_optuna", "--storage", url, "worker", name]
+    return subprocess.Popen(
+        [*cli, "--device", "cpu", "--checkpoint-dir", str(ckpt), *extra],
+        env=worker_env(),
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 PG_URL = os.environ.get("SFT_TEST_POSTGRES", "postgresql+psycopg://sft:sft@127.0.0.1:5432/sft_test")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import PYTHON, study_dict, worker_env
+from conftest import PYTHON, spawn_worker, study_dict, worker_env
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
@@ -30,18 +30,8 @@ GRID = [0.02, 0.03, 0.04, 0.05, 0.06, 0.07]
 EPOCHS = 4
 
 
-def _spawn(url: str, ckpt: Path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [PYTHON, "-m", "sft_optuna", "--storage", url, *args, "--device", "cpu", "--checkpoint-dir", str(ckpt)],
-        env=worker_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 def _trials(url: str) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name="chaos", storage=open_storage(url)).get_trials()
+    return optuna.load_study(study_name="chaos", storage=open_storage(url).optuna).get_trials()
 
 
 def _pid(t: optuna.trial.FrozenTrial) -> int | None:
@@ -72,7 +62,7 @@ def test_killed_and_frozen_workers_lose_nothing_and_retries_resume(
     )
     assert main(["--storage", url, "create", str(write_study(cfg))]) == 0
     ckpt = tmp_path / "ck"
-    workers = [_spawn(url, ckpt, "worker", "chaos") for _ in range(3)]
+    workers = [spawn_worker(url, "chaos", ckpt) for _ in range(3)]
     killed: dict[int, int] = {}  # trial number -> epochs reported when its worker was SIGKILLed
     frozen_done = restarted_db = False
     rng = random.Random(0)
@@ -84,7 +74,7 @@ def test_killed_and_frozen_workers_lose_nothing_and_retries_resume(
         if len(finished) >= len(GRID) and all(p.poll() is not None for p in workers):
             break
         if all(p.poll() is not None for p in workers):
-            workers.append(_spawn(url, ckpt, "worker", "chaos"))  # everyone gone but work left
+            workers.append(spawn_worker(url, "chaos", ckpt))  # everyone gone but work left
         live = {p.pid: p for p in workers if p.poll() is None}
         running = [
             t
@@ -98,7 +88,7 @@ def test_killed_and_frozen_workers_lose_nothing_and_retries_resume(
             live[_pid(victim)].send_signal(signal.SIGKILL)  # type: ignore[index]
             live[_pid(victim)].wait()  # type: ignore[index]
             killed[victim.number] = len(_trials(url)[victim.number].intermediate_values)
-            workers.append(_spawn(url, ckpt, "worker", "chaos"))
+            workers.append(spawn_worker(url, "chaos", ckpt))
         elif running and not frozen_done and len(killed) >= 1:
             # Freeze a worker past the grace period: another worker retries its trial; when it wakes, it
             # must drop the stale trial and go on instead of crashing on "Cannot tell a FAIL trial".
@@ -163,7 +153,7 @@ def test_cold_start_of_eight_workers_on_an_empty_storage(
         outs = [(p.wait(timeout=120), p.stdout.read() if p.stdout else "") for p in procs]
         assert all(code == 0 for code, _ in outs), [o[-1500:] for c, o in outs if c != 0]
         assert sum("created:" in o for _, o in outs) == 1, "exactly one worker creates the study"
-        assert optuna.get_all_study_names(open_storage(url)) == ["chaos"]
+        assert open_storage(url).study_names() == ["chaos"]
 
 
 def _fresh(request: pytest.FixtureRequest, folder: Path, like: str) -> str:
@@ -214,7 +204,7 @@ def test_workers_wait_for_scarce_database_connections_instead_of_dying(
     try:
         with pytest.raises(psycopg.OperationalError, match="too many connections"):
             psycopg.connect(dsn)
-        workers = [_spawn(url, tmp_path / "ck", "worker", "scarce") for _ in range(workers_n)]
+        workers = [spawn_worker(url, "scarce", tmp_path / "ck") for _ in range(workers_n)]
         time.sleep(8)  # the workers find no free connection for a while: they must wait, not exit
         assert [p.poll() for p in workers] == [None] * workers_n
     finally:
@@ -224,6 +214,6 @@ def test_workers_wait_for_scarce_database_connections_instead_of_dying(
     assert all(code == 0 for code, _ in outs), [o[-2000:] for c, o in outs if c != 0]
     assert any("too many connections" in o for _, o in outs), "the workers should have met the limit"
     limit(-1)
-    trials = optuna.load_study(study_name="scarce", storage=open_storage(url)).get_trials()
+    trials = optuna.load_study(study_name="scarce", storage=open_storage(url).optuna).get_trials()
     assert budget_used(trials) == 4
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)

@@ -159,7 +159,7 @@ def test_malformed_and_unreachable_storage_urls_mask_the_password(capsys: pytest
     err = capsys.readouterr().err
     assert "s3cret" not in err and "sft:***@127.0.0.1:1" in err and err.count("\n") == 1
     assert main(["--storage", "nosuchdb://a:b@c/d", "studies"]) == 2
-    assert "unknown database kind 'nosuchdb'" in capsys.readouterr().err
+    assert "nosuchdb is not supported" in capsys.readouterr().err
 
 
 def test_trial_values_and_confusion_matrices_come_from_validation_only(

@@ -23,22 +23,23 @@ def test_an_old_heartbeat_is_failed_and_retried_while_fresh_and_own_trials_are_n
     tmp_path: Path, storage_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = parse_config(study_dict(tmp_path, budget={"n_trials": 3}, heartbeat={"interval": 1, "grace_period": 5}))
-    study, _ = create_study(config, open_storage(storage_url), storage_url)
+    study, _ = create_study(config, open_storage(storage_url))
     dead, fresh, own = (study.ask() for _ in range(3))
     for trial in (dead, fresh, own):
         trial.suggest_float("lr", 0.01, 0.1, log=True)
     now = time.time()
-    storage = study._storage
-    storage.set_trial_system_attr(dead._trial_id, BEAT_ATTR, now - 60)  # its worker died a minute ago
-    storage.set_trial_system_attr(fresh._trial_id, BEAT_ATTR, now - 1)
-    storage.set_trial_system_attr(own._trial_id, BEAT_ATTR, now - 60)  # ours, old only because of an outage
+    beats = study._storage
+    beats.set_trial_system_attr(dead._trial_id, BEAT_ATTR, now - 60)  # its worker died a minute ago
+    beats.set_trial_system_attr(fresh._trial_id, BEAT_ATTR, now - 1)
+    beats.set_trial_system_attr(own._trial_id, BEAT_ATTR, now - 60)  # ours, old only because of an outage
 
     assert main(["--storage", storage_url, "status", "t"]) == 0
     out = capsys.readouterr().out
     stale = [line for line in out.splitlines() if "no heartbeat for" in line]
     assert len(stale) == 2 and stale[0].startswith("running: trial 0") and stale[1].startswith("running: trial 2")
 
-    recover_trials(study, config, storage_url, alive={own.number})
+    storage = open_storage(storage_url)
+    recover_trials(study, config, storage, alive={own.number})
     trials = study.get_trials()
     assert [t.state for t in trials[:3]] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING]
     (retry,) = trials[3:]
@@ -46,7 +47,7 @@ def test_an_old_heartbeat_is_failed_and_retried_while_fresh_and_own_trials_are_n
     assert retry.user_attrs[attrs.RETRY_OF] == 0 and retry.user_attrs[attrs.LINEAGE] == 0
     assert retry.user_attrs[attrs.RETRY] == 1
     # a second pass changes nothing: the dead trial is retried once
-    recover_trials(study, config, storage_url, alive={own.number})
+    recover_trials(study, config, storage, alive={own.number})
     assert len(study.get_trials()) == 4
 
 

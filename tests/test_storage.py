@@ -17,7 +17,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 
 from sft_optuna.cli import main
 from sft_optuna.coordination import fast_writes
-from sft_optuna.coordination.storage import open_storage, storage_lock
+from sft_optuna.coordination.storage import open_storage
 
 VALUES = [0.25, 0.0, 1e-300, float("nan"), float("inf"), float("-inf")]
 ATTRS: dict[str, Any] = {"history": [{"epoch": 1, "val_acc": 0.5, "lr": 0.1}], "reason": "pruned at 2", "n": 3}
@@ -55,7 +55,7 @@ def _same(a: float, b: float) -> bool:
 
 
 def test_fast_writes_store_exactly_what_optunas_methods_store(sql_url: str) -> None:
-    storage = open_storage(sql_url)
+    storage = open_storage(sql_url).optuna
     assert storage.fast is not None
     ours, optunas = _written_by(storage, fast=True), _written_by(storage, fast=False)
     assert ours.intermediate_values.keys() == optunas.intermediate_values.keys() == set(range(len(VALUES)))
@@ -66,7 +66,7 @@ def test_fast_writes_store_exactly_what_optunas_methods_store(sql_url: str) -> N
 
 
 def test_a_report_is_one_statement(sql_url: str) -> None:
-    storage = open_storage(sql_url)
+    storage = open_storage(sql_url).optuna
     study = optuna.create_study(storage=storage, study_name="one", direction="maximize")
     trial = study.ask()
     statements: list[str] = []
@@ -78,7 +78,7 @@ def test_a_report_is_one_statement(sql_url: str) -> None:
 
 
 def test_writes_to_a_finished_or_unknown_trial_raise_optunas_errors(sql_url: str) -> None:
-    storage = open_storage(sql_url)
+    storage = open_storage(sql_url).optuna
     study = optuna.create_study(storage=storage, study_name="done", direction="maximize")
     trial = study.ask()
     trial.report(0.5, 1)
@@ -98,7 +98,7 @@ def test_writes_to_a_finished_or_unknown_trial_raise_optunas_errors(sql_url: str
 
 def test_an_unknown_schema_version_keeps_optunas_methods(sql_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fast_writes, "SCHEMA_VERSIONS", frozenset({"v9.9.9"}))
-    storage = open_storage(sql_url)
+    storage = open_storage(sql_url).optuna
     assert storage.fast is None
     study = optuna.create_study(storage=storage, study_name="old", direction="maximize")
     trial = study.ask()
@@ -107,10 +107,10 @@ def test_an_unknown_schema_version_keeps_optunas_methods(sql_url: str, monkeypat
 
 
 def test_a_postgresql_lock_whose_session_the_server_ended_is_reported_lost(postgres_url: str) -> None:
-    with storage_lock(postgres_url, "t") as hold:
+    with open_storage(postgres_url).lock("t") as hold:
         pass
     assert not hold.lost
-    with storage_lock(postgres_url, "t") as hold:
+    with open_storage(postgres_url).lock("t") as hold:
         # What a server restart does to the session holding the lock, done to that session alone.
         admin = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
@@ -123,7 +123,7 @@ def test_a_postgresql_lock_whose_session_the_server_ended_is_reported_lost(postg
         admin.dispose()
         assert ended == 1
     assert hold.lost
-    with storage_lock(postgres_url, "t") as hold:  # and the lock works again afterwards
+    with open_storage(postgres_url).lock("t") as hold:  # and the lock works again afterwards
         pass
     assert not hold.lost
 

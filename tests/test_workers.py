@@ -11,7 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import PYTHON, study_dict, worker_env
+from conftest import spawn_worker, study_dict
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
@@ -23,30 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 def _study(url: str, name: str = "t") -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=open_storage(url))
-
-
-def _worker(url: str, name: str, ckpt: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            PYTHON,
-            "-m",
-            "sft_optuna",
-            "--storage",
-            url,
-            "worker",
-            name,
-            "--device",
-            "cpu",
-            "--checkpoint-dir",
-            str(ckpt),
-            *extra,
-        ],
-        env=worker_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return optuna.load_study(study_name=name, storage=open_storage(url).optuna)
 
 
 def _finish(procs: list[subprocess.Popen[str]], timeout: float = 240) -> list[str]:
@@ -69,7 +46,7 @@ def test_two_workers_on_one_storage_reach_exactly_the_budget(
         train={"epochs": 1},
     )
     assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
-    outs = _finish([_worker(sqlite_url, "t", tmp_path / "ck") for _ in range(2)])
+    outs = _finish([spawn_worker(sqlite_url, "t", tmp_path / "ck") for _ in range(2)])
     trials = _study(sqlite_url).get_trials()
     assert len(trials) == 5 and all(t.state == TrialState.COMPLETE for t in trials)
     hosts = {t.user_attrs[attrs.HOST].split()[0] for t in trials}
@@ -87,7 +64,7 @@ def test_grid_with_three_workers_trains_no_point_twice(
         folder_root, sampler={"name": "grid"}, budget={"n_trials": 100}, search_space=space, train={"epochs": 1}
     )
     assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
-    _finish([_worker(sqlite_url, "t", tmp_path / "ck") for _ in range(3)])
+    _finish([spawn_worker(sqlite_url, "t", tmp_path / "ck") for _ in range(3)])
     trials = _study(sqlite_url).get_trials()
     assert sorted(t.params["lr"] for t in trials) == [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]
     assert all(t.state == TrialState.COMPLETE for t in trials)
@@ -115,7 +92,7 @@ def test_ctrl_c_fails_the_trial_and_the_next_worker_resumes_it_from_its_checkpoi
     cfg = study_dict(folder_root, budget={"n_trials": n_trials}, train={"epochs": 4})
     assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
     ckpt = tmp_path / "ck"
-    proc = _worker(sqlite_url, "t", ckpt)
+    proc = spawn_worker(sqlite_url, "t", ckpt)
 
     def first_epoch_reported() -> bool:
         trials = _study(sqlite_url).get_trials()
@@ -131,7 +108,7 @@ def test_ctrl_c_fails_the_trial_and_the_next_worker_resumes_it_from_its_checkpoi
     done_epochs = len(first.intermediate_values)
     assert 1 <= done_epochs < 4
 
-    _finish([_worker(sqlite_url, "t", ckpt)])
+    _finish([spawn_worker(sqlite_url, "t", ckpt)])
     trials = _study(sqlite_url).get_trials()
     states = [t.state for t in trials]
     assert states.count(TrialState.COMPLETE) == n_trials and TrialState.RUNNING not in states
@@ -156,13 +133,13 @@ def test_a_claim_that_raced_after_its_lock_was_lost_is_dropped_and_the_budget_st
     cfg = study_dict(folder_root, budget={"n_trials": 2}, train={"epochs": 1})
     assert main(["--storage", storage_url, "create", str(write_study(cfg))]) == 0
     storage = open_storage(storage_url)
-    study, config = load_study("t", storage, storage_url)
-    first = claims.claim_trial(study, config, storage_url)
+    study, config = load_study("t", storage)
+    first = claims.claim_trial(study, config, storage)
     assert first is not None
     study.ask()  # another worker's claim: the budget of 2 is now taken
 
     # Our claim ran while the server had dropped our lock: it read the trials before the other claim landed.
-    real_lock, real_used = claims.storage_lock, claims.budget_used
+    real_lock, real_used = storage.claim_lock, claims.budget_used
     stale = iter([1])
 
     @contextlib.contextmanager
@@ -171,9 +148,9 @@ def test_a_claim_that_raced_after_its_lock_was_lost_is_dropped_and_the_budget_st
             yield hold
         hold.lost = True
 
-    monkeypatch.setattr(claims, "storage_lock", lost_lock)
+    monkeypatch.setattr(storage, "claim_lock", lost_lock)
     monkeypatch.setattr(claims, "budget_used", lambda trials: next(stale, None) or real_used(trials))
-    assert claims.claim_trial(study, config, storage_url) is None, "after dropping the excess claim, nothing is left"
+    assert claims.claim_trial(study, config, storage) is None, "after dropping the excess claim, nothing is left"
     trials = study.get_trials()
     dropped = [t for t in trials if t.user_attrs.get(attrs.REASON) == attrs.CLAIM_RACED]
     assert [t.number for t in dropped] == [2] and dropped[0].state == TrialState.FAIL
@@ -219,17 +196,12 @@ def test_a_worker_killed_on_the_last_trial_is_retried_by_a_worker_that_waits_out
     )
     assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
     ckpt = tmp_path / "ck"
-    proc = _worker(sqlite_url, "t", ckpt)
+    proc = spawn_worker(sqlite_url, "t", ckpt)
     _wait_for(lambda: (ckpt / "t" / "trial-0.pt").is_file(), 120, "the first checkpoint")
     # A second worker arrives while the last trial runs: the budget is spent, but it must not leave.
     log = tmp_path / "second.log"
     with log.open("w") as fh:
-        second = subprocess.Popen(
-            [PYTHON, "-m", "sft_optuna", "--storage", sqlite_url, "worker", "t", "--checkpoint-dir", str(ckpt)],
-            env=worker_env(),
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
+        second = spawn_worker(sqlite_url, "t", ckpt, stdout=fh)
     _wait_for(lambda: "waiting for running trial(s) [0]" in log.read_text(), 120, "the second worker to wait")
     proc.kill()
     proc.communicate(timeout=30)
@@ -256,7 +228,7 @@ def test_ctrl_c_twice_stops_at_once_with_one_line_and_the_trial_resumable(
     # 64 px on the device: epochs of a few seconds, so the second Ctrl-C lands inside one
     cfg = study_dict(folder_root, budget={"n_trials": 1}, train={"epochs": 30}, model={"image_size": 64})
     assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
-    proc = _worker(sqlite_url, "t", tmp_path / "ck")
+    proc = spawn_worker(sqlite_url, "t", tmp_path / "ck")
 
     def first_epoch_reported() -> bool:
         trials = _study(sqlite_url).get_trials()

@@ -1,7 +1,7 @@
 """The study-wide budget, claiming trials, and retrying the trials of dead or preempted workers.
 
 Everything here that must be atomic across workers happens under the storage lock
-(``storage.storage_lock``), which SQLite, PostgreSQL and journal files all honour.
+(``Storage.claim_lock``), which SQLite, PostgreSQL and journal files all honour.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
 from sft_optuna.coordination.heartbeat import fail_stale_trials
-from sft_optuna.coordination.storage import storage_lock
+from sft_optuna.coordination.storage import Storage
 from sft_optuna.search.samplers import make_sampler
 from sft_optuna.search.space import suggest
 
@@ -86,20 +86,20 @@ def _enqueue_retries(study: optuna.Study, config: StudyConfig, alive: Collection
         )
 
 
-def recover_trials(study: optuna.Study, config: StudyConfig, url: str, alive: Collection[int] = ()) -> None:
+def recover_trials(study: optuna.Study, config: StudyConfig, storage: Storage, alive: Collection[int] = ()) -> None:
     """Fail trials of dead workers and queue their retries (under the storage lock); ``alive``: our own."""
-    with storage_lock(url, f"claim:{config.name}"):
+    with storage.claim_lock(config.name):
         _enqueue_retries(study, config, alive)
 
 
-def claim_trial(study: optuna.Study, config: StudyConfig, url: str) -> optuna.Trial | None:
+def claim_trial(study: optuna.Study, config: StudyConfig, storage: Storage) -> optuna.Trial | None:
     """Start the next trial of the study, or None when the budget (or the grid) is spent.
 
     Under the storage lock: retry dead workers' trials, count the budget (running trials included, so N
     workers never overshoot), then take a queued trial or ask the sampler for a new point — and suggest its
     parameters before letting go, so a concurrent TPE sees them as running (constant liar).
     """
-    with storage_lock(url, f"claim:{config.name}") as hold:
+    with storage.claim_lock(config.name) as hold:
         _enqueue_retries(study, config)
         trials = study.get_trials(deepcopy=False)
         if budget_used(trials) >= config.budget.n_trials:
@@ -114,7 +114,7 @@ def claim_trial(study: optuna.Study, config: StudyConfig, url: str) -> optuna.Tr
         log.warning("trial %d: the claim lock was lost mid-claim and another claim won; dropping it", trial.number)
         trial.set_user_attr(attrs.REASON, attrs.CLAIM_RACED)
         study.tell(trial, state=TrialState.FAIL)
-        return claim_trial(study, config, url)
+        return claim_trial(study, config, storage)
     return trial
 
 

@@ -1,41 +1,43 @@
-"""Storage URL -> Optuna storage that rides out outages; the storage-wide lock workers claim trials under.
+"""One :class:`Storage` per URL: the Optuna storage (retried through outages), the storage-wide lock, the
+masked URL — built once and handed to every layer above, from a table of the backends sft-optuna supports.
 
-Spellings: any SQLAlchemy URL Optuna accepts (``sqlite:///study.db``, ``postgresql+psycopg://u:p@host/db``),
-or ``journal:///path/to/studies.log`` for Optuna's journal file on a shared filesystem.
+Spellings: ``sqlite:///study.db``, ``postgresql+psycopg://u:p@host/db`` (SQLAlchemy URLs), or
+``journal:///path/to/studies.log`` for Optuna's journal file on a shared filesystem. Another database is
+refused: workers could not claim trials without a cross-worker lock.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import os
 import re
-import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy
-from filelock import FileLock
 from sqlalchemy.engine import make_url
 
 from sft_optuna.coordination.fast_writes import FastWrites
+from sft_optuna.coordination.locks import LockHold, advisory_lock, file_lock, memory_lock
+from sft_optuna.coordination.retrying import OUTAGE_S, RetryingStorage, error_reason, retry
 from sft_optuna.errors import StorageError
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_STORAGE",
     "OUTAGE_S",
+    "Backend",
     "LockHold",
-    "RetryingStorage",
+    "Storage",
     "error_reason",
     "mask_url",
     "open_storage",
     "resolve_url",
-    "storage_lock",
 ]
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,6 @@ log = logging.getLogger(__name__)
 DEFAULT_STORAGE = "sqlite:///sft-optuna.db"
 ENV_STORAGE = "SFT_OPTUNA_STORAGE"
 SQLITE_BUSY_TIMEOUT_S = 60  # workers wait for each other's writes instead of failing with "database is locked"
-LOCK_TIMEOUT_S = 600  # a claim takes milliseconds; ten minutes means something is badly wrong
-OUTAGE_S = 60.0  # how long a worker keeps retrying a storage that stopped answering (restarts, failovers)
 
 
 def resolve_url(url: str | None) -> str:
@@ -77,19 +77,6 @@ def _journal_path(url: str) -> Path:
     if not path.startswith("/"):
         raise StorageError(f"{url}: a journal URL needs an absolute path, e.g. journal:///nfs/studies.log")
     return Path(path)
-
-
-LOCK_DIR = ".sft-optuna-locks"  # beside the storage file; ignores itself in git (see _lock_file)
-
-
-def _lock_file(storage_file: Path, name: str) -> str:
-    """``<dir>/.sft-optuna-locks/<file>.<name>.lock``: one hidden folder, not a lock file per name beside the
-    user's files (they showed up in ``git status``)."""
-    folder = storage_file.parent / LOCK_DIR
-    if not folder.is_dir():
-        folder.mkdir(exist_ok=True)
-        (folder / ".gitignore").write_text("*\n")
-    return str(folder / f"{storage_file.name}.{name}.lock")
 
 
 def _looks_like_journal(path: Path) -> bool:
@@ -135,135 +122,6 @@ def _parse(url: str) -> sqlalchemy.URL:
     return parsed
 
 
-class LockHold:
-    """What :func:`storage_lock` yields: ``lost`` turns true, at the end of the block, if the lock may have
-    been released while the block ran (PostgreSQL dropped the session holding it: a restart or a failover)."""
-
-    lost: bool = False
-
-
-@contextlib.contextmanager
-def storage_lock(url: str, name: str = "claim", patience: float = OUTAGE_S) -> Iterator[LockHold]:
-    """A lock shared by every worker of this storage, for claiming trials and creating schema/studies.
-
-    SQLite and journal files: a lock file beside the database (one machine, or a filesystem with working
-    locks). PostgreSQL: a session advisory lock, released by the server if the worker dies holding it.
-    SQLite ignores ``SELECT ... FOR UPDATE``, which is why claiming a queued trial needs this at all.
-    ``patience``: how long to wait for an unreachable PostgreSQL server.
-    """
-    hold = LockHold()
-    if url.startswith("journal:"):
-        with FileLock(_lock_file(_journal_path(url), name), timeout=LOCK_TIMEOUT_S):
-            yield hold
-        return
-    parsed = _parse(url)
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        path = _sqlite_path(parsed)
-        if path is None:
-            with _memory_lock:
-                yield hold
-            return
-        with FileLock(_lock_file(path, name), timeout=LOCK_TIMEOUT_S):
-            yield hold
-        return
-    if backend == "postgresql":
-        key = int.from_bytes(hashlib.sha256(f"sft-optuna:{name}".encode()).digest()[:8], "little", signed=True)
-
-        def acquire() -> sqlalchemy.Connection:
-            conn = _lock_engine(url).connect()
-            try:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            except Exception:
-                conn.close()
-                raise
-            return conn
-
-        conn = _retry(acquire, "lock", patience)
-        try:
-            yield hold
-        finally:
-            try:
-                # False: this session no longer held it. The same session answering True held it throughout.
-                held = conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key}).scalar()
-                conn.close()
-                hold.lost = not held
-            except sqlalchemy.exc.SQLAlchemyError as exc:
-                # The server ended the session (restart): it released the lock with it, maybe mid-block.
-                log.warning("storage lock connection lost (%s); the server released the lock", exc)
-                conn.invalidate()
-                hold.lost = True
-        return
-    log.warning("no cross-worker lock for %s storage; run one worker at a time", backend)
-    yield hold
-
-
-_memory_lock = threading.RLock()
-_lock_engines: dict[str, sqlalchemy.Engine] = {}
-
-
-def _lock_engine(url: str) -> sqlalchemy.Engine:
-    if url not in _lock_engines:
-        # One connection is all a lock needs; pre-ping so a restarted server does not hand us a dead one.
-        _lock_engines[url] = sqlalchemy.create_engine(url, pool_size=1, max_overflow=1, pool_pre_ping=True)
-    return _lock_engines[url]
-
-
-def _engine_kwargs(parsed: sqlalchemy.URL) -> dict[str, Any]:
-    if parsed.get_backend_name() == "sqlite":
-        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
-    # Pre-ping: a database restart costs a reconnect, not a crash. Small pool: a worker needs two
-    # connections (trial + heartbeat) and a third for the lock; max_connections must cover 3 per worker.
-    return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2, "pool_recycle": 3600}
-
-
-def open_storage(url: str, patience: float = OUTAGE_S) -> Any:
-    """The Optuna storage behind ``url``, retrying through short outages (see :class:`RetryingStorage`).
-
-    ``patience``: how long opening waits for a server that does not answer (a command a person types to look
-    at results passes a few seconds, so a wrong host fails fast).
-
-    Schema creation is serialized by the storage lock, so a cold start of many workers on an empty database
-    does not race into "table already exists" / duplicate ``alembic_version`` errors.
-    """
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
-
-        path = _journal_path(url)
-        if not path.parent.is_dir():
-            raise StorageError(f"{url}: directory {path.parent} does not exist")
-        if path.is_dir():
-            example = f"journal://{str(path).rstrip('/')}/studies.log"
-            raise StorageError(f"{url}: {path} is a directory; name a file in it, e.g. {example}")
-        if not _looks_like_journal(path):
-            raise StorageError(f"{url}: {path} is not an Optuna journal file (its first line is not a journal entry)")
-        backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
-        try:
-            journal = JournalStorage(backend)  # replays the whole log: a file that is not a journal fails here
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-            raise StorageError(f"{url}: {path} is not an Optuna journal file ({type(exc).__name__})") from None
-        except OSError as exc:
-            raise StorageError(f"{url}: cannot open {path} ({exc.strerror or exc})") from None
-        return RetryingStorage(journal)  # type: ignore[abstract]  # methods set below the class
-    parsed = _parse(url)
-    _check_driver(url, parsed)
-    if parsed.get_backend_name() == "sqlite":
-        db_path = _sqlite_path(parsed)
-        if db_path is not None and not db_path.parent.is_dir():
-            raise StorageError(f"storage URL {mask_url(url)}: directory {db_path.parent} does not exist")
-    try:
-        with storage_lock(url, "schema", patience):
-            rdb = _retry(
-                lambda: optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(parsed)), "open", patience
-            )
-            fast = _retry(lambda: FastWrites.for_storage(rdb), "open", patience)
-            # get_storage adds Optuna's cache of finished trials in front of the database.
-            return RetryingStorage(optuna.storages.get_storage(rdb), fast)  # type: ignore[abstract]
-    except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
-        reason = error_reason(exc)
-        raise StorageError(f"cannot open storage {mask_url(url)}: {reason}") from None
-
-
 # driver name (as SQLAlchemy calls it) -> what to install for it
 DRIVER_PACKAGES = {
     "psycopg": "pip install 'psycopg[binary]' (or pip install -e '.[postgres]')",
@@ -293,92 +151,123 @@ def _check_driver(url: str, parsed: sqlalchemy.URL) -> None:
         raise StorageError(f"storage URL {mask_url(url)}: driver {driver!r} is not installed ({hint})") from None
 
 
-def error_reason(exc: BaseException) -> str:
-    """The first line of what the database driver said (unwrapping Optuna's and SQLAlchemy's wrappers)."""
-    if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _open_journal(url: str, patience: float) -> RetryingStorage:
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
+
+    path = _journal_path(url)
+    if not path.parent.is_dir():
+        raise StorageError(f"{url}: directory {path.parent} does not exist")
+    if path.is_dir():
+        example = f"journal://{str(path).rstrip('/')}/studies.log"
+        raise StorageError(f"{url}: {path} is a directory; name a file in it, e.g. {example}")
+    if not _looks_like_journal(path):
+        raise StorageError(f"{url}: {path} is not an Optuna journal file (its first line is not a journal entry)")
+    backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+    try:
+        journal = JournalStorage(backend)  # replays the whole log: a file that is not a journal fails here
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise StorageError(f"{url}: {path} is not an Optuna journal file ({type(exc).__name__})") from None
+    except OSError as exc:
+        raise StorageError(f"{url}: cannot open {path} ({exc.strerror or exc})") from None
+    return RetryingStorage(journal)
 
 
-def _transient(exc: BaseException) -> bool:
-    """Is this a storage error worth retrying (server gone or busy), not a bug or a full disk?"""
-    if isinstance(exc, optuna.exceptions.StorageInternalError):
-        # Optuna's RDB storage wraps the driver's error; judge the error it wraps.
-        cause = exc.__cause__ or exc.__context__
-        return cause is not None and _transient(cause)
-    if isinstance(exc, sqlalchemy.exc.DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        text = str(exc.orig).lower()
-        if "disk is full" in text or "no space" in text:
-            return False
-        return isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
-    # Optuna's RDB session helper can hit an UnboundLocalError when the connection dies mid-commit
-    # (seen with Optuna 5.0 on a PostgreSQL restart); it is the same outage.
-    return isinstance(exc, (sqlalchemy.exc.DisconnectionError, ConnectionError, UnboundLocalError))
+def _open_sql(url: str, patience: float, engine_kwargs: dict[str, Any]) -> RetryingStorage:
+    """Optuna's RDB storage behind Optuna's cache of finished trials, with the one-statement writes.
+
+    Schema creation runs under the storage lock, so a cold start of many workers on an empty database does not
+    race into "table already exists" / duplicate ``alembic_version`` errors."""
+    parsed = _parse(url)
+    _check_driver(url, parsed)
+    try:
+        with backend_for(url).lock(url, "schema", patience):
+            rdb = retry(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs), "open", patience)
+            fast = retry(lambda: FastWrites.for_storage(rdb), "open", patience)
+            return RetryingStorage(optuna.storages.get_storage(rdb), fast)
+    except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
+        raise StorageError(f"cannot open storage {mask_url(url)}: {error_reason(exc)}") from None
 
 
-def _retry(fn: Any, what: str, max_wait: float = OUTAGE_S) -> Any:
-    deadline = time.monotonic() + max_wait
-    delay = 0.25
-    while True:
-        try:
-            return fn()
-        except Exception as exc:
-            if not _transient(exc) or time.monotonic() + delay > deadline:
-                raise
-            reason = error_reason(exc)[:200]
-            log.warning("storage %s failed (%s); retrying in %.1f s", what, reason, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+def _open_sqlite(url: str, patience: float) -> RetryingStorage:
+    db_path = _sqlite_path(_parse(url))
+    if db_path is not None and not db_path.parent.is_dir():
+        raise StorageError(f"storage URL {mask_url(url)}: directory {db_path.parent} does not exist")
+    return _open_sql(url, patience, {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}})
 
 
-class RetryingStorage(optuna.storages.BaseStorage):
-    """Delegates to an Optuna storage and retries a call for up to a minute when the database is away.
+def _open_postgresql(url: str, patience: float) -> RetryingStorage:
+    # Pre-ping: a database restart costs a reconnect, not a crash. Small pool: a worker needs two connections
+    # (trial + heartbeat) and a third for the lock; max_connections must cover them (README).
+    return _open_sql(url, patience, {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2, "pool_recycle": 3600})
 
-    With ``pool_pre_ping`` the next attempt gets a fresh connection, so a database restart costs workers a
-    pause, not a crash. A retried write whose commit did reach the server before the connection died could
-    apply twice; Optuna's writes are idempotent except trial creation, where the budget check's lock limits
-    the harm to one extra trial record.
 
-    With ``fast`` (SQL storages, see :mod:`.fast_writes`) the per-epoch writes — intermediate values,
-    trial attributes, heartbeats — take one statement each; a write the fast path refuses (finished or unknown
-    trial) goes to Optuna's method, which raises Optuna's error.
+def _sqlite_lock(url: str, name: str, patience: float) -> AbstractContextManager[LockHold]:
+    path = _sqlite_path(_parse(url))
+    return memory_lock() if path is None else file_lock(path, name)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What sft-optuna needs of a kind of storage: how to open it, and a lock every worker of it honours."""
+
+    name: str
+    open: Callable[[str, float], RetryingStorage]
+    """``open(url, patience)``: the Optuna storage, retried through outages; ``patience`` bounds the wait for
+    a server that does not answer."""
+    lock: Callable[[str, str, float], AbstractContextManager[LockHold]]
+    """``lock(url, name, patience)``: the storage-wide lock ``name``."""
+
+
+BACKENDS: dict[str, Backend] = {
+    "sqlite": Backend("sqlite", _open_sqlite, _sqlite_lock),
+    "postgresql": Backend("postgresql", _open_postgresql, advisory_lock),
+    "journal": Backend("journal", _open_journal, lambda url, name, patience: file_lock(_journal_path(url), name)),
+}
+
+
+def backend_for(url: str) -> Backend:
+    """The backend of ``url``; a kind of storage without a cross-worker lock is refused, not run unlocked."""
+    name = "journal" if url.startswith("journal:") else _parse(url).get_backend_name()
+    if name not in BACKENDS:
+        raise StorageError(
+            f"storage URL {mask_url(url)}: {name} is not supported (workers claim trials under a lock that "
+            f"sft-optuna has for {', '.join(BACKENDS)}): use sqlite:///, postgresql+psycopg:// or journal:///"
+        )
+    return BACKENDS[name]
+
+
+class Storage:
+    """One storage, opened once from its URL and handed to every layer above instead of a (storage, url) pair."""
+
+    def __init__(self, url: str, backend: Backend, optuna_storage: RetryingStorage) -> None:
+        self.url = url
+        self.backend = backend
+        self.optuna = optuna_storage
+        """The Optuna storage (what ``optuna.load_study(storage=...)`` takes)."""
+
+    @property
+    def masked(self) -> str:
+        """The URL without its password, for messages and logs."""
+        return mask_url(self.url)
+
+    def lock(self, name: str, patience: float = OUTAGE_S) -> AbstractContextManager[LockHold]:
+        """The storage-wide lock ``name`` (schema, study creation, claims)."""
+        return self.backend.lock(self.url, name, patience)
+
+    def claim_lock(self, study_name: str) -> AbstractContextManager[LockHold]:
+        """The lock under which a study's trials are claimed and its dead workers' trials retried."""
+        return self.lock(f"claim:{study_name}")
+
+    def study_names(self) -> list[str]:
+        """Names of all studies in the storage, sorted."""
+        return sorted(s.study_name for s in self.optuna.get_all_studies())
+
+
+def open_storage(url: str, patience: float = OUTAGE_S) -> Storage:
+    """The storage behind ``url``; every problem with the URL or the storage is a one-line StorageError.
+
+    ``patience``: how long opening waits for a server that does not answer (a command a person types to look
+    at results passes a few seconds, so a wrong host fails fast).
     """
-
-    def __init__(self, inner: optuna.storages.BaseStorage, fast: FastWrites | None = None) -> None:
-        self.inner = inner
-        self.fast = fast
-
-    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
-        self._write("set_trial_intermediate_value", "intermediate_value", trial_id, step, intermediate_value)
-
-    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._write("set_trial_user_attr", "user_attr", trial_id, key, value)
-
-    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._write("set_trial_system_attr", "system_attr", trial_id, key, value)
-
-    def _write(self, name: str, fast_name: str, *args: Any) -> None:
-        fast = self.fast
-        if fast is not None and _retry(lambda: getattr(fast, fast_name)(*args), name):
-            return
-        _retry(lambda: getattr(self.inner, name)(*args), name)
-
-    def __getattr__(self, name: str) -> Any:  # anything not in BaseStorage: passed through unretried
-        return getattr(self.inner, name)
-
-
-def _delegate(name: str) -> Any:
-    def method(self: RetryingStorage, *args: Any, **kwargs: Any) -> Any:
-        return _retry(lambda: getattr(self.inner, name)(*args, **kwargs), name)
-
-    method.__name__ = name
-    return method
-
-
-for _name in [*sorted(optuna.storages.BaseStorage.__abstractmethods__), "get_n_trials", "get_best_trial"]:
-    if _name not in RetryingStorage.__dict__:  # the writes defined in the class have a fast path
-        setattr(RetryingStorage, _name, _delegate(_name))
-RetryingStorage.__abstractmethods__ = frozenset()
+    backend = backend_for(url)
+    return Storage(url, backend, backend.open(url, patience))
