@@ -19,16 +19,19 @@ import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
-from sft_optuna.config import StudyConfig, load_study_file
+from sft_optuna.config import StudyConfig
 from sft_optuna.coordination.storage import OUTAGE_S, Storage, error_reason, open_storage, resolve_url
 from sft_optuna.errors import NodeFault, UserError
+from sft_optuna.node import DEFAULT_CHECKPOINT_DIR, DEFAULT_DEVICE
 from sft_optuna.study import create_study, load_study
+from sft_optuna.study_file import load_study_file
 
 __all__ = ["main"]
 
 log = logging.getLogger("sft_optuna")
 
 
+DEVICE_HELP = f"auto | cpu | cuda | cuda:N | mps (default: {DEFAULT_DEVICE})"
 QUERY_PATIENCE_S = 5.0  # status/best/export/studies: a person waiting at a prompt; a wrong host should fail fast
 
 
@@ -169,11 +172,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from sft_optuna.node import resolve_device
+    from sft_optuna.node import resolve_device, use_threads
     from sft_optuna.results.export import output_dir
     from sft_optuna.results.retrain import retrain_best
 
     device = resolve_device(args.device)
+    use_threads(args.threads)
     out = output_dir(Path(args.out), "--out")
     storage = _open(args)
     study, config = load_study(args.name, storage)
@@ -187,38 +191,23 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from sft_optuna.node import resolve_device, resolve_threads
+    from sft_optuna.node import resolve_device, use_threads
     from sft_optuna.results.plan import calibrate, describe, make_plan, train_image_count
 
     config = load_study_file(args.study_file)
     device = resolve_device(args.device)
-    threads = resolve_threads(args.threads)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    ips = calibrate(config, device)
+    use_threads(args.threads)
+    ips = calibrate(config, device, data_root=args.data_root)
     plan = make_plan(config, ips, train_image_count(config, args.data_root))
     print(describe(config, plan, str(device)))
     return 0
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    import os
-
-    from sft_optuna.results.dashboard import PASSWORD_ENV, build_app, is_loopback, serve
+    from sft_optuna.results.dashboard import access, build_app, serve
 
     storage = _open(args)
-    loopback = is_loopback(args.host)
-    read_only_mode = args.read_only if args.read_only is not None else not loopback
-    password = os.environ.get(PASSWORD_ENV)
-    if not loopback and not password:
-        log.warning(
-            "dashboard on %s without a password: anyone who reaches this port can read every study "
-            "(set %s for basic auth, and put TLS in front)",
-            args.host,
-            PASSWORD_ENV,
-        )
+    read_only_mode, password = access(args.host, args.read_only)
     app = build_app(storage.optuna, read_only_mode, args.user, password)
     print(
         f"dashboard for {storage.masked} on http://{args.host}:{args.port}/dashboard"
@@ -275,13 +264,13 @@ def _add_common_args(p: argparse.ArgumentParser, top: bool) -> None:
 
 def _add_worker_args(p: argparse.ArgumentParser, device: bool = True) -> None:
     if device:
-        p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+        p.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
     p.add_argument("--data-root", default=None, help="where this node keeps the data (overrides data.root)")
     p.add_argument("--n-trials", type=_positive_int, default=None, help="stop after this many trials of this worker")
     p.add_argument(
         "--checkpoint-dir",
-        default="checkpoints",
-        help="shared directory for per-epoch checkpoints, or 'none' (default: checkpoints)",
+        default=DEFAULT_CHECKPOINT_DIR,
+        help=f"shared directory for per-epoch checkpoints, or 'none' (default: {DEFAULT_CHECKPOINT_DIR})",
     )
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: $OMP_NUM_THREADS)")
 
@@ -345,13 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="train on a stratified subset of this many training images (quick CPU runs)",
     )
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
     p.add_argument("--data-root", default=None)
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: $OMP_NUM_THREADS)")
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("plan", help="budget preview of a study file, from a short measured calibration")
     p.add_argument("study_file")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
     p.add_argument("--data-root", default=None)
     p.add_argument("--threads", type=_positive_int, default=None)
     p.set_defaults(func=cmd_plan)

@@ -1,7 +1,8 @@
-"""Study file -> typed, validated config objects. The only module that reads YAML.
+"""A study's config as typed dataclasses (a docstring under every field), and their checks: structure, types,
+ranges, every value a search space can produce. The ground floor: every layer imports it, it imports none.
 
-Every check on user input happens here, so that a bad file fails before anything touches a storage.
-Errors are one line: ``<file>: <key>: <what is wrong>``.
+Sampler and pruner names and options are checked against their constructors in ``search/samplers.py``;
+``study_file.py`` runs both checks on a whole study file. Errors are one line: ``<file>: <key>: <problem>``.
 """
 
 from __future__ import annotations
@@ -12,10 +13,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
-
-import yaml
 
 from sft_optuna.errors import ConfigError
 
@@ -30,7 +28,6 @@ __all__ = [
     "StudyConfig",
     "TrainConfig",
     "config_diff",
-    "load_study_file",
     "parse_config",
     "train_config_for",
 ]
@@ -402,9 +399,6 @@ def _check_space_values(where: str, pname: str, spec: ParamSpec, train: TrainCon
 
 
 def _check_values(config: StudyConfig, source: str) -> None:
-    # Local imports: the name tables live with the code that uses them.
-    from sft_optuna.search.samplers import check_pruner, check_sampler
-
     _check_positive(f"{source}: budget.n_trials", config.budget.n_trials)
     _check_positive(f"{source}: budget.max_retries", config.budget.max_retries, allow_zero=True)
     _check_positive(f"{source}: heartbeat.interval", config.heartbeat.interval)
@@ -416,26 +410,6 @@ def _check_values(config: StudyConfig, source: str) -> None:
     _check_positive(f"{source}: data.image_size", config.data.image_size)
     _check_positive(f"{source}: model.image_size", config.model.image_size)
     _check_train(f"{source}: train", config.train)
-    check_sampler(config.sampler, f"{source}: sampler")
-    check_pruner(config.pruner, f"{source}: pruner")
-
-
-def load_study_file(path: str | Path) -> StudyConfig:
-    """Read and validate a study file; every problem is a one-line :class:`ConfigError`."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read study file ({exc.strerror or exc})") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}); save the study file as UTF-8") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{line}: {getattr(exc, 'problem', exc)}") from None
-    return parse_config(raw, str(path))
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

@@ -7,18 +7,36 @@ import logging
 import os
 import uuid
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from sft_optuna.errors import UserError
 
-__all__ = ["check_checkpoint_dir", "resolve_device", "resolve_threads"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DEFAULT_CHECKPOINT_DIR",
+    "DEFAULT_DEVICE",
+    "check_checkpoint_dir",
+    "resolve_device",
+    "resolve_threads",
+    "use_threads",
+]
 
 log = logging.getLogger(__name__)
+
+# The per-node defaults, here once; the CLI and the worker take them from here. Precedence everywhere:
+# the command-line flag, then the environment ($OMP_NUM_THREADS for threads), then these.
+DEFAULT_DEVICE = "auto"
+"""``auto``: CUDA if this node has it, else the CPU."""
+DEFAULT_CHECKPOINT_DIR = "checkpoints"
+"""Relative to the working directory; workers on different machines need a shared one for retries to resume."""
 
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> ``cuda`` if available else ``cpu``; otherwise the named device, checked to be usable."""
+    import torch  # here, not at the top: the CLI reads this module's defaults without paying for torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -51,6 +69,16 @@ def resolve_threads(threads: int | None) -> int | None:
     if not env.isdigit() or int(env) < 1:
         raise UserError(f"$OMP_NUM_THREADS={env!r}: must be a whole number of at least 1")
     return int(env)
+
+
+def use_threads(threads: int | None) -> int | None:
+    """Resolve the thread count (:func:`resolve_threads`) and give it to torch; returns it (None: torch's own)."""
+    resolved = resolve_threads(threads)
+    if resolved:
+        import torch
+
+        torch.set_num_threads(resolved)
+    return resolved
 
 
 def check_checkpoint_dir(root: str | Path) -> None:

@@ -7,12 +7,13 @@ import logging
 import optuna
 
 from sft_optuna import attrs
-from sft_optuna.config import StudyConfig, config_diff, parse_config
+from sft_optuna.config import StudyConfig, config_diff
 from sft_optuna.coordination.storage import Storage
 from sft_optuna.errors import ConfigError, UserError
 from sft_optuna.results.notes import write_study_note
 from sft_optuna.search.samplers import make_pruner, make_sampler
 from sft_optuna.search.space import grid_points
+from sft_optuna.study_file import parse_study
 
 __all__ = ["create_study", "load_study"]
 
@@ -74,7 +75,7 @@ def load_study(name: str, storage: Storage, trial_number: int = 0) -> tuple[optu
     raw = optuna.load_study(study_name=name, storage=storage.optuna).user_attrs.get(attrs.STUDY_CONFIG)
     if raw is None:
         raise UserError(f"study {name!r} in {storage.masked} was not created by sft-optuna (no stored config)")
-    config = parse_config(raw, f"study {name!r} (stored config)")
+    config = parse_study(raw, f"study {name!r} (stored config)")
     study = optuna.load_study(
         study_name=name,
         storage=storage.optuna,

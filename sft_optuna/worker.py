@@ -30,7 +30,13 @@ from sft_optuna.coordination.claims import claim_trial, recover_trials, study_do
 from sft_optuna.coordination.heartbeat import Heartbeat, Watcher
 from sft_optuna.coordination.storage import Storage
 from sft_optuna.errors import DataError, ModelError, NodeFault
-from sft_optuna.node import check_checkpoint_dir, resolve_device, resolve_threads
+from sft_optuna.node import (
+    DEFAULT_CHECKPOINT_DIR,
+    DEFAULT_DEVICE,
+    check_checkpoint_dir,
+    resolve_device,
+    use_threads,
+)
 from sft_optuna.objective import Interrupted, InvalidValueError, Objective, lineage_of
 from sft_optuna.results.notes import write_best_figure, write_trial_note
 from sft_optuna.search.samplers import CachedCompletedPruner
@@ -49,13 +55,13 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 class WorkerOptions:
     """How one worker runs; per node, unlike the study config which is per study."""
 
-    device: str = "auto"
-    """``auto`` (CUDA if present), ``cpu``, ``cuda`` or ``cuda:N``."""
+    device: str = DEFAULT_DEVICE
+    """``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     data_root: str | None = None
     """Overrides the study's ``data.root`` on this node."""
     n_trials: int | None = None
     """Stop after this many trials of this worker (the study budget still applies)."""
-    checkpoint_dir: str | None = "checkpoints"
+    checkpoint_dir: str | None = DEFAULT_CHECKPOINT_DIR
     """Shared directory for per-epoch checkpoints; None disables checkpoints (no resume)."""
     threads: int | None = None
     """torch CPU threads; default: ``$OMP_NUM_THREADS`` if set, else torch's default."""
@@ -164,9 +170,7 @@ def prepare_node(config: StudyConfig, options: WorkerOptions) -> Node:
     ``--device`` should not wait for 60,000 images to be decoded.
     """
     device = resolve_device(options.device)
-    threads = resolve_threads(options.threads)
-    if threads:
-        torch.set_num_threads(threads)
+    use_threads(options.threads)
     checkpoints = None
     if options.checkpoint_dir:
         check_checkpoint_dir(options.checkpoint_dir)

@@ -10,9 +10,10 @@ import yaml
 from conftest import REPO, study_dict
 
 from sft_optuna.cli import main
-from sft_optuna.config import config_diff, load_study_file, parse_config
+from sft_optuna.config import config_diff, parse_config
 from sft_optuna.errors import ConfigError
 from sft_optuna.search.space import grid_points
+from sft_optuna.study_file import load_study_file
 
 STUDY_FILES = sorted((REPO / "studies").glob("*.yaml"))
 

@@ -13,6 +13,7 @@ from sft_optuna.config import DataConfig
 from sft_optuna.errors import DataError
 from sft_optuna.training import data as data_mod
 from sft_optuna.training.data import (
+    dataset_size,
     load_cifar10,
     load_dataset,
     load_imagefolder,
@@ -145,3 +146,9 @@ def test_splits_hold_out_validation_cap_training_and_never_contain_test(tmp_path
 def test_val_size_larger_than_the_data_is_a_clear_error(cifar_root: Path) -> None:
     with pytest.raises(DataError, match="cannot take 5000 of 500 images"):
         make_splits(load_cifar10(cifar_root), DataConfig(val_size=5000))
+
+
+def test_dataset_size_counts_without_decoding(folder_root: Path, tmp_path: Path) -> None:
+    assert dataset_size(DataConfig(dataset="imagefolder", root=str(folder_root))) == (200, 4)
+    assert dataset_size(DataConfig(dataset="imagefolder", root=str(tmp_path / "absent"))) is None
+    assert dataset_size(DataConfig(dataset="cifar10", root=str(tmp_path / "absent"))) == (50_000, 10)

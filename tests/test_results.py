@@ -15,10 +15,11 @@ import yaml
 from conftest import study_dict, write_imagefolder
 
 from sft_optuna.cli import main
-from sft_optuna.config import load_study_file, parse_config
+from sft_optuna.config import parse_config
 from sft_optuna.results.export import FIGURES
 from sft_optuna.results.plan import EVAL_FACTOR, make_plan
 from sft_optuna.results.retrain import evaluate_model_file
+from sft_optuna.study_file import load_study_file
 from sft_optuna.training.data import load_imagefolder
 
 

@@ -12,12 +12,13 @@ import base64
 import hmac
 import ipaddress
 import logging
+import os
 import socketserver
 from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-__all__ = ["PASSWORD_ENV", "basic_auth", "is_loopback", "read_only", "serve"]
+__all__ = ["PASSWORD_ENV", "access", "basic_auth", "is_loopback", "read_only", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,24 @@ class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
+
+
+def access(host: str, read_only: bool | None) -> tuple[bool, str | None]:
+    """The dashboard's policy for ``host``: (read-only?, basic-auth password or None).
+
+    Read-only unless asked otherwise (``read_only`` False) when the address is not a loopback one; the password
+    comes only from ``$SFT_OPTUNA_DASHBOARD_PASSWORD``, and exposing the dashboard without one is warned about.
+    """
+    loopback = is_loopback(host)
+    password = os.environ.get(PASSWORD_ENV)
+    if not loopback and not password:
+        log.warning(
+            "dashboard on %s without a password: anyone who reaches this port can read every study "
+            "(set %s for basic auth, and put TLS in front)",
+            host,
+            PASSWORD_ENV,
+        )
+    return (read_only if read_only is not None else not loopback), password
 
 
 def build_app(storage: Any, read_only_mode: bool, user: str | None, password: str | None) -> WSGIApp:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from sft_optuna.config import StudyConfig
 from sft_optuna.search.space import grid_points
-from sft_optuna.training.data import CIFAR10_CLASSES, IMAGE_EXTENSIONS, Splits
+from sft_optuna.training.data import CIFAR10_CLASSES, Splits, dataset_size
 from sft_optuna.training.trainer import Trainer
 
 __all__ = ["Plan", "calibrate", "make_plan", "train_image_count"]
@@ -46,29 +45,25 @@ class Plan:
 
 
 def train_image_count(config: StudyConfig, data_root: str | None = None) -> int:
-    """Training images a trial sees, without loading the data (official CIFAR-10: 50,000; folders: counted)."""
-    root = Path(data_root or config.data.root)
-    if config.data.dataset == "cifar10":
-        total = 50_000
-    else:
-        train_dir = root / "train"
-        total = (
-            sum(1 for p in train_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if train_dir.is_dir() else 0
-        )
-    n = max(total - config.data.val_size, 0)
+    """Training images a trial sees, without loading the data (0 where the data is not on this node yet)."""
+    size = dataset_size(config.data, data_root)
+    n = max((size[0] if size else 0) - config.data.val_size, 0)
     return min(n, config.data.train_subset) if config.data.train_subset else n
 
 
-def calibrate(config: StudyConfig, device: torch.device, steps: int = 5) -> float:
-    """Training images/s of the study's fixed config on ``device``, measured on random images."""
+def calibrate(config: StudyConfig, device: torch.device, steps: int = 5, data_root: str | None = None) -> float:
+    """Training images/s of the study's fixed config on ``device``, measured on random images (as many classes
+    as the data has, where it is here; CIFAR-10's ten otherwise)."""
+    counts = dataset_size(config.data, data_root)
+    classes = counts[1] if counts else len(CIFAR10_CLASSES)
     bs = config.train.batch_size
     gen = torch.Generator().manual_seed(0)
     n = bs * (steps + 1)
     size = config.data.image_size
     x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
-    y = torch.randint(0, len(CIFAR10_CLASSES), (n,), generator=gen)
+    y = torch.randint(0, classes, (n,), generator=gen)
     model = dataclasses.replace(config.model, weights="none")  # speed does not depend on the starting weights
-    trainer = Trainer(Splits(x, y, x[:bs], y[:bs], len(CIFAR10_CLASSES)), model, config.train, device)
+    trainer = Trainer(Splits(x, y, x[:bs], y[:bs], classes), model, config.train, device)
     trainer.train_steps(1)  # warm-up (cuDNN autotuning, allocator)
     _, _, seen, seconds, _ = trainer.train_steps(steps)
     return seen / max(seconds, 1e-9)

@@ -25,6 +25,7 @@ __all__ = [
     "CIFAR10_CLASSES",
     "Dataset",
     "Splits",
+    "dataset_size",
     "load_cifar10",
     "load_dataset",
     "load_imagefolder",
@@ -221,13 +222,30 @@ def load_imagefolder(root: str | Path, image_size: int = 32) -> Dataset:
 def load_dataset(cfg: DataConfig, root: str | Path | None = None) -> Dataset:
     """The dataset a config names, test split included; ``root`` overrides ``cfg.root`` (a node's own data
     location). Only ``retrain`` needs this; a search needs :func:`load_splits`."""
-    where = Path(root if root is not None else cfg.root)
+    where = _root(cfg, root)
     if cfg.dataset == "cifar10":
         data = load_cifar10(where, download=cfg.download)
         if len(torch.unique(data.train_y)) < 2:
             raise DataError(f"{where}: the training images have fewer than two classes")
         return data
     return load_imagefolder(where, cfg.image_size)
+
+
+def dataset_size(cfg: DataConfig, root: str | Path | None = None) -> tuple[int, int] | None:
+    """(training images before the validation split, classes) without decoding anything; None when the data is
+    not on this node yet. The official CIFAR-10 release has its published sizes."""
+    where = _root(cfg, root)
+    if cfg.dataset == "cifar10":
+        return 50_000, len(CIFAR10_CLASSES)
+    if not (where / "train").is_dir():
+        return None
+    classes, files = _list_split(where, "train")
+    return len(files), len(classes)
+
+
+def _root(cfg: DataConfig, root: str | Path | None) -> Path:
+    """``--data-root`` (this node's copy) over the study's ``data.root``."""
+    return Path(root if root is not None else cfg.root)
 
 
 def load_splits(cfg: DataConfig, root: str | Path | None = None) -> tuple[Splits, list[str]]:
@@ -237,7 +255,7 @@ def load_splits(cfg: DataConfig, root: str | Path | None = None) -> tuple[Splits
     the images it uses are decoded (with ``train_subset: 1000`` a thousand and the validation images, not
     60,000) — the same split :func:`make_splits` draws from the whole decoded set.
     """
-    where = Path(root if root is not None else cfg.root)
+    where = _root(cfg, root)
     if cfg.dataset == "cifar10":
         data = load_dataset(cfg, where)
         return make_splits(data, cfg), list(data.classes)
