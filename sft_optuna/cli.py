@@ -46,7 +46,7 @@ def _worker_options(args: argparse.Namespace) -> Any:
     return WorkerOptions(
         device=args.device,
         data_root=args.data_root,
-        n_trials=args.n_trials,
+        max_trials=args.max_trials,
         checkpoint_dir=None if args.checkpoint_dir == "none" else args.checkpoint_dir,
         threads=args.threads,
     )
@@ -118,8 +118,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     ]
     if args.data_root:
         argv += ["--data-root", args.data_root]
-    if args.n_trials is not None:
-        argv += ["--n-trials", str(args.n_trials)]
+    if args.max_trials is not None:
+        argv += ["--max-trials", str(args.max_trials)]
     return launch(gpus, args.workers_per_gpu, argv, storage.url, threads)
 
 
@@ -266,7 +266,14 @@ def _add_worker_args(p: argparse.ArgumentParser, device: bool = True) -> None:
     if device:
         p.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
     p.add_argument("--data-root", default=None, help="where this node keeps the data (overrides data.root)")
-    p.add_argument("--n-trials", type=_positive_int, default=None, help="stop after this many trials of this worker")
+    p.add_argument(
+        "--max-trials",
+        "--n-trials",  # its old name, kept working; budget.n_trials is the study's budget
+        dest="max_trials",
+        type=_positive_int,
+        default=None,
+        help="this worker stops after this many trials (the study's budget.n_trials still applies)",
+    )
     p.add_argument(
         "--checkpoint-dir",
         default=DEFAULT_CHECKPOINT_DIR,

@@ -12,7 +12,7 @@ from sft_optuna.coordination.storage import Storage
 from sft_optuna.errors import ConfigError, UserError
 from sft_optuna.results.notes import write_study_note
 from sft_optuna.search.samplers import make_pruner, make_sampler
-from sft_optuna.search.space import grid_points
+from sft_optuna.search.space import grid_points, is_grid
 from sft_optuna.study_file import parse_study
 
 __all__ = ["create_study", "load_study"]
@@ -51,7 +51,7 @@ def create_study(config: StudyConfig, storage: Storage, study_file: str | None =
         if study_file is not None:
             study.set_user_attr(attrs.STUDY_FILE, study_file)
         write_study_note(study, config, study_file)
-        if config.sampler.name == "grid":
+        if is_grid(config):
             points = grid_points(config.search_space)
             if len(points) > config.budget.n_trials:
                 log.warning(

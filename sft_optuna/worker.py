@@ -59,7 +59,7 @@ class WorkerOptions:
     """``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     data_root: str | None = None
     """Overrides the study's ``data.root`` on this node."""
-    n_trials: int | None = None
+    max_trials: int | None = None
     """Stop after this many trials of this worker (the study budget still applies)."""
     checkpoint_dir: str | None = DEFAULT_CHECKPOINT_DIR
     """Shared directory for per-epoch checkpoints; None disables checkpoints (no resume)."""
@@ -210,7 +210,7 @@ def run_worker(
         config.heartbeat.interval, lambda: recover_trials(study, config, storage, set(current)), "stale-trial watcher"
     )
     with stop.installed(), watcher:
-        while not stop.event.is_set() and (options.n_trials is None or done < options.n_trials):
+        while not stop.event.is_set() and (options.max_trials is None or done < options.max_trials):
             trial = claim_trial(study, config, storage)
             if trial is None:
                 trials = study.get_trials(deepcopy=False)

@@ -184,3 +184,14 @@ def test_trial_values_and_confusion_matrices_come_from_validation_only(
     assert sum(matrix[i][i] for i in range(4)) / 40 == pytest.approx(trial.value)
     assert trial.value >= 0.75, trial.intermediate_values
     assert trial.intermediate_values[4] == trial.value  # objective: last
+
+
+def test_max_trials_caps_this_worker_and_n_trials_still_works(
+    folder_root: Path, write_study: Callable[..., Path], sqlite_url: str
+) -> None:
+    path = write_study(study_dict(folder_root, budget={"n_trials": 3}, train={"epochs": 1}))
+    base = ["--storage", sqlite_url, "run", str(path), "--device", "cpu", "--checkpoint-dir", "none"]
+    assert main([*base, "--max-trials", "1"]) == 0
+    assert len(optuna.load_study(study_name="t", storage=sqlite_url).get_trials()) == 1
+    assert main([*base, "--n-trials", "1"]) == 0  # the flag's old name
+    assert len(optuna.load_study(study_name="t", storage=sqlite_url).get_trials()) == 2

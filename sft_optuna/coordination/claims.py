@@ -17,7 +17,7 @@ from sft_optuna.config import StudyConfig
 from sft_optuna.coordination.heartbeat import fail_stale_trials
 from sft_optuna.coordination.storage import Storage
 from sft_optuna.search.samplers import make_sampler
-from sft_optuna.search.space import suggest
+from sft_optuna.search.space import is_grid, suggest
 
 __all__ = ["budget_used", "claim_trial", "raced", "recover_trials", "retries_due", "study_done"]
 
@@ -66,7 +66,7 @@ def study_done(trials: Sequence[FrozenTrial], config: StudyConfig) -> bool:
         return False
     if retries_due(trials, config.budget.max_retries):
         return False
-    return config.sampler.name == "grid" or budget_used(trials) >= config.budget.n_trials
+    return is_grid(config) or budget_used(trials) >= config.budget.n_trials
 
 
 def _enqueue_retries(study: optuna.Study, config: StudyConfig, alive: Collection[int] = ()) -> None:
@@ -105,7 +105,7 @@ def claim_trial(study: optuna.Study, config: StudyConfig, storage: Storage) -> o
         if budget_used(trials) >= config.budget.n_trials:
             return None
         waiting = any(t.state == TrialState.WAITING for t in trials)
-        if config.sampler.name == "grid" and not waiting:
+        if is_grid(config) and not waiting:
             return None  # every grid point was claimed once; the grid is done
         study.sampler = make_sampler(config.sampler, len(trials))
         trial = study.ask()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from sft_optuna.config import StudyConfig
-from sft_optuna.search.space import grid_points
+from sft_optuna.search.space import grid_size
 from sft_optuna.training.data import CIFAR10_CLASSES, Splits, dataset_size
 from sft_optuna.training.trainer import Trainer
 
@@ -72,7 +72,7 @@ def calibrate(config: StudyConfig, device: torch.device, steps: int = 5, data_ro
 def make_plan(config: StudyConfig, images_per_s: float, train_images: int) -> Plan:
     """The budget arithmetic for a measured ``images_per_s``."""
     warnings: list[str] = []
-    grid = len(grid_points(config.search_space)) if config.sampler.name == "grid" else None
+    grid = grid_size(config)
     trials = config.budget.n_trials if grid is None else min(grid, config.budget.n_trials)
     if grid is not None and grid > config.budget.n_trials:
         warnings.append(

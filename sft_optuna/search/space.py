@@ -8,9 +8,9 @@ from typing import Any
 
 import optuna
 
-from sft_optuna.config import ParamSpec
+from sft_optuna.config import ParamSpec, StudyConfig
 
-__all__ = ["grid_points", "suggest"]
+__all__ = ["grid_points", "grid_size", "is_grid", "suggest"]
 
 
 def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
@@ -50,3 +50,18 @@ def grid_points(space: dict[str, ParamSpec]) -> list[dict[str, Any]]:
     names = sorted(space)
     axes = [_axis(space[n]) for n in names]
     return [dict(zip(names, values, strict=True)) for values in itertools.product(*axes)]
+
+
+# The grid, in one place. It is not Optuna's GridSampler (which re-picks a running point once every point is
+# taken): each point is queued once when the study is created (study.py), workers claim queued trials under
+# the claim lock, and the study is done when no point is left queued (coordination/claims.py).
+
+
+def is_grid(config: StudyConfig) -> bool:
+    """Does the study run a grid (every point queued at creation) rather than a sampler's choices?"""
+    return config.sampler.name == "grid"
+
+
+def grid_size(config: StudyConfig) -> int | None:
+    """How many points the study's grid has (None for a sampler that chooses)."""
+    return len(grid_points(config.search_space)) if is_grid(config) else None
