@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 
@@ -25,8 +27,12 @@ def imagenet_cache_path() -> Path:
 
 def _imagenet_state_dict() -> dict[str, torch.Tensor]:
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    if not imagenet_cache_path().is_file():
+        log.info("downloading ImageNet ResNet-18 weights into %s", imagenet_cache_path())
     try:
-        return weights.get_state_dict(progress=False, check_hash=True)
+        # torch.hub prints its own "Downloading: ..." line; ours above says it, and a failure stays one line
+        with contextlib.redirect_stdout(io.StringIO()):
+            return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as exc:  # noqa: BLE001 - offline, proxy, disk: one message for the user
         raise ModelError(
             f"cannot load ImageNet ResNet-18 weights: not in {imagenet_cache_path()} and download failed ({exc}); "
