@@ -122,8 +122,9 @@ def raced(trials: Sequence[FrozenTrial], number: int, n_trials: int) -> bool:
     """Is trial ``number`` excess, claimed while another worker claimed too (the lock having been lost)?
 
     Excess: a second retry of the same failed trial (the lower number keeps it), or a trial over the budget
-    (the newest counted trials are the excess ones). Optuna hands each queued trial (a grid point) to one
-    worker only, so grid points cannot be claimed twice this way.
+    (the newest counted trials are the excess ones). Only PostgreSQL's lock can be lost, and there Optuna
+    hands each queued trial (a grid point) to one worker (a row lock), so grid points cannot be claimed twice
+    this way. (On SQLite Optuna can hand one queued trial to two workers; there the file lock is never lost.)
     """
     mine = trials[number]
     retry_of = mine.user_attrs.get(attrs.RETRY_OF)

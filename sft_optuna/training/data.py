@@ -177,10 +177,13 @@ def _list_split(root: Path, split: str) -> tuple[list[str], list[tuple[Path, int
     return _list_images(split_dir)
 
 
-def _load_split(root: Path, split: str, size: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-    classes, files = _list_split(root, split)
-    x, y = _decode_cached(root, split, files, size)
-    return classes, x, y
+def _list_folders(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]]]:
+    """Class names and the image files of ``train/`` and ``test/``; both splits must have the same classes."""
+    classes, train_files = _list_split(root, "train")
+    test_classes, test_files = _list_split(root, "test")
+    if test_classes != classes:
+        raise DataError(f"{root}: train and test have different class folders ({classes} vs {test_classes})")
+    return classes, train_files, test_files
 
 
 def _decode_cached(root: Path, split: str, files: list[tuple[Path, int]], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -206,10 +209,9 @@ def _decode_cached(root: Path, split: str, files: list[tuple[Path, int]], size: 
 def load_imagefolder(root: str | Path, image_size: int = 32) -> Dataset:
     """``root/train/<class>/*`` and ``root/test/<class>/*``, decoded once and cached as uint8."""
     root = Path(root)
-    classes, train_x, train_y = _load_split(root, "train", image_size)
-    test_classes, test_x, test_y = _load_split(root, "test", image_size)
-    if test_classes != classes:
-        raise DataError(f"{root}: train and test have different class folders ({classes} vs {test_classes})")
+    classes, train_files, test_files = _list_folders(root)
+    train_x, train_y = _decode_cached(root, "train", train_files, image_size)
+    test_x, test_y = _decode_cached(root, "test", test_files, image_size)
     return Dataset(
         train_x=torch.from_numpy(train_x),
         train_y=torch.from_numpy(train_y),
@@ -259,10 +261,7 @@ def load_splits(cfg: DataConfig, root: str | Path | None = None) -> tuple[Splits
     if cfg.dataset == "cifar10":
         data = load_dataset(cfg, where)
         return make_splits(data, cfg), list(data.classes)
-    classes, files = _list_split(where, "train")
-    test_classes, _ = _list_split(where, "test")
-    if test_classes != classes:
-        raise DataError(f"{where}: train and test have different class folders ({classes} vs {test_classes})")
+    classes, files, _ = _list_folders(where)
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     val_idx, train_idx = split_indices(labels, cfg)
     need = torch.cat([val_idx, train_idx]).sort().values
