@@ -152,3 +152,14 @@ def test_dataset_size_counts_without_decoding(folder_root: Path, tmp_path: Path)
     assert dataset_size(DataConfig(dataset="imagefolder", root=str(folder_root))) == (200, 4)
     assert dataset_size(DataConfig(dataset="imagefolder", root=str(tmp_path / "absent"))) is None
     assert dataset_size(DataConfig(dataset="cifar10", root=str(tmp_path / "absent"))) == (50_000, 10)
+
+
+def test_train_and_test_with_different_class_folders_are_refused(tmp_path: Path) -> None:
+    import shutil
+
+    root = write_imagefolder(tmp_path / "d", n_train=40, n_test=8, num_classes=4)
+    shutil.rmtree(root / "test" / "class3")
+    with pytest.raises(DataError, match="train and test have different class folders"):
+        load_imagefolder(root)
+    with pytest.raises(DataError, match="train and test have different class folders"):
+        load_splits(DataConfig(dataset="imagefolder", root=str(root), val_size=8, image_size=32))
