@@ -25,9 +25,12 @@ CONFUSION = "confusion_matrix"
 """Trial: validation confusion matrix after the last epoch (rows true class, columns predicted)."""
 HOST = "host"
 """Trial: hostname:pid and device of the worker that ran it."""
+SLOT = "slot"
+"""Trial: which of the study's budget slots (0 .. n_trials-1) it fills; a retry keeps its trial's slot. The
+budget is queued as WAITING trials, and Optuna hands each queued trial to exactly one worker."""
 CLAIM_RACED = "claim raced"
-"""Reason of a trial dropped right after its claim: the claim lock was lost mid-claim and another worker's
-claim made this one excess (over the budget, or a second retry of the same trial). Not counted, not retried."""
+"""Reason of a trial dropped right after its claim: a duplicate (a second retry of the same trial, a slot
+queued twice after a crash) or a fresh trial Optuna made when the queue ran dry. Not counted, not retried."""
 NODE_FAULT = "node fault"
 """Reason of a trial its node could not run (device failed, checkpoint directory unwritable, weights or data
 gone): given back, retried by another worker, not counted against the budget."""

@@ -221,6 +221,28 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_proxy(args: argparse.Namespace) -> int:
+    from sft_optuna.coordination.proxy import serve
+    from sft_optuna.results.dashboard import is_loopback
+
+    storage = open_storage(resolve_url(args.storage), OUTAGE_S, connections=args.threads)
+    if not is_loopback(args.host):
+        log.warning(
+            "the proxy has no authentication: anyone who reaches %s:%d can read and change every study in %s; "
+            "keep it on a private network",
+            args.host,
+            args.port,
+            storage.masked,
+        )
+    print(
+        f"proxy for {storage.masked} on grpc://{args.host}:{args.port} "
+        f"({args.threads} threads, at most {args.threads} database connections)",
+        flush=True,
+    )
+    serve(storage, args.host, args.port, args.threads)
+    return 0
+
+
 def cmd_studies(args: argparse.Namespace) -> int:
     storage = _open(args, QUERY_PATIENCE_S)
     names = storage.study_names()
@@ -374,6 +396,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--user", default="sft", help="basic-auth user; the password comes only from $SFT_OPTUNA_DASHBOARD_PASSWORD"
     )
     p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("proxy", help="serve the storage to many workers over gRPC (workers use grpc://HOST:PORT)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=13000)
+    p.add_argument(
+        "--threads", type=_positive_int, default=16, help="server threads = database connections held (default 16)"
+    )
+    p.set_defaults(func=cmd_proxy)
 
     p = sub.add_parser("studies", help="studies in the storage, with trial counts")
     p.set_defaults(func=cmd_studies)

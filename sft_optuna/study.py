@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import optuna
 
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig, config_diff
+from sft_optuna.coordination.claims import queue_budget
 from sft_optuna.coordination.storage import Storage
 from sft_optuna.errors import ConfigError, UserError
 from sft_optuna.results.notes import write_study_note
 from sft_optuna.search.samplers import make_pruner, make_sampler
-from sft_optuna.search.space import grid_points, is_grid
 from sft_optuna.study_file import parse_study
 
 __all__ = ["create_study", "load_study"]
 
 log = logging.getLogger(__name__)
+
+
+def _study_id(name: str, storage: Storage) -> int:
+    return storage.optuna.get_study_id_from_name(name)
 
 
 def _find(storage: Storage, name: str) -> bool:
@@ -32,39 +37,38 @@ def create_study(config: StudyConfig, storage: Storage, study_file: str | None =
     """
     with storage.lock("create"):
         if _find(storage, config.name):
-            study, stored = load_study(config.name, storage)
-            diff = config_diff(stored.to_dict(), config.to_dict())
-            if diff:
-                raise ConfigError(
-                    f"study {config.name!r} already exists in {storage.masked} with a different config "
-                    f"(differs in: {', '.join(diff)}); use another name or the stored config"
-                )
-            return study, False
-        study = optuna.create_study(
-            storage=storage.optuna,
-            study_name=config.name,
-            direction=config.direction,
-            sampler=make_sampler(config.sampler, 0),
-            pruner=make_pruner(config.pruner),
-        )
+            return _existing(config, storage), False
+        try:
+            study = optuna.create_study(
+                storage=storage.optuna,
+                study_name=config.name,
+                direction=config.direction,
+                sampler=make_sampler(config.sampler, 0),
+                pruner=make_pruner(config.pruner),
+            )
+        except optuna.exceptions.DuplicatedStudyError:  # created a moment ago through a lock-less proxy
+            return _existing(config, storage), False
         study.set_user_attr(attrs.STUDY_CONFIG, config.to_dict())
         if study_file is not None:
             study.set_user_attr(attrs.STUDY_FILE, study_file)
         write_study_note(study, config, study_file)
-        if is_grid(config):
-            points = grid_points(config.search_space)
-            if len(points) > config.budget.n_trials:
-                log.warning(
-                    "grid has %d points but the budget is %d trials: only the first %d will run",
-                    len(points),
-                    config.budget.n_trials,
-                    config.budget.n_trials,
-                )
-            # Each point queued exactly once; workers claim queued trials under the storage lock.
-            for params in points[: config.budget.n_trials]:
-                study.enqueue_trial(params)
+        queue_budget(study, config)  # the budget as queued trials: workers claim them without a lock
         log.info("created study %r in %s", config.name, storage.masked)
         return study, True
+
+
+def _existing(config: StudyConfig, storage: Storage) -> optuna.Study:
+    study, stored = load_study(config.name, storage)
+    diff = config_diff(stored.to_dict(), config.to_dict())
+    if diff:
+        raise ConfigError(
+            f"study {config.name!r} already exists in {storage.masked} with a different config "
+            f"(differs in: {', '.join(diff)}); use another name or the stored config"
+        )
+    return study
+
+
+CONFIG_WAIT_S = 3.0  # a study just created elsewhere gets its config a moment after its name
 
 
 def load_study(name: str, storage: Storage, trial_number: int = 0) -> tuple[optuna.Study, StudyConfig]:
@@ -72,7 +76,11 @@ def load_study(name: str, storage: Storage, trial_number: int = 0) -> tuple[optu
     if not _find(storage, name):
         known = ", ".join(storage.study_names()) or "none"
         raise UserError(f"no study named {name!r} in {storage.masked} (studies there: {known})")
-    raw = optuna.load_study(study_name=name, storage=storage.optuna).user_attrs.get(attrs.STUDY_CONFIG)
+    deadline = time.monotonic() + CONFIG_WAIT_S
+    while (raw := storage.optuna.get_study_user_attrs(_study_id(name, storage)).get(attrs.STUDY_CONFIG)) is None:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     if raw is None:
         raise UserError(f"study {name!r} in {storage.masked} was not created by sft-optuna (no stored config)")
     config = parse_study(raw, f"study {name!r} (stored config)")

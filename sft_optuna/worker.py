@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
 from sft_optuna.coordination.checkpoints import CheckpointStore
-from sft_optuna.coordination.claims import claim_trial, recover_trials, study_done
+from sft_optuna.coordination.claims import claim_trial, queue_retry, recover_trials, study_done
 from sft_optuna.coordination.heartbeat import Heartbeat, Watcher
 from sft_optuna.coordination.storage import Storage
 from sft_optuna.errors import DataError, ModelError, NodeFault
@@ -207,11 +207,11 @@ def run_worker(
     waiting = False
     current: set[int] = set()  # the trial this worker runs: alive, whatever its beats look like after an outage
     watcher = Watcher(
-        config.heartbeat.interval, lambda: recover_trials(study, config, storage, set(current)), "stale-trial watcher"
+        config.heartbeat.interval, lambda: recover_trials(study, config, set(current)), "stale-trial watcher"
     )
     with stop.installed(), watcher:
         while not stop.event.is_set() and (options.max_trials is None or done < options.max_trials):
-            trial = claim_trial(study, config, storage)
+            trial = claim_trial(study, config)
             if trial is None:
                 trials = study.get_trials(deepcopy=False)
                 if study_done(trials, config):
@@ -233,7 +233,7 @@ def run_worker(
             log.info("trial %d: %s", trial.number, trial.params)
             current.add(trial.number)
             try:
-                state = _run_one(study, trial, objective, checkpoints, config.heartbeat.interval)
+                state = _run_one(study, config, trial, objective, checkpoints)
             finally:
                 current.discard(trial.number)
             if state is not None:
@@ -248,16 +248,16 @@ def run_worker(
 
 def _run_one(
     study: optuna.Study,
+    config: StudyConfig,
     trial: optuna.Trial,
     objective: Objective,
     checkpoints: CheckpointStore | None,
-    heartbeat_interval: float,
 ) -> TrialState | None:
     """Run one claimed trial and tell the storage how it ended; returns the state told."""
     lineage = lineage_of(trial)
     try:
         # trial._trial_id: Optuna has no public accessor for the storage id that heartbeats are written to.
-        with Heartbeat(study._storage, trial._trial_id, heartbeat_interval):
+        with Heartbeat(study._storage, trial._trial_id, config.heartbeat.interval):
             value = objective(trial)
     except optuna.TrialPruned as exc:
         log.info("trial %d: %s", trial.number, exc)
@@ -269,12 +269,12 @@ def _run_one(
     except (Interrupted, KeyboardInterrupt) as exc:
         _set_reason(trial, "interrupted")
         log.warning("trial %d interrupted (%s); it will be retried from its checkpoint", trial.number, exc or "now")
-        _safe_tell(study, trial, state=TrialState.FAIL)
+        _fail_and_retry(study, config, trial)
         if isinstance(exc, KeyboardInterrupt):
             raise
         return TrialState.FAIL
     except (NodeFault, ModelError, DataError) as exc:
-        _give_back(study, trial, str(exc))
+        _give_back(study, config, trial, str(exc))
         raise NodeFault(f"{exc}; trial {trial.number} was given back and will be retried") from None
     except torch.cuda.OutOfMemoryError:
         _set_reason(trial, "out of memory")
@@ -295,7 +295,7 @@ def _run_one(
     except Exception as exc:  # noqa: BLE001 - a trial's bug must not take the worker down
         if isinstance(exc, RuntimeError) and _is_device_fault(exc):
             reason = str(exc).strip().splitlines()[0]
-            _give_back(study, trial, reason)
+            _give_back(study, config, trial, reason)
             raise NodeFault(
                 f"device failed ({reason}); trial {trial.number} was given back and will be retried"
             ) from None
@@ -328,7 +328,14 @@ def _is_device_fault(exc: RuntimeError) -> bool:
     return ("CUDA error" in text or "CUDA driver" in text or "cuDNN error" in text) and "out of memory" not in text
 
 
-def _give_back(study: optuna.Study, trial: optuna.Trial, detail: str) -> None:
+def _fail_and_retry(study: optuna.Study, config: StudyConfig, trial: optuna.Trial) -> None:
+    """Fail our own trial with a retryable reason and queue its retry (unless a watcher failed it first: then
+    the watcher queued the retry)."""
+    if _safe_tell(study, trial, state=TrialState.FAIL):
+        queue_retry(study, config, study._storage.get_trial(trial._trial_id))
+
+
+def _give_back(study: optuna.Study, config: StudyConfig, trial: optuna.Trial, detail: str) -> None:
     """Fail a trial this node could not run, with a retryable reason: another worker retries it, uncounted."""
     _set_reason(trial, attrs.NODE_FAULT)
     try:
@@ -336,7 +343,7 @@ def _give_back(study: optuna.Study, trial: optuna.Trial, detail: str) -> None:
     except Exception as exc:  # noqa: BLE001 - the trial may already be finished elsewhere
         log.debug("cannot record the fault of trial %d: %s", trial.number, exc)
     log.error("trial %d: this node cannot run trials (%s); giving the trial back", trial.number, detail)
-    _safe_tell(study, trial, state=TrialState.FAIL)
+    _fail_and_retry(study, config, trial)
 
 
 def _annotate(

@@ -132,9 +132,9 @@ def sqlite_url(tmp_path: Path) -> str:
 
 def worker_env(**extra: str) -> dict[str, str]:
     """Environment of a worker subprocess: one torch thread each (2-core CI), repo importable."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("SFT_OPTUNA_STORAGE", None)
-    return env
+    return {**env, **extra}
 
 
 PYTHON = sys.executable
@@ -194,14 +194,80 @@ def postgres_url() -> Any:
     admin.dispose()
 
 
-STORAGES = ["sqlite", "journal", "postgresql"]
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_proxy(url: str, port: int) -> subprocess.Popen[str]:
+    """``sft-optuna proxy`` in front of ``url`` (given in the environment, never on the command line), ready."""
+    import time
+
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "sft_optuna", "proxy", "--port", str(port), "--threads", "8"],
+        env=worker_env(SFT_OPTUNA_STORAGE=url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    import socket
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the proxy exited: {proc.communicate()[0][-2000:]}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the proxy did not start listening within 60 s")
+
+
+def stop_proxy(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+PROXIES: dict[str, tuple[subprocess.Popen[str], str]] = {}
+"""grpc:// URL -> (its proxy process, the database behind it), for tests that restart one."""
+
+
+def restart_proxy(url: str) -> None:
+    """Stop the proxy serving ``url`` and start a new one on the same port (a redeploy, a crash)."""
+    proc, db = PROXIES[url]
+    stop_proxy(proc)
+    PROXIES[url] = (start_proxy(db, int(url.rsplit(":", 1)[1])), db)
+
+
+@pytest.fixture
+def grpc_url(postgres_url: str) -> Any:
+    """Optuna's gRPC proxy (``sft-optuna proxy``) in front of a fresh PostgreSQL database."""
+    port = free_port()
+    url = f"grpc://127.0.0.1:{port}"
+    PROXIES[url] = (start_proxy(postgres_url, port), postgres_url)
+    yield url
+    stop_proxy(PROXIES.pop(url)[0])
+
+
+STORAGES = ["sqlite", "journal", "postgresql", "grpc"]
 
 
 @pytest.fixture(params=STORAGES)
 def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The same test on every storage backend (one fixture, all storages, as Optuna's own suite does)."""
+    """The same test on every storage backend (one fixture, all storages, as Optuna's own suite does); ``grpc``
+    is the proxy in front of PostgreSQL."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'studies.db'}"
     if request.param == "journal":
         return f"journal://{tmp_path / 'studies.log'}"
+    if request.param == "grpc":
+        return str(request.getfixturevalue("grpc_url"))
     return str(request.getfixturevalue("postgres_url"))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import PYTHON, spawn_worker, study_dict, worker_env
+from conftest import PROXIES, PYTHON, restart_proxy, spawn_worker, study_dict, worker_env
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
@@ -64,7 +64,8 @@ def test_killed_and_frozen_workers_lose_nothing_and_retries_resume(
     ckpt = tmp_path / "ck"
     workers = [spawn_worker(url, "chaos", ckpt) for _ in range(3)]
     killed: dict[int, int] = {}  # trial number -> epochs reported when its worker was SIGKILLed
-    frozen_done = restarted_db = False
+    frozen_done = restarted_db = restarted_proxy = False
+    behind_db = url.startswith(("postgresql", "grpc"))  # through the proxy, PostgreSQL restarts behind it
     rng = random.Random(0)
     deadline = time.monotonic() + 420
     while time.monotonic() < deadline:
@@ -81,7 +82,10 @@ def test_killed_and_frozen_workers_lose_nothing_and_retries_resume(
             for t in trials
             if t.state == TrialState.RUNNING and _pid(t) in live and 1 <= len(t.intermediate_values) < EPOCHS
         ]
-        if url.startswith("postgresql") and running and killed and not restarted_db:
+        if url.startswith("grpc") and running and killed and not restarted_proxy:
+            restart_proxy(url)  # the proxy goes away mid-study and comes back: workers retry through it
+            restarted_proxy = True
+        elif behind_db and running and killed and not restarted_db:
             restarted_db = _restart_postgres()  # a database restart mid-study: workers must ride it out
         elif running and len(killed) < 3:
             victim = rng.choice(running)
@@ -125,8 +129,9 @@ def test_killed_and_frozen_workers_lose_nothing_and_retries_resume(
     for t in final:
         assert t.value is not None and 0.0 <= t.value <= 1.0
     assert frozen_done
-    if url.startswith("postgresql") and os.geteuid() == 0 and shutil.which("pg_ctlcluster"):
+    if behind_db and os.geteuid() == 0 and shutil.which("pg_ctlcluster"):
         assert restarted_db
+    assert restarted_proxy or not url.startswith("grpc")
 
 
 def test_cold_start_of_eight_workers_on_an_empty_storage(
@@ -164,15 +169,17 @@ def _fresh(request: pytest.FixtureRequest, folder: Path, like: str) -> str:
         return f"journal://{folder / 'studies.log'}"
     import sqlalchemy
 
-    engine = sqlalchemy.create_engine(like)
+    engine = sqlalchemy.create_engine(PROXIES[like][1] if like.startswith("grpc") else like)
     with engine.connect() as conn:  # empty the database: drop every table
         conn.execute(sqlalchemy.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
         conn.commit()
     engine.dispose()
+    if like.startswith("grpc"):
+        restart_proxy(like)  # a new proxy on the emptied database (the old one cached its studies)
     return like
 
 
-CONNECTIONS_PER_WORKER = 4  # README: trial, heartbeat, stale-trial watcher, lock
+SPARE_CONNECTIONS = 2  # README: one per worker, and two more for a moment while a worker opens the storage
 
 
 def test_workers_wait_for_scarce_database_connections_instead_of_dying(
@@ -199,8 +206,8 @@ def test_workers_wait_for_scarce_database_connections_instead_of_dying(
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f'ALTER DATABASE "{db.database}" CONNECTION LIMIT {n}')  # type: ignore[arg-type]
 
-    limit(CONNECTIONS_PER_WORKER * workers_n)
-    hog = [psycopg.connect(dsn) for _ in range(CONNECTIONS_PER_WORKER * workers_n)]  # every slot taken
+    limit(workers_n + SPARE_CONNECTIONS)
+    hog = [psycopg.connect(dsn) for _ in range(workers_n + SPARE_CONNECTIONS)]  # every slot taken
     try:
         with pytest.raises(psycopg.OperationalError, match="too many connections"):
             psycopg.connect(dsn)

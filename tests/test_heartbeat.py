@@ -38,8 +38,7 @@ def test_an_old_heartbeat_is_failed_and_retried_while_fresh_and_own_trials_are_n
     stale = [line for line in out.splitlines() if "no heartbeat for" in line]
     assert len(stale) == 2 and stale[0].startswith("running: trial 0") and stale[1].startswith("running: trial 2")
 
-    storage = open_storage(storage_url)
-    recover_trials(study, config, storage, alive={own.number})
+    recover_trials(study, config, alive={own.number})
     trials = study.get_trials()
     assert [t.state for t in trials[:3]] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING]
     (retry,) = trials[3:]
@@ -47,7 +46,7 @@ def test_an_old_heartbeat_is_failed_and_retried_while_fresh_and_own_trials_are_n
     assert retry.user_attrs[attrs.RETRY_OF] == 0 and retry.user_attrs[attrs.LINEAGE] == 0
     assert retry.user_attrs[attrs.RETRY] == 1
     # a second pass changes nothing: the dead trial is retried once
-    recover_trials(study, config, storage, alive={own.number})
+    recover_trials(study, config, alive={own.number})
     assert len(study.get_trials()) == 4
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -124,66 +123,67 @@ def test_ctrl_c_fails_the_trial_and_the_next_worker_resumes_it_from_its_checkpoi
         assert retry.intermediate_values[step] == value
 
 
-def test_a_claim_that_raced_after_its_lock_was_lost_is_dropped_and_the_budget_stays_exact(
+def test_a_claim_finding_the_queue_dry_drops_optunas_fresh_trial_and_the_budget_stays_exact(
     folder_root: Path, write_study: Callable[..., Path], storage_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from sft_optuna.coordination import claims
-    from sft_optuna.coordination.storage import LockHold
 
     cfg = study_dict(folder_root, budget={"n_trials": 2}, train={"epochs": 1})
     assert main(["--storage", storage_url, "create", str(write_study(cfg))]) == 0
     storage = open_storage(storage_url)
     study, config = load_study("t", storage)
-    first = claims.claim_trial(study, config, storage)
-    assert first is not None
-    study.ask()  # another worker's claim: the budget of 2 is now taken
+    assert [t.state for t in study.get_trials()] == [TrialState.WAITING] * 2, "the budget is queued"
+    first = claims.claim_trial(study, config)
+    assert first is not None and first.user_attrs[attrs.SLOT] == 0
 
-    # Our claim ran while the server had dropped our lock: it read the trials before the other claim landed.
-    real_lock, real_used = storage.claim_lock, claims.budget_used
-    stale = iter([1])
+    # Another worker pops the last slot between our look at the queue and our ask: Optuna makes a fresh trial.
+    real_get = study.get_trials
+    looks = iter([real_get(deepcopy=False)])
 
-    @contextlib.contextmanager
-    def lost_lock(*args: object, **kwargs: object) -> Iterator[LockHold]:
-        with real_lock(*args, **kwargs) as hold:  # type: ignore[arg-type]
-            yield hold
-        hold.lost = True
+    def stale_look(*args: object, **kwargs: object) -> list[optuna.trial.FrozenTrial]:
+        view = next(looks, None)
+        if view is not None:
+            study.ask()  # the other worker's claim lands now
+            return view
+        return real_get(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(storage, "claim_lock", lost_lock)
-    monkeypatch.setattr(claims, "budget_used", lambda trials: next(stale, None) or real_used(trials))
-    assert claims.claim_trial(study, config, storage) is None, "after dropping the excess claim, nothing is left"
-    trials = study.get_trials()
+    monkeypatch.setattr(study, "get_trials", stale_look)
+    assert claims.claim_trial(study, config) is None, "nothing is left once the fresh trial is dropped"
+    trials = real_get()
     dropped = [t for t in trials if t.user_attrs.get(attrs.REASON) == attrs.CLAIM_RACED]
     assert [t.number for t in dropped] == [2] and dropped[0].state == TrialState.FAIL
-    assert real_used(trials) == 2
+    assert claims.budget_used(trials) == 2
     assert claims.retries_due(trials, max_retries=3) == [], "a dropped claim is not retried"
 
 
-def test_of_two_retries_of_one_trial_the_later_is_the_raced_one() -> None:
+def _frozen(number: int, state: TrialState, **user_attrs: object) -> optuna.trial.FrozenTrial:
     from optuna.distributions import FloatDistribution
 
+    t = optuna.trial.create_trial(
+        params={"lr": 0.1},
+        distributions={"lr": FloatDistribution(0.01, 1.0)},
+        value=0.5 if state == TrialState.COMPLETE else None,
+        state=state,
+        user_attrs=user_attrs,
+    )
+    t.number = number
+    return t
+
+
+def test_of_two_retries_of_one_trial_or_two_copies_of_one_slot_the_later_is_the_raced_one() -> None:
     from sft_optuna.coordination.claims import raced
 
-    def trial(number: int, state: TrialState, **user_attrs: object) -> optuna.trial.FrozenTrial:
-        t = optuna.trial.create_trial(
-            params={"lr": 0.1},
-            distributions={"lr": FloatDistribution(0.01, 1.0)},
-            value=0.5 if state == TrialState.COMPLETE else None,
-            state=state,
-            user_attrs=user_attrs,
-        )
-        t.number = number
-        return t
-
     trials = [
-        trial(0, TrialState.FAIL),
-        trial(1, TrialState.RUNNING, retry_of=0),
-        trial(2, TrialState.RUNNING, retry_of=0),
+        _frozen(0, TrialState.FAIL, slot=0),
+        _frozen(1, TrialState.RUNNING, retry_of=0, slot=0),
+        _frozen(2, TrialState.RUNNING, retry_of=0, slot=0),
     ]
-    assert raced(trials, 2, n_trials=10) and not raced(trials, 1, n_trials=10)
-    trials[1] = trial(1, TrialState.FAIL, retry_of=0, reason=attrs.CLAIM_RACED)
-    assert not raced(trials, 2, n_trials=10), "the lower one was itself dropped: ours is the retry"
-    over = [trial(0, TrialState.COMPLETE), trial(1, TrialState.RUNNING), trial(2, TrialState.RUNNING)]
-    assert raced(over, 2, n_trials=2) and not raced(over, 1, n_trials=2)
+    assert raced(trials, 2) and not raced(trials, 1), "a retry does not duplicate its own trial's slot"
+    trials[1] = _frozen(1, TrialState.FAIL, retry_of=0, slot=0, reason=attrs.CLAIM_RACED)
+    assert not raced(trials, 2), "the lower one was itself dropped: ours is the retry"
+    slots = [_frozen(0, TrialState.COMPLETE, slot=0), _frozen(1, TrialState.RUNNING, slot=1)]
+    slots.append(_frozen(2, TrialState.RUNNING, slot=1))
+    assert raced(slots, 2) and not raced(slots, 1) and not raced(slots, 0)
 
 
 def test_a_worker_killed_on_the_last_trial_is_retried_by_a_worker_that_waits_out_the_grace_period(

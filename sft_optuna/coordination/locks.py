@@ -1,8 +1,7 @@
-"""The storage-wide lock: for creating schemas and studies, and for claiming trials.
+"""The storage-wide lock: for creating schemas and studies (claims take no lock: see ``claims.py``).
 
 SQLite and journal files: a lock file in a hidden folder beside the file (one machine, or a filesystem with
 working locks). PostgreSQL: a session advisory lock, released by the server if the worker dies holding it.
-SQLite ignores ``SELECT ... FOR UPDATE``, which is why claiming a queued trial needs a lock at all.
 """
 
 from __future__ import annotations
@@ -66,8 +65,9 @@ _lock_engines: dict[str, sqlalchemy.Engine] = {}
 
 def _lock_engine(url: str) -> sqlalchemy.Engine:
     if url not in _lock_engines:
-        # One connection is all a lock needs; pre-ping so a restarted server does not hand us a dead one.
-        _lock_engines[url] = sqlalchemy.create_engine(url, pool_size=1, max_overflow=1, pool_pre_ping=True)
+        # Locks are rare (schema, study creation): no pool, so a worker's steady state is its one storage
+        # connection; the lock's connection is closed when the lock is released.
+        _lock_engines[url] = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     return _lock_engines[url]
 
 

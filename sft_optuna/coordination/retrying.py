@@ -9,6 +9,7 @@ record.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Container, Sequence
 from typing import Any, TypeVar
@@ -52,9 +53,20 @@ def _transient(exc: BaseException) -> bool:
         if "disk is full" in text or "no space" in text:
             return False
         return isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
+    if _grpc_unavailable(exc):
+        return True
     # Optuna's RDB session helper can hit an UnboundLocalError when the connection dies mid-commit
     # (seen with Optuna 5.0 on a PostgreSQL restart); it is the same outage.
     return isinstance(exc, (sqlalchemy.exc.DisconnectionError, ConnectionError, UnboundLocalError))
+
+
+def _grpc_unavailable(exc: BaseException) -> bool:
+    """The gRPC proxy is down or restarting (grpc is only imported where a grpc:// storage loaded it)."""
+    grpc = sys.modules.get("grpc")
+    if grpc is None or not isinstance(exc, grpc.RpcError):
+        return False
+    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def retry(fn: Callable[[], T], what: str, max_wait: float = OUTAGE_S) -> T:
@@ -143,6 +155,15 @@ class RetryingStorage(optuna.storages.BaseStorage):
         self._call("set_trial_param", trial_id, param_name, param_value_internal, distribution)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
+        """Popping a queued trial (-> RUNNING) and failing one (-> FAIL) are guarded single statements where
+        the fast path applies, so one caller wins on SQLite too; a lost FAIL gets Optuna's error."""
+        fast = self.fast
+        if fast is not None and values is None and state in (TrialState.RUNNING, TrialState.FAIL):
+            change = fast.start if state == TrialState.RUNNING else fast.fail
+            if retry(lambda: change(trial_id), "set_trial_state_values"):
+                return True
+            if state == TrialState.RUNNING:
+                return False
         return bool(self._call("set_trial_state_values", trial_id, state, values))
 
     def get_trial(self, trial_id: int) -> FrozenTrial:

@@ -1,18 +1,22 @@
 """One :class:`Storage` per URL: the Optuna storage (retried through outages), the storage-wide lock, the
 masked URL — built once and handed to every layer above, from a table of the backends sft-optuna supports.
 
-Spellings: ``sqlite:///study.db``, ``postgresql+psycopg://u:p@host/db`` (SQLAlchemy URLs), or
-``journal:///path/to/studies.log`` for Optuna's journal file on a shared filesystem. Another database is
-refused: workers could not claim trials without a cross-worker lock.
+Spellings: ``sqlite:///study.db``, ``postgresql+psycopg://u:p@host/db`` (SQLAlchemy URLs),
+``journal:///path/to/studies.log`` for Optuna's journal file on a shared filesystem, or ``grpc://host:port``
+for Optuna's gRPC storage proxy (``sft-optuna proxy``) in front of any of them. Another database is refused.
+
+Connections: a worker talking to PostgreSQL directly holds one (trial, heartbeat and stale-trial watcher
+take turns on it); the proxy holds a fixed pool, whatever the number of workers behind it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,7 +155,7 @@ def _check_driver(url: str, parsed: sqlalchemy.URL) -> None:
         raise StorageError(f"storage URL {mask_url(url)}: driver {driver!r} is not installed ({hint})") from None
 
 
-def _open_journal(url: str, patience: float) -> RetryingStorage:
+def _open_journal(url: str, patience: float, connections: int = 1) -> RetryingStorage:
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
     path = _journal_path(url)
@@ -172,7 +176,9 @@ def _open_journal(url: str, patience: float) -> RetryingStorage:
     return RetryingStorage(journal)
 
 
-def _open_sql(url: str, patience: float, engine_kwargs: dict[str, Any]) -> RetryingStorage:
+def _open_sql(
+    url: str, patience: float, engine_kwargs: dict[str, Any], overflow_once_open: int | None = None
+) -> RetryingStorage:
     """Optuna's RDB storage behind Optuna's cache of finished trials, with the one-statement writes.
 
     Schema creation runs under the storage lock, so a cold start of many workers on an empty database does not
@@ -183,22 +189,64 @@ def _open_sql(url: str, patience: float, engine_kwargs: dict[str, Any]) -> Retry
         with backend_for(url).lock(url, "schema", patience):
             rdb = retry(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs), "open", patience)
             fast = retry(lambda: FastWrites.for_storage(rdb), "open", patience)
+            pool = rdb.engine.pool
+            if isinstance(pool, sqlalchemy.pool.QueuePool) and overflow_once_open is not None:
+                # Optuna's schema check nests a second connection inside a session, once, when the storage
+                # opens; after that its calls take one connection at a time: from here on, the pool is fixed.
+                pool._max_overflow = overflow_once_open
             return RetryingStorage(optuna.storages.get_storage(rdb), fast)
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
         raise StorageError(f"cannot open storage {mask_url(url)}: {error_reason(exc)}") from None
 
 
-def _open_sqlite(url: str, patience: float) -> RetryingStorage:
+def _open_sqlite(url: str, patience: float, connections: int = 1) -> RetryingStorage:
     db_path = _sqlite_path(_parse(url))
     if db_path is not None and not db_path.parent.is_dir():
         raise StorageError(f"storage URL {mask_url(url)}: directory {db_path.parent} does not exist")
     return _open_sql(url, patience, {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}})
 
 
-def _open_postgresql(url: str, patience: float) -> RetryingStorage:
-    # Pre-ping: a database restart costs a reconnect, not a crash. Small pool: a worker needs two connections
-    # (trial + heartbeat) and a third for the lock; max_connections must cover them (README).
-    return _open_sql(url, patience, {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2, "pool_recycle": 3600})
+def _open_postgresql(url: str, patience: float, connections: int = 1) -> RetryingStorage:
+    # Pre-ping: a database restart costs a reconnect, not a crash. A fixed pool (no overflow once open): a
+    # worker's threads (trial, heartbeat, watcher) take turns on one connection; the proxy passes its pool size.
+    engine_kwargs = {"pool_pre_ping": True, "pool_size": connections, "max_overflow": 1, "pool_recycle": 3600}
+    return _open_sql(url, patience, engine_kwargs, overflow_once_open=0)
+
+
+GRPC_DEFAULT_PORT = 13000
+
+
+def _grpc_address(url: str) -> tuple[str, int]:
+    rest = url.removeprefix("grpc://").rstrip("/")
+    host, colon, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
+    if not colon:
+        host, port = rest, str(GRPC_DEFAULT_PORT)
+    if not host or "/" in host or "@" in host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise StorageError(f"storage URL {mask_url(url)}: expected grpc://HOST:PORT, e.g. grpc://127.0.0.1:13000")
+    return host, int(port)
+
+
+def _open_grpc(url: str, patience: float, connections: int = 1) -> RetryingStorage:
+    """Optuna's gRPC client, retried through proxy restarts like a database outage."""
+    from optuna.storages import GrpcStorageProxy
+
+    host, port = _grpc_address(url)
+    proxy = GrpcStorageProxy(host=host, port=port)
+    try:
+        proxy.wait_server_ready(timeout=min(patience, OUTAGE_S))
+    except ConnectionError:
+        proxy.close()
+        raise StorageError(
+            f"no sft-optuna proxy answers at {url} (start one: sft-optuna proxy --storage URL --port {port})"
+        ) from None
+    return RetryingStorage(proxy)
+
+
+@contextlib.contextmanager
+def _no_lock(url: str, name: str, patience: float) -> Iterator[LockHold]:
+    """Through the proxy there is no lock, and nothing needs one: claims and retries are lock-free, the
+    proxy creates the schema, and a study created twice at once is caught as a duplicate name."""
+    yield LockHold()
 
 
 def _sqlite_lock(url: str, name: str, patience: float) -> AbstractContextManager[LockHold]:
@@ -211,9 +259,9 @@ class Backend:
     """What sft-optuna needs of a kind of storage: how to open it, and a lock every worker of it honours."""
 
     name: str
-    open: Callable[[str, float], RetryingStorage]
-    """``open(url, patience)``: the Optuna storage, retried through outages; ``patience`` bounds the wait for
-    a server that does not answer."""
+    open: Callable[[str, float, int], RetryingStorage]
+    """``open(url, patience, connections)``: the Optuna storage, retried through outages; ``patience`` bounds
+    the wait for a server that does not answer; ``connections``: the database connection pool's size."""
     lock: Callable[[str, str, float], AbstractContextManager[LockHold]]
     """``lock(url, name, patience)``: the storage-wide lock ``name``."""
 
@@ -222,16 +270,20 @@ BACKENDS: dict[str, Backend] = {
     "sqlite": Backend("sqlite", _open_sqlite, _sqlite_lock),
     "postgresql": Backend("postgresql", _open_postgresql, advisory_lock),
     "journal": Backend("journal", _open_journal, lambda url, name, patience: file_lock(_journal_path(url), name)),
+    "grpc": Backend("grpc", _open_grpc, _no_lock),
 }
 
 
 def backend_for(url: str) -> Backend:
     """The backend of ``url``; a kind of storage without a cross-worker lock is refused, not run unlocked."""
-    name = "journal" if url.startswith("journal:") else _parse(url).get_backend_name()
+    if url.startswith(("journal:", "grpc:")):
+        name = url.partition(":")[0]
+    else:
+        name = _parse(url).get_backend_name()
     if name not in BACKENDS:
         raise StorageError(
-            f"storage URL {mask_url(url)}: {name} is not supported (workers claim trials under a lock that "
-            f"sft-optuna has for {', '.join(BACKENDS)}): use sqlite:///, postgresql+psycopg:// or journal:///"
+            f"storage URL {mask_url(url)}: {name} is not supported (sft-optuna supports {', '.join(BACKENDS)}): "
+            "use sqlite:///, postgresql+psycopg://, journal:/// or grpc://"
         )
     return BACKENDS[name]
 
@@ -251,23 +303,19 @@ class Storage:
         return mask_url(self.url)
 
     def lock(self, name: str, patience: float = OUTAGE_S) -> AbstractContextManager[LockHold]:
-        """The storage-wide lock ``name`` (schema, study creation, claims)."""
+        """The storage-wide lock ``name`` (schema and study creation; claims take none)."""
         return self.backend.lock(self.url, name, patience)
-
-    def claim_lock(self, study_name: str) -> AbstractContextManager[LockHold]:
-        """The lock under which a study's trials are claimed and its dead workers' trials retried."""
-        return self.lock(f"claim:{study_name}")
 
     def study_names(self) -> list[str]:
         """Names of all studies in the storage, sorted."""
         return sorted(s.study_name for s in self.optuna.get_all_studies())
 
 
-def open_storage(url: str, patience: float = OUTAGE_S) -> Storage:
+def open_storage(url: str, patience: float = OUTAGE_S, connections: int = 1) -> Storage:
     """The storage behind ``url``; every problem with the URL or the storage is a one-line StorageError.
 
     ``patience``: how long opening waits for a server that does not answer (a command a person types to look
     at results passes a few seconds, so a wrong host fails fast).
     """
     backend = backend_for(url)
-    return Storage(url, backend, backend.open(url, patience))
+    return Storage(url, backend, backend.open(url, patience, connections))

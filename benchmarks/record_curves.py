@@ -1,0 +1,139 @@
+"""Record real learning curves for the replay benchmark (``benchmarks/hpo_replay.py``).
+
+Random configurations from a study file's search space (the shipped TPE study by default), each trained from
+scratch with the project's own trainer on a class-balanced subset of an image folder (the real CIFAR-10 JPEG
+copy), validation accuracy and seconds recorded after every epoch. One CSV row per (configuration, epoch).
+
+Resumable: configurations already in the CSV are skipped (the list of configurations is fixed by ``--seed``),
+and each configuration's rows are appended only once it has finished, so an interrupted run loses at most the
+configuration in progress.
+
+    tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C data/      # once
+    python benchmarks/record_curves.py --data data/cifar10-jpeg --out benchmarks/curves/cifar10-2k.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from sft_optuna.config import DataConfig, ModelConfig, StudyConfig, train_config_for
+from sft_optuna.search.space import suggest
+from sft_optuna.study_file import load_study_file
+from sft_optuna.training.data import load_splits
+from sft_optuna.training.trainer import DivergedError, Trainer
+
+FIELDS = ["config", "status", "epoch", "val_acc", "train_loss", "seconds"]
+
+
+def configurations(config: StudyConfig, n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` random points of the study's search space, the same for the same seed."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    points = []
+    for _ in range(n):
+        trial = study.ask()
+        points.append(suggest(trial, config.search_space))
+        study.tell(trial, 0.0)
+    return points
+
+
+def done_configs(path: Path) -> set[int]:
+    if not path.exists():
+        return set()
+    with path.open(newline="") as f:
+        return {int(row["config"]) for row in csv.DictReader(f)}
+
+
+def record_one(
+    number: int, params: dict[str, Any], config: StudyConfig, splits: Any, model: ModelConfig, epochs: int
+) -> list[dict[str, Any]]:
+    train_cfg = dataclasses.replace(train_config_for(config, params), epochs=epochs, precision="fp32")
+    trainer = Trainer(splits, model, train_cfg, torch.device("cpu"), seed=train_cfg.seed + number)
+    rows: list[dict[str, Any]] = []
+    base = {"config": number, **params}
+    for _ in range(epochs):
+        try:
+            r = trainer.run_epoch()
+        except DivergedError:
+            # the curve stops here; the replay treats a diverged configuration as accuracy 0.1 from then on
+            for row in rows:
+                row["status"] = "diverged"
+            rows.append(
+                {
+                    **base,
+                    "status": "diverged",
+                    "epoch": trainer.epoch + 1,
+                    "val_acc": math.nan,
+                    "train_loss": math.nan,
+                    "seconds": math.nan,
+                }
+            )
+            return rows
+        rows.append(
+            {
+                **base,
+                "status": "ok",
+                "epoch": r.epoch,
+                "val_acc": round(r.val_acc, 5),
+                "train_loss": round(r.train_loss, 5),
+                "seconds": round(r.seconds, 3),
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", default="studies/cifar10-resnet18-tpe.yaml", help="search space and fixed values")
+    p.add_argument("--data", default="data/cifar10-jpeg", help="image folder with train/<class>/ (CIFAR-10 copy)")
+    p.add_argument("--out", default="benchmarks/curves/cifar10-2k.csv")
+    p.add_argument("--configs", type=int, default=150)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--train", type=int, default=2000, help="training images (class-balanced)")
+    p.add_argument("--val", type=int, default=1000, help="validation images (class-balanced, from train/)")
+    p.add_argument("--stem", default="imagenet", choices=["imagenet", "cifar"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    config = load_study_file(args.study)
+    data = DataConfig(dataset="imagefolder", root=args.data, val_size=args.val, train_subset=args.train, seed=0)
+    splits, _ = load_splits(data)
+    model = ModelConfig(weights="none", stem=args.stem, image_size=32)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    points = configurations(config, args.configs, args.seed)
+    done = done_configs(out)
+    names = list(config.search_space)
+    new_file = not out.exists()
+    with out.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS[:1] + names + FIELDS[1:])
+        if new_file:
+            writer.writeheader()
+        for number, params in enumerate(points):
+            if number in done:
+                continue
+            start = time.perf_counter()
+            rows = record_one(number, params, config, splits, model, args.epochs)
+            writer.writerows(rows)
+            f.flush()
+            last = rows[-1]
+            print(
+                f"config {number}: {last['status']} val_acc {last['val_acc']} after {len(rows)} epochs, "
+                f"{time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
