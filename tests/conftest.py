@@ -257,6 +257,17 @@ def grpc_url(postgres_url: str) -> Any:
     stop_proxy(PROXIES.pop(url)[0])
 
 
+STARTED = ("RUNNING", "COMPLETE", "PRUNED", "FAIL")
+"""Trial states of trials a worker took (the budget's queued WAITING slots left out): ``get_trials(states=...)``."""
+
+
+def started(study: Any) -> list[Any]:
+    """The study's trials that a worker took: its queued budget slots (WAITING) left out."""
+    from optuna.trial import TrialState
+
+    return list(study.get_trials(states=tuple(TrialState[s] for s in STARTED)))
+
+
 STORAGES = ["sqlite", "journal", "postgresql", "grpc"]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import study_dict, write_imagefolder
+from conftest import started, study_dict, write_imagefolder
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
@@ -192,6 +192,6 @@ def test_max_trials_caps_this_worker_and_n_trials_still_works(
     path = write_study(study_dict(folder_root, budget={"n_trials": 3}, train={"epochs": 1}))
     base = ["--storage", sqlite_url, "run", str(path), "--device", "cpu", "--checkpoint-dir", "none"]
     assert main([*base, "--max-trials", "1"]) == 0
-    assert len(optuna.load_study(study_name="t", storage=sqlite_url).get_trials()) == 1
+    assert len(started(optuna.load_study(study_name="t", storage=sqlite_url))) == 1
     assert main([*base, "--n-trials", "1"]) == 0  # the flag's old name
-    assert len(optuna.load_study(study_name="t", storage=sqlite_url).get_trials()) == 2
+    assert len(started(optuna.load_study(study_name="t", storage=sqlite_url))) == 2

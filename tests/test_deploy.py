@@ -50,10 +50,13 @@ def _assert_cli_accepts(command: list[str]) -> None:
 
 def test_compose_has_the_services_volumes_and_gpu_reservations(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert {"postgres", "create", "worker-gpu0", "dashboard"} <= set(services)
+    assert {"postgres", "proxy", "create", "worker-gpu0", "dashboard"} <= set(services)
     assert {"pgdata", "data", "checkpoints"} <= set(compose["volumes"])
-    assert "healthcheck" in services["postgres"]
-    assert services["create"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "healthcheck" in services["postgres"] and "healthcheck" in services["proxy"]
+    assert services["proxy"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["create"]["depends_on"]["proxy"]["condition"] == "service_healthy"
+    assert "ports" not in services["proxy"], "the proxy has no authentication: never published on the host"
+    assert services["proxy"]["environment"]["SFT_OPTUNA_STORAGE"].startswith("postgresql+psycopg://")
     gpus = set()
     for name, svc in services.items():
         if name.startswith("worker-gpu"):
@@ -63,6 +66,7 @@ def test_compose_has_the_services_volumes_and_gpu_reservations(compose: dict[str
             assert svc["restart"] == "on-failure"
             assert svc["depends_on"]["create"]["condition"] == "service_completed_successfully"
             assert any(v.startswith("checkpoints:") for v in svc["volumes"])
+            assert svc["environment"]["SFT_OPTUNA_STORAGE"] == "grpc://proxy:13000", "workers go through the proxy"
     assert len(gpus) == 4, "each worker service pins a different GPU"
 
 
@@ -103,18 +107,26 @@ def test_docker_compose_config_validates_when_the_client_has_compose(tmp_path: P
     assert proc.returncode == 0, proc.stderr
 
 
-def test_kubernetes_job_parses_with_gpu_per_pod_and_secret_storage() -> None:
-    docs = list(yaml.safe_load_all((REPO / "deploy" / "k8s" / "job.yaml").read_text()))
-    (job,) = docs
+def test_kubernetes_job_goes_through_the_proxy_deployment_which_alone_has_the_secret() -> None:
+    (job,) = yaml.safe_load_all((REPO / "deploy" / "k8s" / "job.yaml").read_text())
     assert job["kind"] == "Job" and job["spec"]["parallelism"] >= 2
     pod = job["spec"]["template"]["spec"]
     (worker,) = pod["containers"]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
-    (storage_env,) = [e for e in worker["env"] if e["name"] == "SFT_OPTUNA_STORAGE"]
-    assert storage_env["valueFrom"]["secretKeyRef"]["name"] == "sft-optuna-storage"
     _assert_cli_accepts(worker["command"])
-    for init in pod["initContainers"]:
-        _assert_cli_accepts(init["command"])
+    for container in [worker, *pod["initContainers"]]:
+        _assert_cli_accepts(container["command"])
+        (storage_env,) = [e for e in container["env"] if e["name"] == "SFT_OPTUNA_STORAGE"]
+        assert storage_env["value"] == "grpc://sft-optuna-proxy:13000"
+    deployment, service = yaml.safe_load_all((REPO / "deploy" / "k8s" / "proxy.yaml").read_text())
+    assert deployment["kind"] == "Deployment" and service["kind"] == "Service"
+    (proxy,) = deployment["spec"]["template"]["spec"]["containers"]
+    _assert_cli_accepts(proxy["command"])
+    assert proxy["command"][:2] == ["sft-optuna", "proxy"]
+    (storage_env,) = [e for e in proxy["env"] if e["name"] == "SFT_OPTUNA_STORAGE"]
+    assert storage_env["valueFrom"]["secretKeyRef"]["name"] == "sft-optuna-storage"
+    assert service["metadata"]["name"] == "sft-optuna-proxy" and service["spec"]["ports"][0]["port"] == 13000
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
     secret = yaml.safe_load((REPO / "deploy" / "k8s" / "secret.example.yaml").read_text())
     assert secret["kind"] == "Secret" and "url" in secret["stringData"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
-from conftest import PYTHON, study_dict, worker_env
+from conftest import PYTHON, started, study_dict, worker_env
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
@@ -58,7 +58,7 @@ def test_many_failures_in_a_row_make_the_worker_exit_non_zero(
 
     monkeypatch.setattr(Trainer, "run_epoch", broken)
     assert _run(sqlite_url, write_study(study_dict(folder_root, budget={"n_trials": 20}))) == 1
-    trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+    trials = started(optuna.load_study(study_name="t", storage=sqlite_url))
     assert len(trials) == 5 and all(t.state == TrialState.FAIL for t in trials)
     assert "every trial hits" in trials[0].user_attrs[attrs.REASON]
 
@@ -119,16 +119,17 @@ def test_a_node_fault_inside_a_trial_gives_it_back_and_stops_the_worker(
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "this node cannot run trials" in err and "trial 0 was given back" in err and "Traceback" not in err
-    (first,) = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+    (first,) = started(optuna.load_study(study_name="t", storage=sqlite_url))
     assert first.state == TrialState.FAIL and first.user_attrs[attrs.REASON] == attrs.NODE_FAULT
     assert ("launch failure" if fault == "device" else "No space left") in first.user_attrs[attrs.NODE_FAULT_DETAIL]
 
     monkeypatch.undo()  # the node is mended: the next worker retries the trial from its checkpoint
     assert main(argv) == 0
-    trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+    trials = started(optuna.load_study(study_name="t", storage=sqlite_url))
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
-    assert trials[1].user_attrs[attrs.RETRY_OF] == 0 and trials[1].params == first.params
-    assert trials[1].user_attrs[attrs.RESUMED_FROM_EPOCH] == 1, "epoch 1 was checkpointed before the fault"
+    (retry,) = [t for t in trials if attrs.RETRY_OF in t.user_attrs]
+    assert retry.user_attrs[attrs.RETRY_OF] == 0 and retry.params == first.params
+    assert retry.user_attrs[attrs.RESUMED_FROM_EPOCH] == 1, "epoch 1 was checkpointed before the fault"
 
 
 @pytest.mark.parametrize(
@@ -172,7 +173,7 @@ def test_a_broken_node_stops_before_its_first_claim_and_burns_no_budget(
     capsys.readouterr()
     assert main(["--storage", sqlite_url, "worker", "t", *args]) == 2
     assert expected.format(d=tmp_path) in capsys.readouterr().err
-    assert optuna.load_study(study_name="t", storage=sqlite_url).get_trials() == []
+    assert started(optuna.load_study(study_name="t", storage=sqlite_url)) == []
 
 
 def test_system_exit_in_a_trial_never_leaves_it_running(
@@ -184,7 +185,7 @@ def test_system_exit_in_a_trial_never_leaves_it_running(
     monkeypatch.setattr(Trainer, "run_epoch", exits)
     with pytest.raises(SystemExit):
         _run(sqlite_url, write_study(study_dict(folder_root)))
-    trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+    trials = started(optuna.load_study(study_name="t", storage=sqlite_url))
     assert [t.state for t in trials] == [TrialState.FAIL]
 
 
@@ -198,7 +199,7 @@ def test_diverged_training_is_pruned_with_its_reason(
         train={"momentum": 0.0, "epochs": 2},
     )
     assert _run(sqlite_url, write_study(cfg)) == 0
-    (trial,) = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+    (trial,) = started(optuna.load_study(study_name="t", storage=sqlite_url))
     assert trial.state == TrialState.PRUNED and trial.user_attrs[attrs.REASON].startswith("diverged")
 
 
@@ -220,7 +221,7 @@ def test_a_full_disk_under_sqlite_stops_the_worker_cleanly(
     assert _run(sqlite_url, write_study(study_dict(folder_root))) == 3
     err = capsys.readouterr().err
     assert "disk is full" in err and "worker stopped" in err and "Traceback" not in err
-    (trial,) = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+    (trial,) = started(optuna.load_study(study_name="t", storage=sqlite_url))
     # left RUNNING on purpose: its heartbeat goes stale and the next worker retries it from the checkpoint
     assert trial.state == TrialState.RUNNING and trial.intermediate_values == {1: trial.intermediate_values[1]}
 

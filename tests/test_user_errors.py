@@ -42,9 +42,9 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
         lambda d: ["--storage", f"sqlite:///{d}/s.db", "create", str(_file(d, "s.yaml", b"name: caf\xe9\n"))],
         "s.yaml: not a UTF-8 text file",
     ),
-    "a database without a claim lock": (
+    "a database sft-optuna does not support": (
         lambda d: ["--storage", "mysql+pymysql://u:pw@127.0.0.1/db", "studies"],
-        "mysql+pymysql://u:***@127.0.0.1/db: mysql is not supported (workers claim trials under a lock",
+        "mysql+pymysql://u:***@127.0.0.1/db: mysql is not supported (sft-optuna supports sqlite, postgresql",
     ),
     "psycopg2 driver missing": (
         lambda d: ["--storage", "postgresql+psycopg2://u:pw@127.0.0.1/db", "studies"],

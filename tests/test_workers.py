@@ -10,7 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import spawn_worker, study_dict
+from conftest import spawn_worker, started, study_dict
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
@@ -243,5 +243,5 @@ def test_ctrl_c_twice_stops_at_once_with_one_line_and_the_trial_resumable(
     # Before: a KeyboardInterrupt traceback.
     assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
     assert out.rstrip().endswith("sft-optuna: interrupted")
-    (trial,) = _study(sqlite_url).get_trials()
+    (trial,) = started(_study(sqlite_url))
     assert trial.state == TrialState.FAIL and trial.user_attrs[attrs.REASON] == "interrupted"

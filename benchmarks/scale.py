@@ -1,0 +1,384 @@
+"""Many workers on one study: claims/s, claim latency, per-epoch storage cost and database connections.
+
+Simulated workers — processes, and threads inside them so that hundreds fit on a small machine, each with its
+own storage client — run trials whose epochs *sleep* in place of GPU work, through the real code: sft-optuna's
+lock-free ``claim_trial``, ``trial.report`` + the history attribute + ``should_prune`` (median pruner) per epoch,
+a heartbeat thread per running trial and a stale-trial watcher per worker. Side by side with plain Optuna
+(``study.ask()`` with the same TPE sampler and median pruner, the budget checked by counting trials before
+each ask, as ``MaxTrialsCallback`` does), against PostgreSQL directly and through the gRPC proxy.
+
+A row's study already holds ``trials - claims`` finished trials (full learning curves), so claims are made
+against a study of the stated size; ``claims`` new trials are then claimed and run.
+
+    python benchmarks/scale.py --json out.json                           # the table in docs/benchmarks.md
+    python benchmarks/scale.py --workers 8 --trials 100 --storages postgresql --json quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import warnings
+from collections import Counter
+from typing import Any
+
+import optuna
+import sqlalchemy
+from optuna.trial import TrialState, create_trial
+
+PG = os.environ.get("SFT_TEST_POSTGRES", "postgresql+psycopg://sft:sft@127.0.0.1:5432/sft_test")
+EPOCHS = 3
+SPACE = {
+    "lr": {"type": "float", "low": 1.0e-4, "high": 0.3, "log": True},
+    "batch_size": {"type": "categorical", "choices": [64, 128, 256]},
+    "weight_decay": {"type": "float", "low": 1.0e-6, "high": 1.0e-2, "log": True},
+    "momentum": {"type": "float", "low": 0.8, "high": 0.99},
+}
+SAMPLER = {"name": "tpe", "seed": 0, "n_startup_trials": 10, "multivariate": True, "constant_liar": True}
+
+
+def study_config(name: str, claims: int, heartbeat_s: float) -> dict[str, Any]:
+    return {
+        "name": name,
+        "sampler": SAMPLER,
+        "pruner": {"name": "median", "n_startup_trials": 5, "n_warmup_steps": 1},
+        "budget": {"n_trials": claims, "max_retries": 2},
+        "heartbeat": {"interval": heartbeat_s, "grace_period": 60 * heartbeat_s},
+        "data": {"dataset": "imagefolder", "root": "unused"},
+        "train": {"epochs": EPOCHS},
+        "search_space": SPACE,
+    }
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 1)
+
+
+def fresh_database() -> str:
+    name = f"scale_{uuid.uuid4().hex[:10]}"
+    admin = sqlalchemy.create_engine(PG, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    return PG.rsplit("/", 1)[0] + f"/{name}"
+
+
+def drop_database(url: str) -> None:
+    admin = sqlalchemy.create_engine(PG, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{sqlalchemy.make_url(url).database}" WITH (FORCE)'))
+
+
+def connections(url: str) -> int:
+    engine = sqlalchemy.create_engine(PG, poolclass=sqlalchemy.pool.NullPool)
+    with engine.connect() as conn:
+        q = "SELECT count(*) FROM pg_stat_activity WHERE datname = :d"
+        return int(conn.execute(sqlalchemy.text(q), {"d": sqlalchemy.make_url(url).database}).scalar_one())
+
+
+def max_connections() -> int:
+    engine = sqlalchemy.create_engine(PG, poolclass=sqlalchemy.pool.NullPool)
+    with engine.connect() as conn:
+        return int(conn.execute(sqlalchemy.text("SHOW max_connections")).scalar_one())
+
+
+def start_proxy(db_url: str, threads: int) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "SFT_OPTUNA_STORAGE": db_url}  # never on the command line
+    cmd = [sys.executable, "-m", "sft_optuna", "proxy", "--port", str(port), "--threads", str(threads)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"grpc://127.0.0.1:{port}"
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("proxy did not start")
+
+
+def prefill(url: str, name: str, n: int, claims: int, ours: bool) -> None:
+    """The study (ours: created by sft-optuna, its budget of ``claims`` queued) with ``n`` finished trials."""
+    from sft_optuna.coordination.storage import open_storage
+    from sft_optuna.study import create_study
+    from sft_optuna.study_file import parse_study
+
+    storage = open_storage(url)
+    if ours:
+        study, _ = create_study(parse_study(study_config(name, claims, 5.0)), storage)
+    else:
+        study = optuna.create_study(storage=storage.optuna, study_name=name, direction="maximize")
+    dists = {
+        "lr": optuna.distributions.FloatDistribution(1e-4, 0.3, log=True),
+        "batch_size": optuna.distributions.CategoricalDistribution([64, 128, 256]),
+        "weight_decay": optuna.distributions.FloatDistribution(1e-6, 1e-2, log=True),
+        "momentum": optuna.distributions.FloatDistribution(0.8, 0.99),
+    }
+    rng = random.Random(0)
+    trials = []
+    for _ in range(n):
+        params = {k: (rng.choice(d.choices) if hasattr(d, "choices") else _draw(rng, d)) for k, d in dists.items()}
+        curve = {s: 0.1 + 0.2 * s * rng.random() for s in range(1, EPOCHS + 1)}
+        trials.append(
+            create_trial(
+                params=params,
+                distributions=dists,
+                value=curve[EPOCHS],
+                intermediate_values=curve,
+                state=TrialState.COMPLETE,
+            )
+        )
+    study.add_trials(trials)
+
+
+def _draw(rng: random.Random, d: Any) -> float:
+    import math
+
+    if d.log:
+        return math.exp(rng.uniform(math.log(d.low), math.log(d.high)))
+    return rng.uniform(d.low, d.high)
+
+
+def _worker_thread(url: str, name: str, ours: bool, budget: int, epoch_s: float, out: dict[str, list[Any]]) -> None:
+    """One simulated worker: its own storage client; claims and runs trials until the budget is spent."""
+    from sft_optuna.coordination.claims import claim_trial, recover_trials
+    from sft_optuna.coordination.heartbeat import Heartbeat, Watcher
+    from sft_optuna.coordination.storage import open_storage
+    from sft_optuna.search.space import suggest
+    from sft_optuna.study import load_study
+    from sft_optuna.study_file import parse_study
+
+    config = parse_study(study_config(name, budget, 5.0))
+    if ours:
+        study, config = load_study(name, open_storage(url))
+    else:
+        study = optuna.load_study(
+            study_name=name,
+            storage=optuna.storages.RDBStorage(url) if not url.startswith("grpc") else open_storage(url).optuna,
+            sampler=optuna.samplers.TPESampler(n_startup_trials=10, multivariate=True, constant_liar=True),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+        )
+    current: set[int] = set()
+    watcher = Watcher(config.heartbeat.interval, lambda: recover_trials(study, config, set(current)), "watcher")
+    with watcher if ours else _Null():
+        while True:
+            t0 = time.perf_counter()
+            if ours:
+                trial = claim_trial(study, config)
+            else:
+                # plain Optuna: count, then ask — N workers may all pass the count at once (overshoot)
+                used = len(
+                    study.get_trials(
+                        deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+                    )
+                )
+                if used >= budget:
+                    trial = None
+                else:
+                    trial = study.ask()
+                    suggest(trial, config.search_space)
+            if trial is None:
+                break
+            out["claim_s"].append(time.perf_counter() - t0)
+            out["trials"].append(trial.number)
+            current.add(trial.number)
+            state = TrialState.COMPLETE
+            beat = Heartbeat(study._storage, trial._trial_id, config.heartbeat.interval) if ours else _Null()
+            with beat:
+                for epoch in range(1, EPOCHS + 1):
+                    time.sleep(epoch_s)
+                    t1 = time.perf_counter()
+                    trial.report(random.random(), epoch)
+                    trial.set_user_attr("history", [{"epoch": e, "val_acc": 0.5} for e in range(1, epoch + 1)])
+                    pruned = trial.should_prune()
+                    out["epoch_s"].append(time.perf_counter() - t1)
+                    if pruned:
+                        state = TrialState.PRUNED
+                        break
+            if state == TrialState.COMPLETE:
+                study.tell(trial, random.random())
+            else:
+                study.tell(trial, state=state)
+            current.discard(trial.number)
+
+
+class _Null:
+    def __enter__(self) -> _Null:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _process(
+    url: str, name: str, ours: bool, budget: int, threads: int, epoch_s: float, start_at: float, q: Any
+) -> None:
+    warnings.filterwarnings("ignore")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    out: dict[str, list[Any]] = {"claim_s": [], "epoch_s": [], "trials": [], "errors": []}
+
+    def run() -> None:
+        try:
+            _worker_thread(url, name, ours, budget, epoch_s, out)
+        except Exception as exc:
+            out["errors"].append(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    while time.time() < start_at:
+        time.sleep(0.005)
+    pool = [threading.Thread(target=run) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    out["end"] = [time.time()]
+    q.put(out)
+
+
+def run_row(kind: str, workers: int, size: int, claims: int, epoch_s: float, procs: int, ours: bool) -> dict[str, Any]:
+    name = "scale"
+    db = fresh_database()
+    proxy = None
+    try:
+        url = db
+        if kind == "grpc":
+            proxy, url = start_proxy(db, 16)
+        ctx = mp.get_context("spawn")
+        filler = ctx.Process(target=prefill, args=(url, name, size - claims, claims, ours))  # its connections go
+        filler.start()
+        filler.join()
+        q = ctx.Queue()
+        n_procs = min(procs, workers)
+        start_at = time.time() + 5 + 0.05 * workers  # every process imported and waiting
+        ps = [
+            ctx.Process(
+                target=_process,
+                args=(url, name, ours, claims, workers // n_procs + (i < workers % n_procs), epoch_s, start_at, q),
+            )
+            for i in range(n_procs)
+        ]
+        for p in ps:
+            p.start()
+        conns: list[int] = []
+        results: list[dict[str, list[Any]]] = []
+        while len(results) < n_procs:
+            try:
+                results.append(q.get(timeout=0.5))
+            except Exception:
+                if time.time() > start_at:
+                    conns.append(connections(db))
+        for p in ps:
+            p.join()
+        claim_s = [x for r in results for x in r["claim_s"]]
+        epoch_s_all = [x for r in results for x in r["epoch_s"]]
+        numbers = [x for r in results for x in r["trials"]]
+        errors = [x for r in results for x in r["errors"]]
+        wall = max(r["end"][0] for r in results) - start_at
+        from sft_optuna.coordination.claims import budget_used
+        from sft_optuna.coordination.storage import open_storage
+
+        trials = optuna.load_study(study_name=name, storage=open_storage(url).optuna).get_trials()
+        new = [t for t in trials[size - claims :]]
+        used = budget_used(new) if ours else len([t for t in new if t.state != TrialState.FAIL])
+        slots = (
+            Counter(
+                t.user_attrs.get("slot") for t in new if t.state == TrialState.COMPLETE or t.state == TrialState.PRUNED
+            )
+            if ours
+            else Counter()
+        )
+        return {
+            "storage": kind,
+            "method": "sft-optuna" if ours else "optuna",
+            "workers": workers,
+            "trials": size,
+            "claims": len(claim_s),
+            "claims_per_s": round(len(claim_s) / wall, 2),
+            "claim_p50_ms": _pct(claim_s, 0.5),
+            "claim_p95_ms": _pct(claim_s, 0.95),
+            "epoch_p50_ms": _pct(epoch_s_all, 0.5),
+            "epoch_p95_ms": _pct(epoch_s_all, 0.95),
+            "db_connections": max(conns) if conns else None,
+            "overshoot": used - claims,
+            "duplicates": (sum(c - 1 for c in slots.values() if c > 1) + len(numbers) - len(set(numbers)))
+            if ours
+            else None,
+            "left_running": sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in new),
+            "errors": errors[:3],
+            "wall_s": round(wall, 1),
+        }
+    finally:
+        if proxy is not None:
+            proxy.terminate()
+            proxy.wait()
+        drop_database(db)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--storages", default="postgresql,grpc")
+    p.add_argument("--workers", default="8,64,256")
+    p.add_argument("--trials", default="100,2000")
+    p.add_argument("--epoch-s", type=float, default=1.0, help="seconds an epoch sleeps")
+    p.add_argument("--procs", type=int, default=8, help="processes the simulated workers are spread over")
+    p.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True, help="plain Optuna rows too")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore")
+    limit = max_connections()
+    rows = []
+    header = f"{'storage':10} {'method':10} {'workers':>7} {'trials':>6} {'claims/s':>8} {'claim p50/p95 ms':>17} "
+    header += f"{'epoch p50/p95 ms':>17} {'db conns':>8} {'over':>4} {'dup':>4} {'left':>4}"
+    print(header, flush=True)
+    for size in [int(x) for x in args.trials.split(",")]:
+        for workers in [int(x) for x in args.workers.split(",")]:
+            claims = min(size, max(100, 2 * workers))
+            for kind in args.storages.split(","):
+                for ours in (True, False) if args.plain else (True,):
+                    if kind == "postgresql" and workers + 10 > limit:
+                        rows.append(
+                            {
+                                "storage": kind,
+                                "method": "sft-optuna" if ours else "optuna",
+                                "workers": workers,
+                                "trials": size,
+                                "skipped": f"needs > {workers} connections; max_connections is {limit}",
+                            }
+                        )
+                        print(
+                            f"{kind:10} {rows[-1]['method']:10} {workers:>7} {size:>6} skipped: {rows[-1]['skipped']}",
+                            flush=True,
+                        )
+                        continue
+                    if kind == "grpc" and not ours:
+                        continue  # plain Optuna through the proxy: the same ask() path; the PG rows show it
+                    row = run_row(kind, workers, size, claims, args.epoch_s, args.procs, ours)
+                    rows.append(row)
+                    print(
+                        f"{kind:10} {row['method']:10} {workers:>7} {size:>6} {row['claims_per_s']:>8} "
+                        f"{str(row['claim_p50_ms']) + ' / ' + str(row['claim_p95_ms']):>17} "
+                        f"{str(row['epoch_p50_ms']) + ' / ' + str(row['epoch_p95_ms']):>17} "
+                        f"{row['db_connections']!s:>8} {row['overshoot']:>4} {row['duplicates']!s:>4} "
+                        f"{row['left_running']:>4} {'; '.join(row['errors'])}",
+                        flush=True,
+                    )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"rows": rows, "cpus": os.cpu_count(), "epochs": EPOCHS, "epoch_s": args.epoch_s}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
