@@ -152,7 +152,9 @@ def _draw(rng: random.Random, d: Any) -> float:
     return rng.uniform(d.low, d.high)
 
 
-def _worker_thread(url: str, name: str, ours: bool, budget: int, epoch_s: float, out: dict[str, list[Any]]) -> None:
+def _worker_thread(
+    url: str, name: str, ours: bool, budget: int, epoch_s: float, start_at: float, out: dict[str, list[Any]]
+) -> None:
     """One simulated worker: its own storage client; claims and runs trials until the budget is spent."""
     from sft_optuna.coordination.claims import claim_trial, recover_trials
     from sft_optuna.coordination.heartbeat import Heartbeat, Watcher
@@ -171,6 +173,9 @@ def _worker_thread(url: str, name: str, ours: bool, budget: int, epoch_s: float,
             sampler=optuna.samplers.TPESampler(n_startup_trials=10, multivariate=True, constant_liar=True),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
         )
+    study.get_trials(deepcopy=False)  # connected before the start, so the count below is the steady state
+    while time.time() < start_at:
+        time.sleep(0.005)
     current: set[int] = set()
     watcher = Watcher(config.heartbeat.interval, lambda: recover_trials(study, config, set(current)), "watcher")
     with watcher if ours else _Null():
@@ -232,18 +237,17 @@ def _process(
 
     def run() -> None:
         try:
-            _worker_thread(url, name, ours, budget, epoch_s, out)
+            _worker_thread(url, name, ours, budget, epoch_s, start_at, out)
         except Exception as exc:
             out["errors"].append(f"{type(exc).__name__}: {str(exc)[:200]}")
 
-    while time.time() < start_at:
-        time.sleep(0.005)
     pool = [threading.Thread(target=run) for _ in range(threads)]
     for t in pool:
         t.start()
     for t in pool:
         t.join()
     out["end"] = [time.time()]
+    out["start"] = [start_at]
     q.put(out)
 
 
@@ -261,7 +265,7 @@ def run_row(kind: str, workers: int, size: int, claims: int, epoch_s: float, pro
         filler.join()
         q = ctx.Queue()
         n_procs = min(procs, workers)
-        start_at = time.time() + 5 + 0.05 * workers  # every process imported and waiting
+        start_at = time.time() + 10 + 0.1 * workers  # every worker imported, connected and waiting
         ps = [
             ctx.Process(
                 target=_process,
@@ -277,7 +281,7 @@ def run_row(kind: str, workers: int, size: int, claims: int, epoch_s: float, pro
             try:
                 results.append(q.get(timeout=0.5))
             except Exception:
-                if time.time() > start_at:
+                if time.time() > start_at + 1:
                     conns.append(connections(db))
         for p in ps:
             p.join()

@@ -36,7 +36,7 @@ __all__ = [
 @dataclass(frozen=True)
 class SamplerConfig:
     name: str = "tpe"
-    """Sampler, by name: ``tpe`` (Bayesian), ``random`` or ``grid`` (see ``search/samplers.py``)."""
+    """Sampler by name: ``tpe``, ``random``, ``grid``, ``gp``, ``cmaes`` or ``qmc`` (``search/samplers.py``)."""
     seed: int | None = 0
     """Study-wide seed; each trial's sampler RNG is derived from (seed, trial number)."""
     options: dict[str, Any] = field(default_factory=dict)

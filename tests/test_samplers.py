@@ -112,3 +112,44 @@ def test_cached_pruner_refreshes_below_the_startup_count_when_other_workers_comp
         complete(i)
     trial.report(0.35, 2)
     assert trial.should_prune(), "0.35 is below the median (0.45) of the ten completed trials"
+
+
+@pytest.mark.parametrize("name", ["gp", "cmaes", "qmc"])
+def test_more_samplers_by_name_propose_distinct_points_through_the_real_claims(name: str, tmp_path: Path) -> None:
+    from conftest import study_dict
+
+    from sft_optuna.coordination.claims import claim_trial
+    from sft_optuna.coordination.storage import open_storage
+    from sft_optuna.study import create_study, load_study
+    from sft_optuna.study_file import parse_study
+
+    space = {
+        "lr": {"type": "float", "low": 1e-3, "high": 1.0, "log": True},
+        "momentum": {"type": "float", "low": 0.8, "high": 0.99},
+    }
+    options = {"n_startup_trials": 3} if name in ("gp", "cmaes") else {}
+    cfg = study_dict(tmp_path, sampler={"name": name, "seed": 0, **options}, budget={"n_trials": 8}, search_space=space)
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    create_study(parse_study(cfg), storage)
+    study, config = load_study("t", storage)
+    seen = []
+    while (trial := claim_trial(study, config)) is not None:
+        seen.append((trial.params["lr"], trial.params["momentum"]))
+        study.tell(trial, 1.0 - abs(trial.params["lr"] - 0.1))  # something to model
+    assert len(seen) == 8 and len(set(seen)) == 8
+    if name == "qmc":  # one scrambled Sobol sequence, whoever claims: trial n is its n-th point
+        plain = optuna.create_study(sampler=optuna.samplers.QMCSampler(seed=0, warn_independent_sampling=False))
+        for _ in range(8):
+            t = plain.ask()
+            t.suggest_float("lr", 1e-3, 1.0, log=True)
+            t.suggest_float("momentum", 0.8, 0.99)
+            plain.tell(t, 0.0)
+        assert seen == [(t.params["lr"], t.params["momentum"]) for t in plain.trials]
+
+
+def test_a_new_samplers_unknown_option_is_one_line() -> None:
+    from sft_optuna.errors import ConfigError
+    from sft_optuna.search.samplers import check_sampler
+
+    with pytest.raises(ConfigError, match=r"sampler\.constant_liar: unknown option \(allowed: .*n_startup_trials"):
+        check_sampler(SamplerConfig("gp", 0, {"constant_liar": True}))

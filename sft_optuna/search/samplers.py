@@ -2,8 +2,13 @@
 
 The grid is not an Optuna ``GridSampler``: that sampler re-picks a running point once every point is taken,
 so several workers train a point twice. Instead each grid point is queued once when the study is created and
-workers claim queued trials under a lock (see ``coordination/claims.py``); the sampler of a grid study only ever sees
-fixed parameters.
+each queued trial is claimed by exactly one worker (see ``coordination/claims.py``); the sampler of a grid
+study only ever sees fixed parameters.
+
+Concurrent workers: ``tpe`` treats running trials as bad guesses (``constant_liar``, on by default); ``qmc``
+needs nothing of the kind (trial n takes the n-th point of one scrambled Sobol sequence, seeded by the study
+seed in every worker); ``gp`` and ``cmaes`` have no such option in Optuna: concurrent workers may propose
+points close to each other (``cmaes`` updates its distribution once per generation of ``popsize`` trials).
 """
 
 from __future__ import annotations
@@ -42,6 +47,23 @@ def _random(seed: int | None, **options: Any) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed, **options)
 
 
+def _gp(seed: int | None, **options: Any) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.GPSampler(seed=seed, **options)
+
+
+def _cmaes(seed: int | None, **options: Any) -> optuna.samplers.BaseSampler:
+    # Categorical parameters (batch size, schedule) go to its independent (random) sampler: say so once, in the
+    # README, not in a warning per trial.
+    options.setdefault("warn_independent_sampling", False)
+    return optuna.samplers.CmaEsSampler(seed=seed, **options)
+
+
+def _qmc(seed: int | None, **options: Any) -> optuna.samplers.BaseSampler:
+    # The same scrambled sequence in every worker: seeded by the study seed (see STUDY_SEEDED), never None.
+    options.setdefault("warn_independent_sampling", False)
+    return optuna.samplers.QMCSampler(seed=0 if seed is None else seed, **options)
+
+
 def _grid(seed: int | None, **options: Any) -> optuna.samplers.BaseSampler:
     # Every grid trial is queued with all its parameters fixed; this sampler is never asked to choose.
     return optuna.samplers.RandomSampler(seed=seed, **options)
@@ -52,7 +74,14 @@ SAMPLERS: dict[str, tuple[Callable[..., optuna.samplers.BaseSampler], Callable[.
     "tpe": (_tpe, optuna.samplers.TPESampler),
     "random": (_random, optuna.samplers.RandomSampler),
     "grid": (_grid, lambda: None),
+    "gp": (_gp, optuna.samplers.GPSampler),
+    "cmaes": (_cmaes, optuna.samplers.CmaEsSampler),
+    "qmc": (_qmc, optuna.samplers.QMCSampler),
 }
+
+STUDY_SEEDED = frozenset({"qmc"})
+"""Samplers built with the study's own seed for every trial, not a per-trial one (a QMC sequence must be one
+sequence across workers and trials)."""
 
 PRUNERS: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
     "median": optuna.pruners.MedianPruner,
@@ -107,7 +136,8 @@ def trial_seed(study_seed: int | None, trial_number: int) -> int | None:
 def make_sampler(cfg: SamplerConfig, trial_number: int) -> optuna.samplers.BaseSampler:
     """The sampler that picks trial ``trial_number``'s parameters."""
     factory = SAMPLERS[cfg.name][0]
-    return factory(trial_seed(cfg.seed, trial_number), **cfg.options)
+    seed = cfg.seed if cfg.name in STUDY_SEEDED else trial_seed(cfg.seed, trial_number)
+    return factory(seed, **cfg.options)
 
 
 COMPLETED_REFRESH_S = 60.0  # how stale the pruner's view of *completed* trials may be (trials take minutes)
