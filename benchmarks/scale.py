@@ -52,7 +52,7 @@ def study_config(name: str, claims: int, heartbeat_s: float) -> dict[str, Any]:
         "sampler": SAMPLER,
         "pruner": {"name": "median", "n_startup_trials": 5, "n_warmup_steps": 1},
         "budget": {"n_trials": claims, "max_retries": 2},
-        "heartbeat": {"interval": heartbeat_s, "grace_period": 60 * heartbeat_s},
+        "heartbeat": {"interval": heartbeat_s, "grace_period": 24 * heartbeat_s},  # watchers every 60 s
         "data": {"dataset": "imagefolder", "root": "unused"},
         "train": {"epochs": EPOCHS},
         "search_space": SPACE,
@@ -157,7 +157,7 @@ def _worker_thread(
 ) -> None:
     """One simulated worker: its own storage client; claims and runs trials until the budget is spent."""
     from sft_optuna.coordination.claims import claim_trial, recover_trials
-    from sft_optuna.coordination.heartbeat import Heartbeat, Watcher
+    from sft_optuna.coordination.heartbeat import Heartbeat, Watcher, watch_interval
     from sft_optuna.coordination.storage import open_storage
     from sft_optuna.search.space import suggest
     from sft_optuna.study import load_study
@@ -169,7 +169,7 @@ def _worker_thread(
     else:
         study = optuna.load_study(
             study_name=name,
-            storage=optuna.storages.RDBStorage(url) if not url.startswith("grpc") else open_storage(url).optuna,
+            storage=_plain_storage(url),
             sampler=optuna.samplers.TPESampler(n_startup_trials=10, multivariate=True, constant_liar=True),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
         )
@@ -177,7 +177,8 @@ def _worker_thread(
     while time.time() < start_at:
         time.sleep(0.005)
     current: set[int] = set()
-    watcher = Watcher(config.heartbeat.interval, lambda: recover_trials(study, config, set(current)), "watcher")
+    every = watch_interval(config.heartbeat.interval, config.heartbeat.grace_period)
+    watcher = Watcher(every, lambda: recover_trials(study, config, set(current)), "watcher")
     with watcher if ours else _Null():
         while True:
             t0 = time.perf_counter()
@@ -218,6 +219,13 @@ def _worker_thread(
             else:
                 study.tell(trial, state=state)
             current.discard(trial.number)
+
+
+def _plain_storage(url: str) -> optuna.storages.BaseStorage:
+    if url.startswith("grpc://"):
+        host, port = url.removeprefix("grpc://").rsplit(":", 1)
+        return optuna.storages.GrpcStorageProxy(host=host, port=int(port))
+    return optuna.storages.RDBStorage(url)
 
 
 class _Null:
@@ -367,8 +375,6 @@ def main() -> None:
                             flush=True,
                         )
                         continue
-                    if kind == "grpc" and not ours:
-                        continue  # plain Optuna through the proxy: the same ask() path; the PG rows show it
                     row = run_row(kind, workers, size, claims, args.epoch_s, args.procs, ours)
                     rows.append(row)
                     print(

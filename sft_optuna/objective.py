@@ -17,16 +17,25 @@ from sft_optuna import attrs
 from sft_optuna.config import StudyConfig, TrainConfig, train_config_for
 from sft_optuna.coordination.checkpoints import CheckpointStore
 from sft_optuna.errors import ConfigError
+from sft_optuna.search.asha import study_rungs
 from sft_optuna.training.data import Splits
 from sft_optuna.training.trainer import EpochResult, Trainer
 
-__all__ = ["Interrupted", "InvalidValueError", "Objective"]
+__all__ = ["Interrupted", "InvalidValueError", "Objective", "Paused"]
 
 log = logging.getLogger(__name__)
 
 
 class Interrupted(Exception):  # noqa: N818 - a control-flow signal, not an error
     """The worker was asked to stop (SIGTERM/SIGINT); the trial is checkpointed and can be resumed."""
+
+
+class Paused(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """ASHA paused the trial at a rung: its checkpoint is kept, and a claim may promote it later."""
+
+    def __init__(self, rung: int, epoch: int) -> None:
+        super().__init__(f"paused at rung {rung} (epoch {epoch})")
+        self.rung = rung
 
 
 class InvalidValueError(ValueError):
@@ -77,6 +86,10 @@ class Objective:
         if self.on_step is not None:
             report_step = self.on_step
             trainer.on_step = lambda step, total: report_step(trial.number, trainer.epoch + 1, step, total)
+        # ASHA: pause after these epochs (only at rungs above the one this lineage was promoted from)
+        rung_epochs = study_rungs(self.config) or []
+        from_rung = int(trial.user_attrs.get(attrs.FROM_RUNG, -1))
+        pause_at = {epoch: k for k, epoch in enumerate(rung_epochs) if k > from_rung}
         while trainer.epoch < train_cfg.epochs:
             result = trainer.run_epoch()
             # Report first: if the trial was failed behind our back (stale heartbeat), this raises and we
@@ -90,6 +103,8 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned at epoch {result.epoch} (val acc {result.val_acc:.4f})")
             if self.checkpoints is not None:
                 self.checkpoints.save(lineage, trainer.state_dict())
+            if trainer.epoch in pause_at and trainer.epoch < train_cfg.epochs:
+                raise Paused(pause_at[trainer.epoch], trainer.epoch)
             if self.should_stop() and trainer.epoch < train_cfg.epochs:
                 raise Interrupted(f"stopped after epoch {trainer.epoch}")
         trial.set_user_attr(attrs.CONFUSION, trainer.confusion_matrix())

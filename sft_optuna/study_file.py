@@ -12,6 +12,7 @@ import yaml
 
 from sft_optuna.config import StudyConfig, parse_config
 from sft_optuna.errors import ConfigError
+from sft_optuna.search.asha import study_rungs
 from sft_optuna.search.samplers import check_pruner, check_sampler
 
 __all__ = ["load_study_file", "parse_study"]
@@ -22,6 +23,11 @@ def parse_study(raw: Any, source: str = "<config>") -> StudyConfig:
     config = parse_config(raw, source)
     check_sampler(config.sampler, f"{source}: sampler")
     check_pruner(config.pruner, f"{source}: pruner")
+    if config.pruner.name == "asha":
+        if "epochs" in config.search_space:
+            raise ConfigError(f"{source}: search_space.epochs: ASHA sets its rungs from train.epochs; do not search it")
+        if not study_rungs(config):
+            raise ConfigError(f"{source}: pruner.min_epochs: no rung below train.epochs ({config.train.epochs})")
     return config
 
 

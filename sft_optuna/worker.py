@@ -27,7 +27,7 @@ from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
 from sft_optuna.coordination.checkpoints import CheckpointStore
 from sft_optuna.coordination.claims import claim_trial, queue_retry, recover_trials, study_done
-from sft_optuna.coordination.heartbeat import Heartbeat, Watcher
+from sft_optuna.coordination.heartbeat import Heartbeat, Watcher, watch_interval
 from sft_optuna.coordination.storage import Storage
 from sft_optuna.errors import DataError, ModelError, NodeFault
 from sft_optuna.node import (
@@ -37,7 +37,7 @@ from sft_optuna.node import (
     resolve_device,
     use_threads,
 )
-from sft_optuna.objective import Interrupted, InvalidValueError, Objective, lineage_of
+from sft_optuna.objective import Interrupted, InvalidValueError, Objective, Paused, lineage_of
 from sft_optuna.results.notes import write_best_figure, write_trial_note
 from sft_optuna.search.samplers import CachedCompletedPruner
 from sft_optuna.training.data import Splits, load_splits
@@ -207,7 +207,9 @@ def run_worker(
     waiting = False
     current: set[int] = set()  # the trial this worker runs: alive, whatever its beats look like after an outage
     watcher = Watcher(
-        config.heartbeat.interval, lambda: recover_trials(study, config, set(current)), "stale-trial watcher"
+        watch_interval(config.heartbeat.interval, config.heartbeat.grace_period),
+        lambda: recover_trials(study, config, set(current)),
+        "stale-trial watcher",
     )
     with stop.installed(), watcher:
         while not stop.event.is_set() and (options.max_trials is None or done < options.max_trials):
@@ -259,6 +261,11 @@ def _run_one(
         # trial._trial_id: Optuna has no public accessor for the storage id that heartbeats are written to.
         with Heartbeat(study._storage, trial._trial_id, config.heartbeat.interval):
             value = objective(trial)
+    except Paused as exc:
+        _set_reason(trial, str(exc))
+        trial.set_user_attr(attrs.RUNG, exc.rung)
+        log.info("trial %d: %s; its checkpoint is kept for a promotion", trial.number, exc)
+        return TrialState.PRUNED if _safe_tell(study, trial, state=TrialState.PRUNED) else None  # checkpoint kept
     except optuna.TrialPruned as exc:
         log.info("trial %d: %s", trial.number, exc)
         state = TrialState.PRUNED

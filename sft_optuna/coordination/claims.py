@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Collection, Sequence
+from datetime import datetime
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -28,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
 from sft_optuna.coordination.heartbeat import fail_stale_trials
+from sft_optuna.search.asha import due_promotion, reduction_factor, study_rungs
 from sft_optuna.search.samplers import make_sampler
 from sft_optuna.search.space import grid_points, is_grid, suggest
 
@@ -47,6 +49,9 @@ log = logging.getLogger(__name__)
 
 QUEUE_CHUNK = 64
 """Budget slots queued at a time; the queue holds up to two chunks ahead of the workers."""
+PROMOTION_SETTLE_S = 0.2
+"""A new promotion waits this long before checking it is the only one of its paused trial (the earlier wins),
+so that a promotion created by another worker in the same instant has committed."""
 
 
 def _retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
@@ -66,12 +71,16 @@ def budget_used(trials: Sequence[FrozenTrial]) -> int:
 
 
 def _counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """One per configuration started: promotions continue a configuration, retries replace a failed attempt."""
     retried = _retried_numbers(trials)
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.FAIL)
     return [
         t
         for t in trials
-        if t.state in states and t.number not in retried and t.user_attrs.get(attrs.REASON) != attrs.CLAIM_RACED
+        if t.state in states
+        and t.number not in retried
+        and t.user_attrs.get(attrs.REASON) != attrs.CLAIM_RACED
+        and attrs.PROMOTED_FROM not in t.user_attrs
     ]
 
 
@@ -96,13 +105,18 @@ def study_done(trials: Sequence[FrozenTrial], config: StudyConfig) -> bool:
         return False
     if retries_due(trials, config.budget.max_retries):
         return False
+    epochs = study_rungs(config)
+    if epochs and due_promotion(trials, epochs, reduction_factor(config)) is not None:
+        return False
     return is_grid(config) or budget_used(trials) >= config.budget.n_trials
 
 
-def _queue_chunk(study: optuna.Study, config: StudyConfig, chunk: int) -> None:
+def _queue_chunk(study: optuna.Study, config: StudyConfig, chunk: int, present: Collection[int] = ()) -> None:
+    """Queue the slots of ``chunk`` that are not ``present`` (a retry of a queuer that died halfway)."""
     first = chunk * QUEUE_CHUNK
     for slot in range(first, min(first + QUEUE_CHUNK, config.budget.n_trials)):
-        study.enqueue_trial({}, user_attrs={attrs.SLOT: slot}, skip_if_exists=False)
+        if slot not in present:
+            study.enqueue_trial({}, user_attrs={attrs.SLOT: slot}, skip_if_exists=False)
 
 
 def queue_budget(study: optuna.Study, config: StudyConfig) -> None:
@@ -124,16 +138,13 @@ def queue_budget(study: optuna.Study, config: StudyConfig) -> None:
 
 
 def _queue_ahead(study: optuna.Study, config: StudyConfig, slot: int, trials: Sequence[FrozenTrial]) -> None:
-    """The first slot of chunk c queues chunk c + 2 (once: a retry of it checks the chunk is not there)."""
+    """The first slot of chunk c queues chunk c + 2 (a retry of it queues what its trial did not get to)."""
     if is_grid(config) or slot % QUEUE_CHUNK:
         return
     chunk = slot // QUEUE_CHUNK + 2
-    first = chunk * QUEUE_CHUNK
-    if first >= config.budget.n_trials:
+    if chunk * QUEUE_CHUNK >= config.budget.n_trials:
         return
-    if any(first <= int(t.user_attrs.get(attrs.SLOT, -1)) < first + QUEUE_CHUNK for t in trials):
-        return
-    _queue_chunk(study, config, chunk)
+    _queue_chunk(study, config, chunk, {int(t.user_attrs.get(attrs.SLOT, -1)) for t in trials})
 
 
 def _drop(study: optuna.Study, trial: optuna.Trial, why: str) -> None:
@@ -143,44 +154,95 @@ def _drop(study: optuna.Study, trial: optuna.Trial, why: str) -> None:
 
 
 def claim_trial(study: optuna.Study, config: StudyConfig) -> optuna.Trial | None:
-    """Start the next queued trial of the study (a retry or a budget slot), or None when none is queued.
+    """Start the next trial of the study: an ASHA promotion that is due, else a queued trial (a retry or a
+    budget slot); None when there is neither.
 
     No lock: Optuna pops each queued trial for one worker. The sampler then suggests the slot's parameters
     (a retry or a grid point has them fixed); a concurrent TPE with ``constant_liar`` sees running trials.
     """
+    epochs = study_rungs(config)
     while True:
         trials = study.get_trials(deepcopy=False)
+        if epochs:
+            paused = due_promotion(trials, epochs, reduction_factor(config))
+            if paused is not None:
+                trial = _promote(study, paused)
+                if trial is not None:
+                    return trial
+                continue
         if not any(t.state == TrialState.WAITING for t in trials):
             return None
         trial = study.ask()
-        if attrs.SLOT not in trial.user_attrs and attrs.RETRY_OF not in trial.user_attrs:
+        mine = study._storage.get_trial(trial._trial_id)
+        if attrs.SLOT not in mine.user_attrs and attrs.RETRY_OF not in mine.user_attrs:
             _drop(study, trial, "the queue ran dry before this claim")  # Optuna made a fresh trial
             return None
-        trials = study.get_trials(deepcopy=False)
+        # A duplicate slot is queued seconds after the original (a crash while queuing), so the list read
+        # before the claim shows it; a retry is checked against a fresh read (retries are rare).
+        if attrs.RETRY_OF in mine.user_attrs:
+            trials = study.get_trials(deepcopy=False)
+        else:
+            trials = [*(t for t in trials if t.number < mine.number), mine]
         if raced(trials, trial.number):
             _drop(study, trial, "a duplicate of an earlier queued trial")
             continue
-        _queue_ahead(study, config, int(trial.user_attrs.get(attrs.SLOT, -1)), trials)
+        _queue_ahead(study, config, int(mine.user_attrs.get(attrs.SLOT, -1)), trials)
         # Seeded by the trial's number, known only now: Optuna samples at the first suggest, not in ask().
         study.sampler = make_sampler(config.sampler, trial.number)
         suggest(trial, config.search_space)
         return trial
 
 
+def _promote(study: optuna.Study, paused: FrozenTrial) -> optuna.Trial | None:
+    """A RUNNING trial that continues ``paused`` (same parameters and lineage: it resumes from the lineage's
+    checkpoint); None when another worker promoted it at the same instant (theirs is kept)."""
+    lineage = int(paused.user_attrs.get(attrs.LINEAGE, paused.number))
+    template = FrozenTrial(
+        number=-1,
+        state=TrialState.RUNNING,
+        value=None,
+        datetime_start=datetime.now(),
+        datetime_complete=None,
+        params=paused.params,
+        distributions=paused.distributions,
+        user_attrs={
+            attrs.LINEAGE: lineage,
+            attrs.PROMOTED_FROM: paused.number,
+            attrs.FROM_RUNG: int(paused.user_attrs[attrs.RUNG]),
+        },
+        system_attrs={},
+        intermediate_values={},
+        trial_id=-1,
+    )
+    trial = optuna.Trial(study, study._storage.create_new_trial(study._study_id, template_trial=template))
+    time.sleep(PROMOTION_SETTLE_S)
+    if raced(study.get_trials(deepcopy=False), trial.number):
+        _drop(study, trial, f"trial {paused.number} was promoted by another worker at the same instant")
+        return None
+    log.info("trial %d promotes trial %d (rung %d)", trial.number, paused.number, paused.user_attrs[attrs.RUNG])
+    return trial
+
+
 def raced(trials: Sequence[FrozenTrial], number: int) -> bool:
     """Is trial ``number`` a duplicate: a retry of a trial that has an earlier retry, or a slot (not a retry)
     that an earlier trial fills? The earlier one is kept; duplicates only arise from writes seconds apart
     (a crash between failing a trial and queuing its retry; journal files, whose failure is not exclusive)."""
-    mine = trials[number]
+    mine = next(t for t in trials if t.number == number)
     retry_of = mine.user_attrs.get(attrs.RETRY_OF)
+    promoted_from = mine.user_attrs.get(attrs.PROMOTED_FROM)
     slot = mine.user_attrs.get(attrs.SLOT)
-    for t in trials[:number]:
-        if t.user_attrs.get(attrs.REASON) == attrs.CLAIM_RACED:
+    for t in trials:
+        if t.number >= number or t.user_attrs.get(attrs.REASON) == attrs.CLAIM_RACED:
             continue
         if retry_of is not None:
             if t.user_attrs.get(attrs.RETRY_OF) == retry_of:
                 return True
-        elif slot is not None and t.user_attrs.get(attrs.SLOT) == slot and attrs.RETRY_OF not in t.user_attrs:
+        elif attrs.RETRY_OF in t.user_attrs:
+            continue
+        elif promoted_from is not None:
+            if t.user_attrs.get(attrs.PROMOTED_FROM) == promoted_from:
+                return True
+        elif slot is not None and t.user_attrs.get(attrs.SLOT) == slot and attrs.PROMOTED_FROM not in t.user_attrs:
             return True
     return False
 
@@ -195,8 +257,9 @@ def queue_retry(study: optuna.Study, config: StudyConfig, failed: FrozenTrial) -
     lineage = int(failed.user_attrs.get(attrs.LINEAGE, failed.number))
     log.warning("retrying trial %d (lineage %d) with the same parameters", failed.number, lineage)
     user_attrs = {attrs.LINEAGE: lineage, attrs.RETRY_OF: failed.number, attrs.RETRY: retry}
-    if attrs.SLOT in failed.user_attrs:
-        user_attrs[attrs.SLOT] = failed.user_attrs[attrs.SLOT]
+    for key in (attrs.SLOT, attrs.PROMOTED_FROM, attrs.FROM_RUNG):  # a retry is what it retries
+        if key in failed.user_attrs:
+            user_attrs[key] = failed.user_attrs[key]
     study.enqueue_trial(failed.params, user_attrs=user_attrs, skip_if_exists=False)
 
 

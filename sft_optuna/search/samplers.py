@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sft_optuna.config import PrunerConfig, SamplerConfig
 from sft_optuna.errors import ConfigError
+from sft_optuna.search.asha import AshaPruner
 
 __all__ = [
     "PRUNERS",
@@ -89,6 +90,7 @@ PRUNERS: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
     "hyperband": optuna.pruners.HyperbandPruner,
     "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
     "none": optuna.pruners.NopPruner,
+    "asha": AshaPruner,  # pauses and promotes from checkpoints (search/asha.py); never stops a trial
 }
 
 

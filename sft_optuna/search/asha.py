@@ -1,0 +1,97 @@
+"""Asynchronous successive halving (ASHA; Li et al., MLSys 2020): rungs, and which paused trial to promote.
+
+The arithmetic and the promotion rule only, on plain trials: no storage, no claims. A trial pauses when it
+finishes a rung's epoch; a claim promotes, highest rung first, a paused trial in the top ``n_k // eta`` of its
+rung (``n_k``: learning curves — lineages — that reached rung k) that was not promoted yet.
+
+The objective pauses trials (``objective.py``), claims promote them (``coordination/claims.py``); the pruner
+below only carries the settings through the study file's checks: ASHA never stops a trial.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from sft_optuna import attrs
+from sft_optuna.config import StudyConfig
+
+__all__ = ["AshaPruner", "due_promotion", "rung_values", "rungs", "study_rungs"]
+
+
+class AshaPruner(optuna.pruners.BasePruner):
+    """``pruner: {name: asha, min_epochs: 1, reduction_factor: 3}``: rungs at ``min_epochs * reduction_factor**k``.
+
+    Never prunes: trials pause at rungs (the objective) and are promoted by claims."""
+
+    def __init__(self, min_epochs: int = 1, reduction_factor: int = 3) -> None:
+        rungs(min_epochs, reduction_factor, min_epochs + 1)  # the same checks, one message
+        self.min_epochs = min_epochs
+        self.reduction_factor = reduction_factor
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        return False
+
+
+def study_rungs(config: StudyConfig) -> list[int] | None:
+    """The pause epochs of an ASHA study (from its pruner and ``train.epochs``), None for any other pruner."""
+    if config.pruner.name != "asha":
+        return None
+    options: dict[str, Any] = config.pruner.options
+    return rungs(int(options.get("min_epochs", 1)), int(options.get("reduction_factor", 3)), config.train.epochs)
+
+
+def reduction_factor(config: StudyConfig) -> int:
+    return int(config.pruner.options.get("reduction_factor", 3))
+
+
+def rungs(min_epochs: int, reduction_factor: int, max_epochs: int) -> list[int]:
+    """Epochs at which trials pause: ``min_epochs * reduction_factor**k`` below ``max_epochs`` (a trial that
+    reaches ``max_epochs`` is complete, not paused)."""
+    if not (isinstance(min_epochs, int) and isinstance(reduction_factor, int)):
+        raise ValueError("ASHA's min_epochs and reduction_factor are whole numbers")
+    if min_epochs < 1 or reduction_factor < 2:
+        raise ValueError("ASHA needs min_epochs >= 1 and reduction_factor >= 2")
+    out, epoch = [], min_epochs
+    while epoch < max_epochs:
+        out.append(epoch)
+        epoch *= reduction_factor
+    return out
+
+
+def _lineage(t: FrozenTrial) -> int:
+    return int(t.user_attrs.get(attrs.LINEAGE, t.number))
+
+
+def rung_values(trials: Sequence[FrozenTrial], epoch: int) -> dict[int, float]:
+    """Lineage -> validation accuracy at ``epoch``, for every lineage whose curve reached it (a promotion or a
+    retry carries its lineage's curve, so each lineage counts once)."""
+    values: dict[int, float] = {}
+    for t in trials:
+        value = t.intermediate_values.get(epoch)
+        if value is not None and t.user_attrs.get(attrs.REASON) != attrs.CLAIM_RACED:
+            values.setdefault(_lineage(t), value)
+    return values
+
+
+def _paused_at(t: FrozenTrial, k: int) -> bool:
+    return t.state == TrialState.PRUNED and t.user_attrs.get(attrs.RUNG) == k
+
+
+def due_promotion(trials: Sequence[FrozenTrial], epochs: Sequence[int], reduction_factor: int) -> FrozenTrial | None:
+    """The paused trial a free worker should continue, or None (then it starts a new configuration).
+
+    Highest rung first; in rung k, among the top ``n_k // reduction_factor`` lineages by their value at the
+    rung's epoch, the best paused trial not promoted yet. Ties go to the lower trial number.
+    """
+    promoted = {int(t.user_attrs[attrs.PROMOTED_FROM]) for t in trials if attrs.PROMOTED_FROM in t.user_attrs}
+    for k in reversed(range(len(epochs))):
+        values = rung_values(trials, epochs[k])
+        top = sorted(values, key=lambda lineage: (-values[lineage], lineage))[: len(values) // reduction_factor]
+        candidates = [t for t in trials if _paused_at(t, k) and t.number not in promoted and _lineage(t) in set(top)]
+        if candidates:
+            return min(candidates, key=lambda t: (-values[_lineage(t)], t.number))
+    return None

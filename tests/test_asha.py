@@ -1,0 +1,196 @@
+"""ASHA's rung arithmetic and promotion rule on constructed trials (the rule of #13, exactly)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from sft_optuna import attrs
+from sft_optuna.attrs import PROMOTED_FROM, RUNG
+from sft_optuna.search.asha import due_promotion, rungs
+
+
+def test_rungs_are_min_epochs_times_powers_of_eta_below_the_last_epoch() -> None:
+    assert rungs(1, 3, 12) == [1, 3, 9]
+    assert rungs(2, 2, 16) == [2, 4, 8]
+    assert rungs(1, 3, 9) == [1, 3], "a trial reaching train.epochs is complete, not paused"
+    assert rungs(5, 3, 4) == []
+    with pytest.raises(ValueError, match="reduction_factor"):
+        rungs(1, 1, 10)
+
+
+def _trial(number: int, curve: list[float], state: TrialState, **user_attrs: object) -> FrozenTrial:
+    t = optuna.trial.create_trial(
+        params={"lr": 0.1},
+        distributions={"lr": FloatDistribution(0.01, 1.0)},
+        value=curve[-1] if state == TrialState.COMPLETE else None,
+        intermediate_values={e: v for e, v in enumerate(curve, start=1)},
+        state=state,
+        user_attrs=user_attrs,
+    )
+    t.number = number
+    return t
+
+
+def _paused(number: int, curve: list[float], rung: int, **user_attrs: object) -> FrozenTrial:
+    return _trial(number, curve, TrialState.PRUNED, rung=rung, reason=f"paused at rung {rung}", **user_attrs)
+
+
+EPOCHS = [1, 3, 9]  # min_epochs 1, eta 3, train.epochs 12
+
+
+def test_the_best_paused_trial_in_the_top_third_of_its_rung_is_promoted() -> None:
+    values = [0.30, 0.50, 0.20, 0.45, 0.10, 0.40, 0.35, 0.25, 0.15]
+    trials = [_paused(i, [v], 0) for i, v in enumerate(values)]
+    assert due_promotion(trials, EPOCHS, 3).number == 1  # top 3 of 9: 0.50, 0.45, 0.40
+    # trial 1 promoted (a new trial carrying its curve, same lineage): next is 0.45, then 0.40, then nobody
+    trials.append(_trial(9, [0.50, 0.52], TrialState.RUNNING, lineage=1, **{PROMOTED_FROM: 1}))
+    assert due_promotion(trials, EPOCHS, 3).number == 3
+    trials.append(_trial(10, [0.45], TrialState.RUNNING, lineage=3, **{PROMOTED_FROM: 3}))
+    trials.append(_trial(11, [0.40], TrialState.RUNNING, lineage=5, **{PROMOTED_FROM: 5}))
+    assert due_promotion(trials, EPOCHS, 3) is None, "0.35 is outside the top third: start a new configuration"
+    trials.append(_paused(12, [0.60], 0))  # a tenth curve: top 3 of 10 now holds 0.60 (not yet promoted)
+    assert due_promotion(trials, EPOCHS, 3).number == 12
+
+
+def test_higher_rungs_first_and_fewer_than_eta_curves_promote_nobody() -> None:
+    assert due_promotion([_paused(0, [0.9], 0), _paused(1, [0.8], 0)], EPOCHS, 3) is None
+    low = [_paused(i, [0.1 * i], 0) for i in range(6)]
+    high = [
+        _paused(6, [0.2, 0.3, 0.4], 1, lineage=2),
+        _paused(7, [0.3, 0.5, 0.6], 1, lineage=3),
+        _paused(8, [0.4, 0.4, 0.3], 1, lineage=4),
+    ]
+    # rung 1 (epoch 3) has 3 curves: its top 1 is lineage 3 (0.5) -> trial 7, before rung 0's candidates
+    assert due_promotion(low + high, EPOCHS, 3).number == 7
+
+
+def test_a_promotion_and_a_retry_of_one_lineage_count_once_and_dropped_claims_not_at_all() -> None:
+    trials = [_paused(i, [0.1 * (i + 1)], 0) for i in range(3)]  # 3 curves: top 1 is trial 2 (0.3)
+    trials.append(_trial(3, [0.3], TrialState.FAIL, lineage=2, reason=attrs.CLAIM_RACED))
+    trials.append(_trial(4, [0.3], TrialState.FAIL, lineage=2))  # a failed attempt of the same lineage
+    assert due_promotion(trials, EPOCHS, 3).number == 2
+    assert RUNG == "rung"
+
+
+PROMOTER = """
+import json, sys, time, warnings
+warnings.filterwarnings("ignore")
+from sft_optuna.coordination.claims import claim_trial
+from sft_optuna.coordination.storage import open_storage
+from sft_optuna.study import load_study
+storage = open_storage(sys.argv[1])
+study, config = load_study("t", storage)
+study.get_trials()
+while time.time() < float(sys.argv[2]):
+    time.sleep(0.001)
+trial = claim_trial(study, config)
+print(json.dumps(None if trial is None else trial.user_attrs.get("promoted_from")))
+"""
+
+
+def _asha_study(root: Path, **sections: object) -> dict[str, object]:
+    from conftest import study_dict
+
+    sections.setdefault("pruner", {"name": "asha", "min_epochs": 1, "reduction_factor": 3})
+    return study_dict(root, **sections)
+
+
+@pytest.mark.slow
+def test_two_workers_racing_for_one_promotion_one_wins(storage_url: str, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import time
+
+    from conftest import PYTHON, worker_env
+
+    from sft_optuna.coordination.claims import claim_trial
+    from sft_optuna.coordination.storage import open_storage
+    from sft_optuna.study import create_study
+    from sft_optuna.study_file import parse_study
+
+    storage = open_storage(storage_url)
+    study, _ = create_study(parse_study(_asha_study(tmp_path, budget={"n_trials": 3}, train={"epochs": 4})), storage)
+    config = parse_study(_asha_study(tmp_path, budget={"n_trials": 3}, train={"epochs": 4}))
+    for value in (0.2, 0.6, 0.4):  # three configurations paused at rung 0: the top third is the 0.6 one
+        trial = claim_trial(study, config)
+        assert trial is not None
+        trial.report(value, 1)
+        trial.set_user_attr(attrs.RUNG, 0)
+        study.tell(trial, state=TrialState.PRUNED)
+    start = time.time() + 6
+    procs = [
+        subprocess.Popen(
+            [PYTHON, "-c", PROMOTER, storage_url, str(start)],
+            env=worker_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    got = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        got.append(json.loads(out.splitlines()[-1]))
+    assert sorted(got, key=str) == [1, None], "one worker promotes trial 1, the other finds nothing due"
+    trials = study.get_trials()
+    promotions = [
+        t for t in trials if PROMOTED_FROM in t.user_attrs and t.user_attrs.get(attrs.REASON) != attrs.CLAIM_RACED
+    ]
+    assert len(promotions) == 1 and promotions[0].params == trials[1].params
+    assert promotions[0].user_attrs[attrs.LINEAGE] == 1 and promotions[0].state == TrialState.RUNNING
+
+
+def test_an_asha_study_pauses_promotes_from_checkpoints_and_ends(
+    folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, tmp_path: Path
+) -> None:
+    from sft_optuna.cli import main
+    from sft_optuna.coordination.claims import budget_used, study_done
+    from sft_optuna.study_file import parse_study
+
+    cfg = _asha_study(
+        folder_root,
+        pruner={"name": "asha", "min_epochs": 1, "reduction_factor": 2},
+        budget={"n_trials": 4},
+        train={"epochs": 4},  # rungs at epochs 1 and 2; a trial reaching epoch 4 completes
+        search_space={"lr": {"type": "float", "low": 0.001, "high": 0.3, "log": True}},
+    )
+    argv = [
+        "--storage",
+        sqlite_url,
+        "run",
+        str(write_study(cfg)),
+        "--device",
+        "cpu",
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+    ]
+    assert main(argv) == 0
+    trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+    assert study_done(trials, parse_study(cfg)) and budget_used(trials) == 4
+    paused = [t for t in trials if t.state == TrialState.PRUNED]
+    assert all(t.user_attrs[attrs.REASON].startswith("paused at rung") for t in paused)
+    promotions = [t for t in trials if PROMOTED_FROM in t.user_attrs]
+    assert promotions, "the best configurations go on"
+    assert len({t.user_attrs[PROMOTED_FROM] for t in promotions}) == len(promotions), "no trial promoted twice"
+    for t in promotions:
+        source = trials[t.user_attrs[PROMOTED_FROM]]
+        rung_epoch = [1, 2][source.user_attrs[RUNG]]
+        assert t.params == source.params and t.user_attrs[attrs.LINEAGE] == source.user_attrs.get(
+            attrs.LINEAGE, source.number
+        )
+        assert t.user_attrs[attrs.RESUMED_FROM_EPOCH] == rung_epoch, "resumed from the paused trial's checkpoint"
+        for epoch, value in source.intermediate_values.items():
+            assert t.intermediate_values[epoch] == pytest.approx(value, abs=1e-6), "the learning curve continues"
+    (done,) = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(done.intermediate_values) == [1, 2, 3, 4]
+    # at rung 0 all four configurations were compared: the best of them went on
+    best_at_1 = max((t for t in trials if PROMOTED_FROM not in t.user_attrs), key=lambda t: t.intermediate_values[1])
+    assert any(t.user_attrs[PROMOTED_FROM] == best_at_1.number for t in promotions)
