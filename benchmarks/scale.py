@@ -357,7 +357,7 @@ def main() -> None:
     print(header, flush=True)
     for size in [int(x) for x in args.trials.split(",")]:
         for workers in [int(x) for x in args.workers.split(",")]:
-            claims = min(size, max(100, 2 * workers))
+            claims = min(size, max(64, workers))
             for kind in args.storages.split(","):
                 for ours in (True, False) if args.plain else (True,):
                     if kind == "postgresql" and workers + 10 > limit:

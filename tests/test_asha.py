@@ -191,6 +191,32 @@ def test_an_asha_study_pauses_promotes_from_checkpoints_and_ends(
             assert t.intermediate_values[epoch] == pytest.approx(value, abs=1e-6), "the learning curve continues"
     (done,) = [t for t in trials if t.state == TrialState.COMPLETE]
     assert sorted(done.intermediate_values) == [1, 2, 3, 4]
+    from sft_optuna.search.asha import occupancy
+
+    rows = occupancy(trials, [1, 2])
+    assert rows[0][:2] == (1, 4), "all four configurations reached epoch 1"
+    assert rows[0][3] == len([t for t in promotions if t.user_attrs[attrs.FROM_RUNG] == 0])
+    assert sum(r[2] + r[3] for r in rows) == len(paused)
+    assert main(["--storage", sqlite_url, "status", "t"]) == 0
     # at rung 0 all four configurations were compared: the best of them went on
     best_at_1 = max((t for t in trials if PROMOTED_FROM not in t.user_attrs), key=lambda t: t.intermediate_values[1])
     assert any(t.user_attrs[PROMOTED_FROM] == best_at_1.number for t in promotions)
+
+
+def test_a_paused_trial_without_its_checkpoint_is_promoted_from_epoch_zero(
+    folder_root: Path, write_study: Callable[..., Path], sqlite_url: str
+) -> None:
+    from sft_optuna.cli import main
+
+    cfg = _asha_study(
+        folder_root,
+        pruner={"name": "asha", "min_epochs": 1, "reduction_factor": 2},
+        budget={"n_trials": 2},
+        train={"epochs": 2},
+    )
+    argv = ["--storage", sqlite_url, "run", str(write_study(cfg)), "--device", "cpu", "--checkpoint-dir", "none"]
+    assert main(argv) == 0
+    trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+    (promoted,) = [t for t in trials if PROMOTED_FROM in t.user_attrs]
+    assert promoted.state == TrialState.COMPLETE and promoted.user_attrs[attrs.RESUMED_FROM_EPOCH] == 0
+    assert sorted(promoted.intermediate_values) == [1, 2], "trained again from the start: nothing lost"

@@ -47,8 +47,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-QUEUE_CHUNK = 64
-"""Budget slots queued at a time; the queue holds up to two chunks ahead of the workers."""
+QUEUE_CHUNK = 32
+"""Budget slots queued at a time; the queue holds up to two chunks ahead of the workers (every claim re-reads
+the queued trials: more costs every claim, fewer makes concurrent claims find it empty)."""
 PROMOTION_SETTLE_S = 0.2
 """A new promotion waits this long before checking it is the only one of its paused trial (the earlier wins),
 so that a promotion created by another worker in the same instant has committed."""
@@ -161,28 +162,24 @@ def claim_trial(study: optuna.Study, config: StudyConfig) -> optuna.Trial | None
     (a retry or a grid point has them fixed); a concurrent TPE with ``constant_liar`` sees running trials.
     """
     epochs = study_rungs(config)
+    storage = study._storage
     while True:
-        trials = study.get_trials(deepcopy=False)
         if epochs:
-            paused = due_promotion(trials, epochs, reduction_factor(config))
+            paused = due_promotion(study.get_trials(deepcopy=False), epochs, reduction_factor(config))
             if paused is not None:
                 trial = _promote(study, paused)
                 if trial is not None:
                     return trial
                 continue
-        if not any(t.state == TrialState.WAITING for t in trials):
+        # A count, not a read of every queued trial: each read costs about 0.1 ms per unfinished trial.
+        if storage.get_n_trials(study._study_id, TrialState.WAITING) == 0:
             return None
         trial = study.ask()
-        mine = study._storage.get_trial(trial._trial_id)
+        mine = storage.get_trial(trial._trial_id)
         if attrs.SLOT not in mine.user_attrs and attrs.RETRY_OF not in mine.user_attrs:
             _drop(study, trial, "the queue ran dry before this claim")  # Optuna made a fresh trial
             return None
-        # A duplicate slot is queued seconds after the original (a crash while queuing), so the list read
-        # before the claim shows it; a retry is checked against a fresh read (retries are rare).
-        if attrs.RETRY_OF in mine.user_attrs:
-            trials = study.get_trials(deepcopy=False)
-        else:
-            trials = [*(t for t in trials if t.number < mine.number), mine]
+        trials = study.get_trials(deepcopy=False)
         if raced(trials, trial.number):
             _drop(study, trial, "a duplicate of an earlier queued trial")
             continue

@@ -13,6 +13,7 @@ from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
 from sft_optuna.coordination.claims import budget_used
 from sft_optuna.coordination.heartbeat import last_beat
+from sft_optuna.search.asha import occupancy, study_rungs
 
 __all__ = ["status_lines"]
 
@@ -26,6 +27,13 @@ def status_lines(study: optuna.Study, config: StudyConfig) -> list[str]:
         f"trials: budget {budget_used(trials)}/{config.budget.n_trials} used; "
         + ", ".join(f"{s.name} {states.get(s.name, 0)}" for s in TrialState),
     ]
+    epochs = study_rungs(config)
+    if epochs:
+        rows = occupancy(trials, epochs)
+        lines.append(
+            "rungs (ASHA): "
+            + "; ".join(f"epoch {e}: {n} reached, {w} paused, {p} promoted" for e, n, w, p in rows)
+        )
     try:
         best = study.best_trial
         lines.append(f"best: trial {best.number} value {best.value:.4f} params {json.dumps(best.params)}")

@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
 
-__all__ = ["AshaPruner", "due_promotion", "rung_values", "rungs", "study_rungs"]
+__all__ = ["AshaPruner", "due_promotion", "occupancy", "rung_values", "rungs", "study_rungs"]
 
 
 class AshaPruner(optuna.pruners.BasePruner):
@@ -95,3 +95,14 @@ def due_promotion(trials: Sequence[FrozenTrial], epochs: Sequence[int], reductio
         if candidates:
             return min(candidates, key=lambda t: (-values[_lineage(t)], t.number))
     return None
+
+
+def occupancy(trials: Sequence[FrozenTrial], epochs: Sequence[int]) -> list[tuple[int, int, int, int]]:
+    """Per rung: (epoch, learning curves that reached it, trials paused there waiting, trials promoted from it)."""
+    promoted = {int(t.user_attrs[attrs.PROMOTED_FROM]) for t in trials if attrs.PROMOTED_FROM in t.user_attrs}
+    rows = []
+    for k, epoch in enumerate(epochs):
+        paused = [t for t in trials if _paused_at(t, k)]
+        waiting = sum(t.number not in promoted for t in paused)
+        rows.append((epoch, len(rung_values(trials, epoch)), waiting, len(paused) - waiting))
+    return rows
