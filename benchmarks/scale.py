@@ -139,6 +139,7 @@ def prefill(url: str, name: str, n: int, claims: int, ours: bool) -> None:
                 value=curve[EPOCHS],
                 intermediate_values=curve,
                 state=TrialState.COMPLETE,
+                user_attrs={"prefill": True},
             )
         )
     study.add_trials(trials)
@@ -186,11 +187,8 @@ def _worker_thread(
                 trial = claim_trial(study, config)
             else:
                 # plain Optuna: count, then ask — N workers may all pass the count at once (overshoot)
-                used = len(
-                    study.get_trials(
-                        deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
-                    )
-                )
+                states = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+                used = sum(not t.user_attrs.get("prefill") for t in study.get_trials(deepcopy=False, states=states))
                 if used >= budget:
                     trial = None
                 else:
@@ -302,15 +300,15 @@ def run_row(kind: str, workers: int, size: int, claims: int, epoch_s: float, pro
         from sft_optuna.coordination.storage import open_storage
 
         trials = optuna.load_study(study_name=name, storage=open_storage(url).optuna).get_trials()
-        new = [t for t in trials[size - claims :]]
-        used = budget_used(new) if ours else len([t for t in new if t.state != TrialState.FAIL])
-        slots = (
-            Counter(
-                t.user_attrs.get("slot") for t in new if t.state == TrialState.COMPLETE or t.state == TrialState.PRUNED
-            )
-            if ours
-            else Counter()
-        )
+        new = [t for t in trials if not t.user_attrs.get("prefill")]
+        if ours:
+            used = budget_used(new)
+            done = [t for t in new if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+            slots = Counter(t.user_attrs["slot"] for t in done)
+            duplicates = sum(c - 1 for c in slots.values()) + len(numbers) - len(set(numbers))
+        else:
+            used = len([t for t in new if t.state != TrialState.FAIL])
+            duplicates = None
         return {
             "storage": kind,
             "method": "sft-optuna" if ours else "optuna",
@@ -324,9 +322,7 @@ def run_row(kind: str, workers: int, size: int, claims: int, epoch_s: float, pro
             "epoch_p95_ms": _pct(epoch_s_all, 0.95),
             "db_connections": max(conns) if conns else None,
             "overshoot": used - claims,
-            "duplicates": (sum(c - 1 for c in slots.values() if c > 1) + len(numbers) - len(set(numbers)))
-            if ours
-            else None,
+            "duplicates": duplicates,
             "left_running": sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in new),
             "errors": errors[:3],
             "wall_s": round(wall, 1),

@@ -57,6 +57,9 @@ class BudgetConfig:
     """Trials for the whole study across all workers; every finished trial counts, whatever its state."""
     max_retries: int = 2
     """How often a trial whose worker died or was preempted is retried (resuming from its checkpoint)."""
+    epochs: int | None = None
+    """Epochs the whole study may train, promotions and retries' re-run epochs included: no trial starts
+    whose planned epochs (to its end, or with ASHA to its next rung) would go past it. ``null``: no cap."""
 
 
 @dataclass(frozen=True)
@@ -401,6 +404,8 @@ def _check_space_values(where: str, pname: str, spec: ParamSpec, train: TrainCon
 def _check_values(config: StudyConfig, source: str) -> None:
     _check_positive(f"{source}: budget.n_trials", config.budget.n_trials)
     _check_positive(f"{source}: budget.max_retries", config.budget.max_retries, allow_zero=True)
+    if config.budget.epochs is not None:
+        _check_positive(f"{source}: budget.epochs", config.budget.epochs)
     _check_positive(f"{source}: heartbeat.interval", config.heartbeat.interval)
     _check_positive(f"{source}: heartbeat.grace_period", config.heartbeat.grace_period)
     if config.heartbeat.grace_period < 2 * config.heartbeat.interval:

@@ -220,3 +220,51 @@ def test_a_paused_trial_without_its_checkpoint_is_promoted_from_epoch_zero(
     (promoted,) = [t for t in trials if PROMOTED_FROM in t.user_attrs]
     assert promoted.state == TrialState.COMPLETE and promoted.user_attrs[attrs.RESUMED_FROM_EPOCH] == 0
     assert sorted(promoted.intermediate_values) == [1, 2], "trained again from the start: nothing lost"
+
+
+def test_epochs_used_counts_what_each_trial_trained_and_what_running_ones_will() -> None:
+    from sft_optuna.coordination.claims import epochs_used
+    from sft_optuna.study_file import parse_study
+
+    config = parse_study(_asha_study(Path("."), train={"epochs": 4}, pruner={"name": "median"}))
+    trials = [
+        _trial(0, [0.1, 0.2, 0.3, 0.4], TrialState.COMPLETE, resumed_from_epoch=0),
+        _trial(1, [0.1, 0.2, 0.3], TrialState.FAIL),  # died after 3 epochs
+        _trial(2, [0.1, 0.2, 0.3, 0.4], TrialState.COMPLETE, resumed_from_epoch=2, retry_of=1),  # 2 trained
+        _trial(3, [0.1], TrialState.RUNNING, resumed_from_epoch=0),  # will train 4
+        _trial(4, [0.1], TrialState.FAIL, reason=attrs.CLAIM_RACED),
+    ]
+    assert epochs_used(trials, config) == 4 + 3 + 2 + 4
+    asha = parse_study(_asha_study(Path("."), train={"epochs": 4}, pruner={"name": "asha", "reduction_factor": 2}))
+    running = [_trial(0, [0.5], TrialState.RUNNING, resumed_from_epoch=1, **{attrs.FROM_RUNG: 0})]
+    assert epochs_used(running, asha) == 1, "promoted from rung 0 (epoch 1): its next stop is rung 1 (epoch 2)"
+
+
+@pytest.mark.parametrize("pruner", [{"name": "none"}, {"name": "asha", "min_epochs": 1, "reduction_factor": 2}])
+def test_the_epoch_budget_stops_starting_work_that_would_exceed_it(
+    pruner: dict[str, object], folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, tmp_path: Path
+) -> None:
+    from sft_optuna.cli import main
+    from sft_optuna.coordination.claims import epochs_used, study_done
+    from sft_optuna.study_file import parse_study
+
+    cfg = _asha_study(folder_root, pruner=pruner, budget={"n_trials": 10, "epochs": 5}, train={"epochs": 2})
+    argv = [
+        "--storage",
+        sqlite_url,
+        "run",
+        str(write_study(cfg)),
+        "--device",
+        "cpu",
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+    ]
+    assert main(argv) == 0
+    trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+    used = epochs_used(trials, parse_study(cfg))
+    assert study_done(trials, parse_study(cfg))
+    if pruner["name"] == "none":  # two trials of 2 epochs; a third would make 6 > 5
+        assert used == 4 and len([t for t in trials if t.state == TrialState.COMPLETE]) == 2
+    else:  # rung at epoch 1: pauses and promotions of one epoch each, to exactly 5
+        assert used == 5
+        assert any(PROMOTED_FROM in t.user_attrs for t in trials)

@@ -37,6 +37,7 @@ __all__ = [
     "QUEUE_CHUNK",
     "budget_used",
     "claim_trial",
+    "epochs_used",
     "queue_budget",
     "queue_retry",
     "raced",
@@ -99,15 +100,50 @@ def retries_due(trials: Sequence[FrozenTrial], max_retries: int) -> list[FrozenT
     ]
 
 
+def _trained(t: FrozenTrial) -> int:
+    """Epochs trial ``t`` trained itself (a resumed trial re-reports the epochs it restored; not trained)."""
+    return max(len(t.intermediate_values) - int(t.user_attrs.get(attrs.RESUMED_FROM_EPOCH, 0)), 0)
+
+
+def _planned(t: FrozenTrial, config: StudyConfig) -> int:
+    """Epochs a running trial will have trained at its next stop: its end, or with ASHA its next rung."""
+    start = int(t.user_attrs.get(attrs.RESUMED_FROM_EPOCH, 0))
+    target = _next_stop(config, int(t.user_attrs.get(attrs.FROM_RUNG, -1)))
+    return max(target - start, _trained(t))
+
+
+def _next_stop(config: StudyConfig, from_rung: int) -> int:
+    epochs = study_rungs(config) or []
+    return next((e for k, e in enumerate(epochs) if k > from_rung), config.train.epochs)
+
+
+def epochs_used(trials: Sequence[FrozenTrial], config: StudyConfig) -> int:
+    """Epochs the study has trained, and will have once its running trials reach their next stop."""
+    return sum(
+        _planned(t, config) if t.state == TrialState.RUNNING else _trained(t)
+        for t in trials
+        if t.user_attrs.get(attrs.REASON) != attrs.CLAIM_RACED
+    )
+
+
+def _epochs_left(trials: Sequence[FrozenTrial], config: StudyConfig) -> int | None:
+    cap = config.budget.epochs
+    return None if cap is None else cap - epochs_used(trials, config)
+
+
 def study_done(trials: Sequence[FrozenTrial], config: StudyConfig) -> bool:
     """No work is left, now or later: nothing running (its worker may still die), queued or due for a retry,
     and the budget spent (or, for a grid, every point claimed)."""
-    if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials):
+    if any(t.state == TrialState.RUNNING for t in trials):
+        return False
+    left = _epochs_left(trials, config)
+    if left is not None and left < _next_stop(config, -1) and _fitting_promotion(trials, config, left) is None:
+        return True  # the epoch budget is spent: neither a new configuration nor a promotion fits
+    if any(t.state == TrialState.WAITING for t in trials):
         return False
     if retries_due(trials, config.budget.max_retries):
         return False
-    epochs = study_rungs(config)
-    if epochs and due_promotion(trials, epochs, reduction_factor(config)) is not None:
+    if _fitting_promotion(trials, config, left) is not None:
         return False
     return is_grid(config) or budget_used(trials) >= config.budget.n_trials
 
@@ -164,13 +200,18 @@ def claim_trial(study: optuna.Study, config: StudyConfig) -> optuna.Trial | None
     epochs = study_rungs(config)
     storage = study._storage
     while True:
-        if epochs:
-            paused = due_promotion(study.get_trials(deepcopy=False), epochs, reduction_factor(config))
+        left = None
+        if epochs or config.budget.epochs is not None:
+            trials = study.get_trials(deepcopy=False)
+            left = _epochs_left(trials, config)
+            paused = _fitting_promotion(trials, config, left) if epochs else None
             if paused is not None:
                 trial = _promote(study, paused)
                 if trial is not None:
                     return trial
                 continue
+        if left is not None and left < _next_stop(config, -1):
+            return None  # the epoch budget cannot pay for another configuration
         # A count, not a read of every queued trial: each read costs about 0.1 ms per unfinished trial.
         if storage.get_n_trials(study._study_id, TrialState.WAITING) == 0:
             return None
@@ -188,6 +229,18 @@ def claim_trial(study: optuna.Study, config: StudyConfig) -> optuna.Trial | None
         study.sampler = make_sampler(config.sampler, trial.number)
         suggest(trial, config.search_space)
         return trial
+
+
+def _fitting_promotion(trials: Sequence[FrozenTrial], config: StudyConfig, left: int | None) -> FrozenTrial | None:
+    """The due ASHA promotion, if the epoch budget (``left``) pays for its epochs to the next rung."""
+    epochs = study_rungs(config)
+    if not epochs:
+        return None
+    paused = due_promotion(trials, epochs, reduction_factor(config))
+    if paused is None or left is None:
+        return paused
+    k = int(paused.user_attrs[attrs.RUNG])
+    return paused if _next_stop(config, k) - epochs[k] <= left else None
 
 
 def _promote(study: optuna.Study, paused: FrozenTrial) -> optuna.Trial | None:

@@ -31,8 +31,7 @@ def status_lines(study: optuna.Study, config: StudyConfig) -> list[str]:
     if epochs:
         rows = occupancy(trials, epochs)
         lines.append(
-            "rungs (ASHA): "
-            + "; ".join(f"epoch {e}: {n} reached, {w} paused, {p} promoted" for e, n, w, p in rows)
+            "rungs (ASHA): " + "; ".join(f"epoch {e}: {n} reached, {w} paused, {p} promoted" for e, n, w, p in rows)
         )
     try:
         best = study.best_trial
