@@ -242,7 +242,12 @@ def test_epochs_used_counts_what_each_trial_trained_and_what_running_ones_will()
 
 @pytest.mark.parametrize("pruner", [{"name": "none"}, {"name": "asha", "min_epochs": 1, "reduction_factor": 2}])
 def test_the_epoch_budget_stops_starting_work_that_would_exceed_it(
-    pruner: dict[str, object], folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, tmp_path: Path
+    pruner: dict[str, object],
+    folder_root: Path,
+    write_study: Callable[..., Path],
+    sqlite_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from sft_optuna.cli import main
     from sft_optuna.coordination.claims import epochs_used, study_done
@@ -268,3 +273,8 @@ def test_the_epoch_budget_stops_starting_work_that_would_exceed_it(
     else:  # rung at epoch 1: pauses and promotions of one epoch each, to exactly 5
         assert used == 5
         assert any(PROMOTED_FROM in t.user_attrs for t in trials)
+    capsys.readouterr()
+    assert main(["--storage", sqlite_url, "status", "t"]) == 0
+    assert f"epochs: {used} trained or planned by running trials of a budget of 5 ({5 - used} left)" in (
+        capsys.readouterr().out
+    )

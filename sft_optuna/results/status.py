@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
-from sft_optuna.coordination.claims import budget_used
+from sft_optuna.coordination.claims import budget_used, epochs_used
 from sft_optuna.coordination.heartbeat import last_beat
 from sft_optuna.search.asha import occupancy, study_rungs
 
@@ -27,6 +27,12 @@ def status_lines(study: optuna.Study, config: StudyConfig) -> list[str]:
         f"trials: budget {budget_used(trials)}/{config.budget.n_trials} used; "
         + ", ".join(f"{s.name} {states.get(s.name, 0)}" for s in TrialState),
     ]
+    cap = config.budget.epochs
+    used = epochs_used(trials, config)
+    lines.append(
+        f"epochs: {used} trained or planned by running trials"
+        + (f" of a budget of {cap} ({max(cap - used, 0)} left)" if cap is not None else "")
+    )
     epochs = study_rungs(config)
     if epochs:
         rows = occupancy(trials, epochs)
