@@ -36,6 +36,8 @@ FROM_RUNG = "from_rung"
 """Trial (ASHA): the rung its lineage was promoted from; it pauses only at higher rungs."""
 PAUSED = "paused at rung"
 """Start of the reason of a trial ASHA paused (``paused at rung k``)."""
+AUDITED = "audit_stopped_at"
+"""Trial: the epoch at which its pruner would have stopped it (or ASHA paused it); the audit let it run on."""
 CLAIM_RACED = "claim raced"
 """Reason of a trial dropped right after its claim: a duplicate (a second retry of the same trial, a slot
 queued twice after a crash) or a fresh trial Optuna made when the queue ran dry. Not counted, not retried."""

@@ -18,6 +18,7 @@ from sft_optuna.config import StudyConfig, TrainConfig, train_config_for
 from sft_optuna.coordination.checkpoints import CheckpointStore
 from sft_optuna.errors import ConfigError
 from sft_optuna.search.asha import study_rungs
+from sft_optuna.search.audit import audit_rate, is_audited
 from sft_optuna.training.data import Splits
 from sft_optuna.training.trainer import EpochResult, Trainer
 
@@ -98,13 +99,15 @@ class Objective:
             trial.set_user_attr(attrs.HISTORY, [r.to_dict() for r in trainer.history])
             if self.on_epoch is not None:
                 self.on_epoch(trial.number, result)
-            if trial.should_prune():
+            if trial.should_prune() and not self._audit(trial, lineage, result.epoch):
                 trial.set_user_attr(attrs.REASON, f"pruned at epoch {result.epoch}")
                 raise optuna.TrialPruned(f"pruned at epoch {result.epoch} (val acc {result.val_acc:.4f})")
             if self.checkpoints is not None:
                 self.checkpoints.save(lineage, trainer.state_dict())
             if trainer.epoch in pause_at and trainer.epoch < train_cfg.epochs:
-                raise Paused(pause_at[trainer.epoch], trainer.epoch)
+                if not self._audit(trial, lineage, trainer.epoch):
+                    raise Paused(pause_at[trainer.epoch], trainer.epoch)
+                pause_at.clear()  # audited: it runs to the end
             if self.should_stop() and trainer.epoch < train_cfg.epochs:
                 raise Interrupted(f"stopped after epoch {trainer.epoch}")
         trial.set_user_attr(attrs.CONFUSION, trainer.confusion_matrix())
@@ -113,6 +116,16 @@ class Objective:
         if not (isinstance(value, float) and math.isfinite(value) and 0.0 <= value <= 1.0):
             raise InvalidValueError(f"objective value {value!r} is not an accuracy in [0, 1]")
         return value
+
+    def _audit(self, trial: optuna.Trial, lineage: int, epoch: int) -> bool:
+        """Does the pruner audit let this trial run on past a stop (or a pause)? Records where it would have
+        stopped, once."""
+        if not is_audited(audit_rate(self.config.pruner.options), self.config.sampler.seed, lineage):
+            return False
+        if attrs.AUDITED not in trial.user_attrs:
+            trial.set_user_attr(attrs.AUDITED, epoch)
+            log.info("trial %d: the pruner would stop it at epoch %d; the audit lets it run on", trial.number, epoch)
+        return True
 
     def _resume(self, trial: optuna.Trial, trainer: Trainer, lineage: int) -> None:
         state = self.checkpoints.load(lineage, self.device) if self.checkpoints is not None else None

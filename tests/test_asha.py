@@ -278,3 +278,60 @@ def test_the_epoch_budget_stops_starting_work_that_would_exceed_it(
     assert f"epochs: {used} trained or planned by running trials of a budget of 5 ({5 - used} left)" in (
         capsys.readouterr().out
     )
+
+
+def test_the_audit_decides_per_lineage_at_its_rate_and_counts_false_prunes() -> None:
+    from sft_optuna.search.audit import audit_summary, is_audited
+
+    picks = [is_audited(0.1, 0, lineage) for lineage in range(2000)]
+    assert 150 < sum(picks) < 250 and picks == [is_audited(0.1, 0, lineage) for lineage in range(2000)]
+    assert not any(is_audited(0.0, 0, n) for n in range(100)) and all(is_audited(1.0, 0, n) for n in range(100))
+    survivors = [_trial(i, [v], TrialState.COMPLETE) for i, v in enumerate([0.5, 0.6, 0.7])]  # median 0.6
+    audited = [
+        _trial(3, [0.65], TrialState.COMPLETE, **{attrs.AUDITED: 1}),  # would have beaten the median: false
+        _trial(4, [0.40], TrialState.COMPLETE, **{attrs.AUDITED: 1}),  # rightly stopped
+        _trial(5, [0.10], TrialState.RUNNING, **{attrs.AUDITED: 1}),  # not finished: not judged
+    ]
+    summary = audit_summary(survivors + audited)
+    assert summary == {
+        "audited": 2,
+        "false_prunes": 1,
+        "false_prune_rate": 0.5,
+        "best_was_audited": False,
+        "survivors_median": 0.6,
+    }
+    assert audit_summary(survivors) is None
+
+
+def test_an_audited_median_pruner_lets_would_be_pruned_trials_finish_and_status_reports_it(
+    folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sft_optuna.cli import main
+
+    cfg = _asha_study(
+        folder_root,
+        pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0, "audit": 1.0},
+        budget={"n_trials": 4},
+        train={"epochs": 2},
+        search_space={"lr": {"type": "float", "low": 1e-5, "high": 0.3, "log": True}},
+    )
+    argv = ["--storage", sqlite_url, "run", str(write_study(cfg)), "--device", "cpu", "--checkpoint-dir", "none"]
+    assert main(argv) == 0
+    trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
+    assert all(t.state == TrialState.COMPLETE for t in trials), "with audit 1.0 nothing is stopped"
+    stopped = [t for t in trials if attrs.AUDITED in t.user_attrs]
+    assert stopped, "the median pruner would have stopped some of these four"
+    capsys.readouterr()
+    assert main(["--storage", sqlite_url, "status", "t"]) == 0
+    assert f"pruner audit: {len(stopped)} trials ran on past a stop" in capsys.readouterr().out
+
+
+def test_an_audit_without_a_pruner_or_out_of_range_is_refused() -> None:
+    from sft_optuna.config import PrunerConfig
+    from sft_optuna.errors import ConfigError
+    from sft_optuna.search.samplers import check_pruner
+
+    for cfg in (PrunerConfig("none", {"audit": 0.1}), PrunerConfig("median", {"audit": 1.5})):
+        with pytest.raises(ConfigError, match=r"pruner\.audit: a share of stop decisions between 0 and 1"):
+            check_pruner(cfg)
+    check_pruner(PrunerConfig("asha", {"audit": 0.2, "reduction_factor": 3}))

@@ -14,6 +14,7 @@ from sft_optuna.config import StudyConfig
 from sft_optuna.coordination.claims import budget_used, epochs_used
 from sft_optuna.coordination.heartbeat import last_beat
 from sft_optuna.search.asha import occupancy, study_rungs
+from sft_optuna.search.audit import audit_summary
 
 __all__ = ["status_lines"]
 
@@ -38,6 +39,13 @@ def status_lines(study: optuna.Study, config: StudyConfig) -> list[str]:
         rows = occupancy(trials, epochs)
         lines.append(
             "rungs (ASHA): " + "; ".join(f"epoch {e}: {n} reached, {w} paused, {p} promoted" for e, n, w, p in rows)
+        )
+    audit = audit_summary(trials)
+    if audit is not None:
+        lines.append(
+            f"pruner audit: {audit['audited']} trials ran on past a stop; {audit['false_prunes']} "
+            f"({audit['false_prune_rate']:.0%}) finished at or above the median of the trials it let run"
+            + ("; one of them is the best" if audit["best_was_audited"] else "")
         )
     try:
         best = study.best_trial

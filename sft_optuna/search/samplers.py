@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sft_optuna.config import PrunerConfig, SamplerConfig
 from sft_optuna.errors import ConfigError
 from sft_optuna.search.asha import AshaPruner
+from sft_optuna.search.audit import AUDIT
 
 __all__ = [
     "PRUNERS",
@@ -117,7 +118,10 @@ def check_pruner(cfg: PrunerConfig, where: str = "pruner") -> None:
     """Refuse an unknown pruner name or option, and options the pruner rejects."""
     if cfg.name not in PRUNERS:
         raise ConfigError(f"{where}.name: unknown pruner {cfg.name!r} (known: {', '.join(PRUNERS)})")
-    _check_options(where, PRUNERS[cfg.name], cfg.options, set())
+    rate = cfg.options.get(AUDIT, 0.0)
+    if AUDIT in cfg.options and (cfg.name == "none" or not isinstance(rate, (int, float)) or not 0 <= rate <= 1):
+        raise ConfigError(f"{where}.{AUDIT}: a share of stop decisions between 0 and 1 (and a pruner that stops)")
+    _check_options(where, PRUNERS[cfg.name], {k: v for k, v in cfg.options.items() if k != AUDIT}, set())
     try:
         make_pruner(cfg)
     except (TypeError, ValueError) as exc:
@@ -194,7 +198,7 @@ class CachedCompletedPruner(optuna.pruners.BasePruner):
 
 def make_pruner(cfg: PrunerConfig) -> optuna.pruners.BasePruner:
     """The pruner a config names (median and percentile read completed trials through a cache)."""
-    pruner = PRUNERS[cfg.name](**cfg.options)
+    pruner = PRUNERS[cfg.name](**{k: v for k, v in cfg.options.items() if k != AUDIT})
     if cfg.name in ("median", "percentile"):
         return CachedCompletedPruner(pruner)
     return pruner
