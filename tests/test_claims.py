@@ -70,8 +70,7 @@ def test_workers_claiming_at_the_same_instant_never_share_a_trial(
     assert sorted(t.user_attrs[attrs.SLOT] for t in done) == list(range(n_trials)), "each slot run once"
     assert budget_used(trials) == n_trials
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    extra = [t for t in trials if t.state != TrialState.COMPLETE]
-    assert all(t.user_attrs.get(attrs.REASON) == attrs.CLAIM_RACED for t in extra), "only dry-queue drops"
+    assert len(trials) == n_trials, "no trial besides the budget's: nothing dropped, nothing fresh"
 
 
 def _connections(url: str) -> int:

@@ -3,22 +3,25 @@
 Everything goes through Optuna's storage API alone, so it works the same on SQLite, PostgreSQL, journal files
 and Optuna's gRPC proxy, and no claim waits for another:
 
-- **The budget is a queue.** Each of the ``n_trials`` budget slots is a WAITING trial (user attr ``slot``),
-  and Optuna hands each WAITING trial to exactly one worker (a guarded state change: see
-  ``RetryingStorage.set_trial_state_values``). The queue is kept a couple of chunks ahead of the workers, not
-  materialised whole: whoever pops the first slot of chunk ``c`` queues chunk ``c + 2`` (10,000 WAITING
-  trials would be re-read by every claim). A grid queues its points, once, when the study is created.
+- **The budget is a queue.** Each of the ``n_trials`` budget slots is a WAITING trial (user attr ``slot``);
+  a claim takes one with the WAITING -> RUNNING change Optuna's own ``ask()`` uses, which has one winner on
+  every storage (a guarded ``UPDATE`` on SQL: see ``RetryingStorage.set_trial_state_values``); retries first,
+  then the lowest slot, and after losing that one the next slots in a random order (no herd). The queue is
+  kept a couple of chunks ahead of the workers, not materialised whole: whoever takes the first slot of chunk
+  ``c`` queues chunk ``c + 2`` (10,000 WAITING trials would be re-read by every claim). A grid queues its
+  points, once, when the study is created.
 - **A retry is queued by whoever fails the dead trial**: the RUNNING -> FAIL change has one winner, and only
   the winner queues the retry (a worker failing its own trial — interrupted, node fault — wins its own).
-- **Duplicates are dropped when claimed.** A retry of a trial that already has an earlier retry, or a slot
-  queued twice (only after a crash between two writes, seconds apart) is failed as ``claim raced`` — not
-  counted, not retried — by the worker that pops it; so is a fresh trial Optuna makes when the queue ran dry
-  between our look and our ask.
+- **Duplicates are dropped when claimed.** A retry of a trial that already has an earlier retry (a crash
+  between failing a trial and queuing its retry, seconds apart; journal files, whose failure is not
+  exclusive) is failed as ``claim raced`` — not counted, not retried — by the worker that takes it; so is the
+  later of two ASHA promotions of one paused trial made at the same instant.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Collection, Sequence
 from datetime import datetime
@@ -148,12 +151,10 @@ def study_done(trials: Sequence[FrozenTrial], config: StudyConfig) -> bool:
     return is_grid(config) or budget_used(trials) >= config.budget.n_trials
 
 
-def _queue_chunk(study: optuna.Study, config: StudyConfig, chunk: int, present: Collection[int] = ()) -> None:
-    """Queue the slots of ``chunk`` that are not ``present`` (a retry of a queuer that died halfway)."""
+def _queue_chunk(study: optuna.Study, config: StudyConfig, chunk: int) -> None:
     first = chunk * QUEUE_CHUNK
     for slot in range(first, min(first + QUEUE_CHUNK, config.budget.n_trials)):
-        if slot not in present:
-            study.enqueue_trial({}, user_attrs={attrs.SLOT: slot}, skip_if_exists=False)
+        study.enqueue_trial({}, user_attrs={attrs.SLOT: slot}, skip_if_exists=False)
 
 
 def queue_budget(study: optuna.Study, config: StudyConfig) -> None:
@@ -174,14 +175,22 @@ def queue_budget(study: optuna.Study, config: StudyConfig) -> None:
         _queue_chunk(study, config, chunk)
 
 
-def _queue_ahead(study: optuna.Study, config: StudyConfig, slot: int, trials: Sequence[FrozenTrial]) -> None:
-    """The first slot of chunk c queues chunk c + 2 (a retry of it queues what its trial did not get to)."""
-    if is_grid(config) or slot % QUEUE_CHUNK:
+def _queue_ahead(study: optuna.Study, config: StudyConfig, trial: optuna.Trial, trials: Sequence[FrozenTrial]) -> None:
+    """The first slot of chunk c queues chunk c + 2. A retry of it (``trials``: a fresh read) queues what its
+    trial did not get to; a queuer stops as soon as its own trial is no longer running (frozen past the grace
+    period, it was failed and retried: the retry queues the rest), so no slot is queued twice."""
+    slot = int(trial.user_attrs.get(attrs.SLOT, -1))
+    if is_grid(config) or slot < 0 or slot % QUEUE_CHUNK:
         return
     chunk = slot // QUEUE_CHUNK + 2
-    if chunk * QUEUE_CHUNK >= config.budget.n_trials:
-        return
-    _queue_chunk(study, config, chunk, {int(t.user_attrs.get(attrs.SLOT, -1)) for t in trials})
+    first = chunk * QUEUE_CHUNK
+    present = {int(t.user_attrs.get(attrs.SLOT, -1)) for t in trials}
+    for s in range(first, min(first + QUEUE_CHUNK, config.budget.n_trials)):
+        if s in present:
+            continue
+        if study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+            return
+        study.enqueue_trial({}, user_attrs={attrs.SLOT: s}, skip_if_exists=False)
 
 
 def _drop(study: optuna.Study, trial: optuna.Trial, why: str) -> None:
@@ -198,7 +207,6 @@ def claim_trial(study: optuna.Study, config: StudyConfig) -> optuna.Trial | None
     (a retry or a grid point has them fixed); a concurrent TPE with ``constant_liar`` sees running trials.
     """
     epochs = study_rungs(config)
-    storage = study._storage
     while True:
         left = None
         if epochs or config.budget.epochs is not None:
@@ -212,23 +220,47 @@ def claim_trial(study: optuna.Study, config: StudyConfig) -> optuna.Trial | None
                 continue
         if left is not None and left < _next_stop(config, -1):
             return None  # the epoch budget cannot pay for another configuration
-        # A count, not a read of every queued trial: each read costs about 0.1 ms per unfinished trial.
-        if storage.get_n_trials(study._study_id, TrialState.WAITING) == 0:
+        trial = _pop(study)
+        if trial is None:
             return None
-        trial = study.ask()
-        mine = storage.get_trial(trial._trial_id)
-        if attrs.SLOT not in mine.user_attrs and attrs.RETRY_OF not in mine.user_attrs:
-            _drop(study, trial, "the queue ran dry before this claim")  # Optuna made a fresh trial
-            return None
-        trials = study.get_trials(deepcopy=False)
-        if raced(trials, trial.number):
-            _drop(study, trial, "a duplicate of an earlier queued trial")
-            continue
-        _queue_ahead(study, config, int(mine.user_attrs.get(attrs.SLOT, -1)), trials)
+        fresh: Sequence[FrozenTrial] = ()
+        if attrs.RETRY_OF in trial.user_attrs:  # retries are rare: a fresh read to drop a duplicate one
+            fresh = study.get_trials(deepcopy=False)
+            if raced(fresh, trial.number):
+                _drop(study, trial, "a duplicate of an earlier queued trial")
+                continue
+        _queue_ahead(study, config, trial, fresh)
         # Seeded by the trial's number, known only now: Optuna samples at the first suggest, not in ask().
         study.sampler = make_sampler(config.sampler, trial.number)
         suggest(trial, config.search_space)
         return trial
+
+
+POP_WINDOW = 16
+"""Concurrent claimers who lost the lowest queued trial try the next ones in a random order, not in a herd."""
+
+
+def _pop(study: optuna.Study) -> optuna.Trial | None:
+    """Take one queued trial (retries first), or None if the queue is empty.
+
+    What Optuna's ``ask()`` does with a queue, minus its two habits that hurt many workers: every claimer
+    walking the queue in the same order (at a cold start, claimer k loses k state changes before it wins),
+    and creating a fresh trial when the queue is empty. Each WAITING -> RUNNING change has one winner on every
+    storage."""
+    storage = study._storage
+    waiting = storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+    # The lowest first (so one worker alone takes them in order, reproducibly), then, having lost it to
+    # another claimer, the rest of the window in a random order.
+    order = sorted(waiting, key=lambda t: (attrs.RETRY_OF not in t.user_attrs, t.number))
+    head = order[1:POP_WINDOW]
+    random.shuffle(head)
+    for t in [*order[:1], *head, *order[POP_WINDOW:]]:
+        try:
+            if storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+                return optuna.Trial(study, t._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
 
 
 def _fitting_promotion(trials: Sequence[FrozenTrial], config: StudyConfig, left: int | None) -> FrozenTrial | None:
