@@ -9,6 +9,7 @@ loop). Beats use the workers' wall clocks: keep nodes NTP-synced; the grace peri
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -59,14 +60,17 @@ def fail_stale_trials(
 class _Periodic:
     """Calls ``fn`` every ``interval`` seconds in a daemon thread while the context is open."""
 
-    def __init__(self, interval: float, fn: Callable[[], None], name: str) -> None:
+    def __init__(self, interval: float, fn: Callable[[], None], name: str, first_after: float = 0.0) -> None:
         self.interval = interval
         self.fn = fn
         self.name = name
+        self.first_after = first_after
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _run(self) -> None:
+        if self.first_after and self._stop.wait(self.first_after):
+            return
         while not self._stop.is_set():
             try:
                 self.fn()
@@ -104,4 +108,10 @@ def watch_interval(interval: float, grace_period: float) -> float:
 
 class Watcher(_Periodic):
     """Runs the stale-trial check on a timer, so a dead worker's trial is retried within about one grace
-    period even while every other worker is busy with a long trial (Optuna only checks when a trial starts)."""
+    period even while every other worker is busy with a long trial (Optuna only checks when a trial starts).
+
+    The first check comes after a random half to whole interval: workers started together (a cluster's cold
+    start) neither read every trial at once nor stay in step afterwards."""
+
+    def __init__(self, interval: float, fn: Callable[[], None], name: str) -> None:
+        super().__init__(interval, fn, name, first_after=interval * random.uniform(0.5, 1.0))
