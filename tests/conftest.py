@@ -152,6 +152,18 @@ def spawn_worker(url: str, name: str, ckpt: Path, *extra: str, stdout: Any = sub
     )
 
 
+def spawn_script(code: str, *args: str) -> subprocess.Popen[str]:
+    """``python -c CODE ARGS...`` as a worker-like process (one torch thread, repo importable), output piped."""
+    return subprocess.Popen(
+        [PYTHON, "-c", code, *args], env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def run_on_cpu(url: str, study_file: Path, checkpoint_dir: Path | str) -> list[str]:
+    """argv of ``sft-optuna run STUDY_FILE`` on the CPU (``main(...)`` in-process)."""
+    return ["--storage", url, "run", str(study_file), "--device", "cpu", "--checkpoint-dir", str(checkpoint_dir)]
+
+
 PG_URL = os.environ.get("SFT_TEST_POSTGRES", "postgresql+psycopg://sft:sft@127.0.0.1:5432/sft_test")
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import run_on_cpu, spawn_script
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
@@ -104,10 +105,7 @@ def _asha_study(root: Path, **sections: object) -> dict[str, object]:
 @pytest.mark.slow
 def test_two_workers_racing_for_one_promotion_one_wins(storage_url: str, tmp_path: Path) -> None:
     import json
-    import subprocess
     import time
-
-    from conftest import PYTHON, worker_env
 
     from sft_optuna.coordination.claims import claim_trial
     from sft_optuna.coordination.storage import open_storage
@@ -126,16 +124,7 @@ def test_two_workers_racing_for_one_promotion_one_wins(storage_url: str, tmp_pat
         trial.set_user_attr(attrs.RUNG, 0)
         study.tell(trial, state=TrialState.PRUNED)
     start = time.time() + 6
-    procs = [
-        subprocess.Popen(
-            [PYTHON, "-c", PROMOTER, storage_url, str(start)],
-            env=worker_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    procs = [spawn_script(PROMOTER, storage_url, str(start)) for _ in range(2)]
     got = []
     for p in procs:
         out, err = p.communicate(timeout=120)
@@ -164,16 +153,7 @@ def test_an_asha_study_pauses_promotes_from_checkpoints_and_ends(
         train={"epochs": 4},  # rungs at epochs 1 and 2; a trial reaching epoch 4 completes
         search_space={"lr": {"type": "float", "low": 0.001, "high": 0.3, "log": True}},
     )
-    argv = [
-        "--storage",
-        sqlite_url,
-        "run",
-        str(write_study(cfg)),
-        "--device",
-        "cpu",
-        "--checkpoint-dir",
-        str(tmp_path / "ck"),
-    ]
+    argv = run_on_cpu(sqlite_url, write_study(cfg), tmp_path / "ck")
     assert main(argv) == 0
     trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
     assert study_done(trials, parse_study(cfg)) and budget_used(trials) == 4
@@ -216,7 +196,7 @@ def test_a_paused_trial_without_its_checkpoint_is_promoted_from_epoch_zero(
         budget={"n_trials": 2},
         train={"epochs": 2},
     )
-    argv = ["--storage", sqlite_url, "run", str(write_study(cfg)), "--device", "cpu", "--checkpoint-dir", "none"]
+    argv = run_on_cpu(sqlite_url, write_study(cfg), "none")
     assert main(argv) == 0
     trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
     (promoted,) = [t for t in trials if PROMOTED_FROM in t.user_attrs]
@@ -256,16 +236,7 @@ def test_the_epoch_budget_stops_starting_work_that_would_exceed_it(
     from sft_optuna.study_file import parse_study
 
     cfg = _asha_study(folder_root, pruner=pruner, budget={"n_trials": 10, "epochs": 5}, train={"epochs": 2})
-    argv = [
-        "--storage",
-        sqlite_url,
-        "run",
-        str(write_study(cfg)),
-        "--device",
-        "cpu",
-        "--checkpoint-dir",
-        str(tmp_path / "ck"),
-    ]
+    argv = run_on_cpu(sqlite_url, write_study(cfg), tmp_path / "ck")
     assert main(argv) == 0
     trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
     used = epochs_used(trials, parse_study(cfg))
@@ -317,7 +288,7 @@ def test_an_audited_median_pruner_lets_would_be_pruned_trials_finish_and_status_
         train={"epochs": 2},
         search_space={"lr": {"type": "float", "low": 1e-5, "high": 0.3, "log": True}},
     )
-    argv = ["--storage", sqlite_url, "run", str(write_study(cfg)), "--device", "cpu", "--checkpoint-dir", "none"]
+    argv = run_on_cpu(sqlite_url, write_study(cfg), "none")
     assert main(argv) == 0
     trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
     assert all(t.state == TrialState.COMPLETE for t in trials), "with audit 1.0 nothing is stopped"

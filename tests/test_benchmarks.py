@@ -65,3 +65,51 @@ def test_storage_benchmark_runs_both_variants_and_writes_its_figures(tmp_path: P
     for r in rows:
         assert r["trials_before"] >= 5 and r["workers"] == 1  # the study grows by the trials each case runs
         assert r["epoch_cost_ms_median"] > 0 and r["trials_per_s"] > 0
+
+
+def _tiny_curves(path: Path, n: int = 16, epochs: int = 4) -> Path:
+    """Curves in record_curves.py's format: accuracy grows with the learning rate's closeness to 0.05."""
+    import math
+    import random
+
+    rng = random.Random(0)
+    names = ["lr", "batch_size", "weight_decay", "momentum", "scheduler", "lr_decay", "label_smoothing"]
+    with path.open("w") as fh:
+        fh.write(",".join(["config", *names, "status", "epoch", "val_acc", "train_loss", "seconds"]) + "\n")
+        for c in range(n):
+            lr = math.exp(rng.uniform(math.log(1e-4), math.log(0.3)))
+            quality = max(0.0, 1 - abs(math.log(lr / 0.05)) / 6)
+            params = [lr, rng.choice([64, 128, 256]), 1e-4, 0.9, rng.choice(["constant", "cosine"]), 0.1, 0.0]
+            for e in range(1, epochs + 1):
+                acc = 0.1 + 0.6 * quality * (1 - math.exp(-e / 2))
+                fh.write(",".join(map(str, [c, *params, "ok", e, round(acc, 4), 1.0, 2.0])) + "\n")
+    return path
+
+
+def test_replay_runs_methods_through_the_real_claims_and_writes_its_figures(tmp_path: Path) -> None:
+    out = tmp_path / "replay.json"
+    table = _tiny_curves(tmp_path / "tiny.csv")
+    methods = "random+none,tpe+median,tpe+asha"
+    proc = _bench(
+        "hpo_replay.py",
+        "--table",
+        str(table),
+        "--methods",
+        methods,
+        "--workers",
+        "1,2",
+        "--seeds",
+        "2",
+        "--json",
+        str(out),
+    )
+    figures = json.loads(out.read_text())
+    assert figures["configs"] == 16 and figures["budget_epochs"] == 80
+    assert set(figures["methods"]) == {f"{m} K={k}" for m in methods.split(",") for k in (1, 2)}
+    for name, m in figures["methods"].items():
+        assert {"epochs_to_target", "best_at_budget", "false_prune_rate"} <= set(m)
+        for anytime in m["anytime"]:  # epochs consumed never pass the budget; the best never decreases
+            assert all(e <= 80 for e, _ in anytime) and [b for _, b in anytime] == sorted(b for _, b in anytime)
+        assert 0.1 <= m["best_at_budget"]["mean"] <= 0.7, name
+    assert figures["methods"]["random+none K=1"]["false_prune_rate"] is None, "nothing is stopped without a pruner"
+    assert "epochs to target" in proc.stdout

@@ -4,7 +4,6 @@ exact, and a worker holds one PostgreSQL connection (the proxy a fixed pool)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -13,7 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
-from conftest import PROXIES, PYTHON, spawn_worker, study_dict, worker_env
+from conftest import PROXIES, spawn_script, spawn_worker, study_dict
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
@@ -48,16 +47,7 @@ def test_workers_claiming_at_the_same_instant_never_share_a_trial(
     cfg = study_dict(folder_root, budget={"n_trials": n_trials})
     assert main(["--storage", storage_url, "create", str(write_study(cfg))]) == 0
     start = time.time() + 8  # every process open and waiting by then; then all claim at once
-    procs = [
-        subprocess.Popen(
-            [PYTHON, "-c", CLAIMER, storage_url, str(start)],
-            env=worker_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(n_procs)
-    ]
+    procs = [spawn_script(CLAIMER, storage_url, str(start)) for _ in range(n_procs)]
     claimed: list[int] = []
     for p in procs:
         out, err = p.communicate(timeout=300)

@@ -1,0 +1,292 @@
+"""Replay hyperparameter searches against recorded learning curves, in virtual time (#13).
+
+K simulated asynchronous workers run studies through the project's real code — ``create_study`` (the budget
+queued), ``claim_trial`` (claims, ASHA promotions, the epoch budget), the samplers and pruners of
+``search/samplers.py`` — against a table of real learning curves (``benchmarks/curves/*.csv``, made by
+``record_curves.py``). A trial's curve is that of the recorded configuration nearest to its parameters
+(normalised: log scale for log-uniform ones, one-hot for categories), so samplers may propose any point.
+Epochs cost their recorded seconds of virtual time; nothing sleeps. Each epoch is an event, so a pruner sees
+the other workers' reports exactly as far as they got at that virtual time.
+
+The objective below follows the real one's decisions (``objective.py``): report each epoch, ASHA pauses at
+rungs above the trial's ``from_rung``, the median/hyperband pruners stop via ``should_prune``, a promotion
+re-reports the curve it continues.
+
+    python benchmarks/hpo_replay.py --table benchmarks/curves/cifar10-2k.csv --seeds 20 --json replay.json
+    python benchmarks/hpo_replay.py --table tiny.csv --seeds 2 --methods random+none,tpe+asha --workers 1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import heapq
+import json
+import math
+import statistics
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from sft_optuna import attrs
+from sft_optuna.coordination.claims import claim_trial, epochs_used, study_done
+from sft_optuna.coordination.retrying import RetryingStorage
+from sft_optuna.coordination.storage import BACKENDS, Storage
+from sft_optuna.search.asha import study_rungs
+from sft_optuna.study import create_study
+from sft_optuna.study_file import load_study_file, parse_study
+
+METHODS = {
+    "random+none": ({"name": "random"}, {"name": "none"}),
+    "tpe+none": ({"name": "tpe", "n_startup_trials": 10}, {"name": "none"}),
+    "tpe+median": (
+        {"name": "tpe", "n_startup_trials": 10},
+        {"name": "median", "n_startup_trials": 5, "n_warmup_steps": 1},
+    ),
+    "tpe+hyperband": (
+        {"name": "tpe", "n_startup_trials": 10},
+        {"name": "hyperband", "min_resource": 1, "reduction_factor": 3},
+    ),
+    "tpe+asha": ({"name": "tpe", "n_startup_trials": 10}, {"name": "asha", "min_epochs": 1, "reduction_factor": 3}),
+    "random+asha": ({"name": "random"}, {"name": "asha", "min_epochs": 1, "reduction_factor": 3}),
+    "gp+asha": ({"name": "gp", "n_startup_trials": 10}, {"name": "asha", "min_epochs": 1, "reduction_factor": 3}),
+}
+
+
+@dataclass
+class Curve:
+    params: dict[str, Any]
+    values: list[float]  # validation accuracy after epochs 1..E (a diverged run: 0.1 from then on)
+    seconds: list[float]
+
+
+def load_table(path: Path, space: dict[str, Any]) -> list[Curve]:
+    rows: dict[int, list[dict[str, str]]] = {}
+    with path.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            rows.setdefault(int(row["config"]), []).append(row)
+    curves = []
+    for runs in rows.values():
+        runs.sort(key=lambda r: int(r["epoch"]))
+        params = {k: _cast(runs[0][k], spec) for k, spec in space.items() if k in runs[0]}
+        ok = [r for r in runs if r["val_acc"] not in ("nan", "")]
+        secs = [float(r["seconds"]) for r in ok] or [1.0]
+        values = [float(r["val_acc"]) for r in ok]
+        epochs = max(int(runs[-1]["epoch"]), len(values))
+        while len(values) < epochs:  # diverged: chance level from then on, at the recorded pace
+            values.append(0.1)
+            secs.append(statistics.mean(secs))
+        curves.append(Curve(params, values, secs))
+    return curves
+
+
+def _cast(text: str, spec: Any) -> Any:
+    if spec.type == "categorical":
+        for choice in spec.choices:
+            if str(choice) == text:
+                return choice
+        return text
+    return int(text) if spec.type == "int" else float(text)
+
+
+def _coords(params: dict[str, Any], space: dict[str, Any]) -> list[float]:
+    out: list[float] = []
+    for name, spec in space.items():
+        value = params.get(name)
+        if spec.type == "categorical":
+            out += [1.0 if value == c else 0.0 for c in spec.choices]
+        elif value is not None:
+            lo, hi, v = float(spec.low), float(spec.high), float(value)
+            if spec.log:
+                lo, hi, v = math.log(lo), math.log(hi), math.log(v)
+            out.append((v - lo) / (hi - lo) if hi > lo else 0.0)
+    return out
+
+
+class Surrogate:
+    """The recorded curve nearest to a point of the search space (Euclidean, normalised coordinates)."""
+
+    def __init__(self, curves: list[Curve], space: dict[str, Any]) -> None:
+        self.curves, self.space = curves, space
+        self.points = [_coords(c.params, space) for c in curves]
+
+    def __call__(self, params: dict[str, Any]) -> Curve:
+        x = _coords(params, self.space)
+        best = min(
+            range(len(self.points)), key=lambda i: sum((a - b) ** 2 for a, b in zip(x, self.points[i], strict=False))
+        )
+        return self.curves[best]
+
+
+def _memory_storage() -> Storage:
+    """An in-memory Optuna storage behind the project's storage wrapper (one process: no lock needed)."""
+    return Storage("memory://replay", BACKENDS["grpc"], RetryingStorage(optuna.storages.InMemoryStorage()))
+
+
+def replay(config_raw: dict[str, Any], surrogate: Surrogate, workers: int) -> dict[str, Any]:
+    """One study with ``workers`` asynchronous workers in virtual time; its anytime curve and counts."""
+    config = parse_study(config_raw)
+    storage = _memory_storage()
+    study, _ = create_study(config, storage)
+    rungs = study_rungs(config) or []
+    events: list[tuple[float, int, int]] = [(0.0, w, 0) for w in range(workers)]  # (time, worker, seq)
+    running: dict[int, dict[str, Any]] = {}  # worker -> state of its trial
+    anytime: list[tuple[int, float]] = []  # (epochs consumed, best final accuracy so far)
+    best, seq = 0.0, 0
+    while events:
+        now, w, _ = heapq.heappop(events)
+        state = running.get(w)
+        if state is None:  # free: claim
+            trial = claim_trial(study, config)
+            if trial is None:
+                if not study_done(study.get_trials(deepcopy=False), config) and any(running.values()):
+                    seq += 1
+                    heapq.heappush(events, (_next_time(events, now), w, seq))  # wait for the others
+                continue
+            curve = surrogate(trial.params)
+            start = 0
+            if attrs.PROMOTED_FROM in trial.user_attrs:  # continue the paused curve, as the objective does
+                paused = study.get_trials(deepcopy=False)[int(trial.user_attrs[attrs.PROMOTED_FROM])]
+                start = len(paused.intermediate_values)
+                for e in range(1, start + 1):
+                    trial.report(curve.values[e - 1], e)
+            trial.set_user_attr(attrs.RESUMED_FROM_EPOCH, start)
+            from_rung = int(trial.user_attrs.get(attrs.FROM_RUNG, -1))
+            pause_at = {e: k for k, e in enumerate(rungs) if k > from_rung}
+            running[w] = state = {"trial": trial, "curve": curve, "epoch": start, "pause_at": pause_at}
+            seq += 1
+            heapq.heappush(events, (now + curve.seconds[min(start, len(curve.seconds) - 1)], w, seq))
+            continue
+        trial, curve = state["trial"], state["curve"]
+        state["epoch"] += 1
+        epoch = state["epoch"]
+        value = curve.values[epoch - 1]
+        trial.report(value, epoch)
+        done_epochs = config.train.epochs
+        outcome = None
+        if epoch in state["pause_at"] and epoch < done_epochs:
+            trial.set_user_attr(attrs.RUNG, state["pause_at"][epoch])
+            trial.set_user_attr(attrs.REASON, f"paused at rung {state['pause_at'][epoch]}")
+            outcome = TrialState.PRUNED
+        elif trial.should_prune():
+            outcome = TrialState.PRUNED
+        elif epoch >= done_epochs:
+            outcome = TrialState.COMPLETE
+        if outcome is None:
+            seq += 1
+            heapq.heappush(events, (now + curve.seconds[epoch], w, seq))
+            continue
+        if outcome == TrialState.COMPLETE:
+            study.tell(trial, value)
+            best = max(best, value)
+        else:
+            study.tell(trial, state=TrialState.PRUNED)
+        running[w] = None  # type: ignore[assignment]
+        anytime.append((epochs_used(study.get_trials(deepcopy=False), config), best))
+        seq += 1
+        heapq.heappush(events, (now, w, seq))
+    trials = study.get_trials(deepcopy=False)
+    return {
+        "anytime": anytime,
+        "epochs": epochs_used(trials, config),
+        "best": best,
+        "trials": len(trials),
+        "false_prunes": _false_prunes(trials, surrogate),
+    }
+
+
+def _false_prunes(trials: list[optuna.trial.FrozenTrial], surrogate: Surrogate) -> tuple[int, int]:
+    """(stopped lineages whose recorded final accuracy is at or above the median of the completed ones,
+    stopped lineages): the replay knows every curve's end, so no audit is needed to count them."""
+    completed = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    finished = {int(t.user_attrs.get(attrs.LINEAGE, t.number)) for t in trials if t.state == TrialState.COMPLETE}
+    stopped = {
+        int(t.user_attrs.get(attrs.LINEAGE, t.number)): t
+        for t in trials
+        if t.state == TrialState.PRUNED and int(t.user_attrs.get(attrs.LINEAGE, t.number)) not in finished
+    }
+    if not completed or not stopped:
+        return 0, len(stopped)
+    bar = statistics.median(completed)
+    return sum(surrogate(t.params).values[-1] >= bar for t in stopped.values()), len(stopped)
+
+
+def _next_time(events: list[tuple[float, int, int]], now: float) -> float:
+    return min((t for t, _, _ in events if t > now), default=now + 1.0)
+
+
+def best_at(anytime: list[tuple[int, float]], epochs: int) -> float:
+    return max((b for e, b in anytime if e <= epochs), default=0.0)
+
+
+def epochs_to(anytime: list[tuple[int, float]], target: float) -> int | None:
+    return next((e for e, b in anytime if b >= target), None)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--table", default="benchmarks/curves/cifar10-2k.csv")
+    p.add_argument("--study", default="studies/cifar10-resnet18-tpe.yaml", help="its search space is replayed")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--workers", default="1,8")
+    p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--budget-epochs", type=int, default=None, help="default: 20 full trials' epochs")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    base = load_study_file(args.study)
+    curves = load_table(Path(args.table), base.search_space)
+    epochs = len(curves[0].values)
+    surrogate = Surrogate(curves, base.search_space)
+    target = max(c.values[-1] for c in curves) - 0.005
+    budget = args.budget_epochs or 20 * epochs
+    out: dict[str, Any] = {"table": args.table, "configs": len(curves), "target": target, "budget_epochs": budget}
+    out["methods"] = {}
+    for method in args.methods.split(","):
+        sampler, pruner = METHODS[method]
+        for k in (int(x) for x in args.workers.split(",")):
+            runs = []
+            for seed in range(args.seeds):
+                raw = base.to_dict()
+                raw.update(
+                    name=f"{method}-{k}-{seed}",
+                    sampler={**sampler, "seed": seed},
+                    pruner=pruner,
+                    budget={"n_trials": 10 * budget // epochs, "epochs": budget, "max_retries": 0},
+                )
+                raw["train"] = {**raw["train"], "epochs": epochs}
+                raw["model"] = {**raw["model"], "weights": "none"}
+                runs.append(replay(raw, surrogate, k))
+            reached = [epochs_to(r["anytime"], target) for r in runs]
+            hits = [e for e in reached if e is not None]
+            at_budget = [best_at(r["anytime"], budget) for r in runs]
+            false, stopped = (sum(r["false_prunes"][i] for r in runs) for i in (0, 1))
+            key = f"{method} K={k}"
+            out["methods"][key] = {
+                "epochs_to_target": {
+                    "mean": statistics.mean(hits) if hits else None,
+                    "std": statistics.pstdev(hits) if len(hits) > 1 else 0.0,
+                    "reached": f"{len(hits)}/{len(runs)}",
+                },
+                "best_at_budget": {"mean": statistics.mean(at_budget), "std": statistics.pstdev(at_budget)},
+                "false_prune_rate": round(false / stopped, 4) if stopped else None,
+                "anytime": [r["anytime"] for r in runs],
+            }
+            m = out["methods"][key]
+            print(
+                f"{key:22} epochs to target {m['epochs_to_target']['mean']} ({m['epochs_to_target']['reached']}), "
+                f"best at {budget} epochs {m['best_at_budget']['mean']:.4f} ± {m['best_at_budget']['std']:.4f}, "
+                f"false-prune rate {m['false_prune_rate']}",
+                flush=True,
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
