@@ -17,7 +17,7 @@ from sft_optuna import attrs
 from sft_optuna.config import StudyConfig, TrainConfig, train_config_for
 from sft_optuna.coordination.checkpoints import CheckpointStore
 from sft_optuna.errors import ConfigError
-from sft_optuna.search.asha import study_rungs
+from sft_optuna.search.asha import pause_epochs
 from sft_optuna.search.audit import audit_rate, is_audited
 from sft_optuna.training.data import Splits
 from sft_optuna.training.trainer import EpochResult, Trainer
@@ -88,9 +88,7 @@ class Objective:
             report_step = self.on_step
             trainer.on_step = lambda step, total: report_step(trial.number, trainer.epoch + 1, step, total)
         # ASHA: pause after these epochs (only at rungs above the one this lineage was promoted from)
-        rung_epochs = study_rungs(self.config) or []
-        from_rung = int(trial.user_attrs.get(attrs.FROM_RUNG, -1))
-        pause_at = {epoch: k for k, epoch in enumerate(rung_epochs) if k > from_rung}
+        pause_at = pause_epochs(self.config, int(trial.user_attrs.get(attrs.FROM_RUNG, -1)))
         while trainer.epoch < train_cfg.epochs:
             result = trainer.run_epoch()
             # Report first: if the trial was failed behind our back (stale heartbeat), this raises and we

@@ -32,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
 from sft_optuna.coordination.heartbeat import fail_stale_trials
-from sft_optuna.search.asha import due_promotion, reduction_factor, study_rungs
+from sft_optuna.search.asha import due_promotion, pause_epochs, reduction_factor, study_rungs
 from sft_optuna.search.samplers import make_sampler
 from sft_optuna.search.space import grid_points, is_grid, suggest
 
@@ -116,8 +116,7 @@ def _planned(t: FrozenTrial, config: StudyConfig) -> int:
 
 
 def _next_stop(config: StudyConfig, from_rung: int) -> int:
-    epochs = study_rungs(config) or []
-    return next((e for k, e in enumerate(epochs) if k > from_rung), config.train.epochs)
+    return min(pause_epochs(config, from_rung), default=config.train.epochs)
 
 
 def epochs_used(trials: Sequence[FrozenTrial], config: StudyConfig) -> int:

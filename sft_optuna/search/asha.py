@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
 
-__all__ = ["AshaPruner", "due_promotion", "occupancy", "rung_values", "rungs", "study_rungs"]
+__all__ = ["AshaPruner", "due_promotion", "occupancy", "pause_epochs", "rung_values", "rungs", "study_rungs"]
 
 
 class AshaPruner(optuna.pruners.BasePruner):
@@ -42,6 +42,11 @@ def study_rungs(config: StudyConfig) -> list[int] | None:
         return None
     options: dict[str, Any] = config.pruner.options
     return rungs(int(options.get("min_epochs", 1)), int(options.get("reduction_factor", 3)), config.train.epochs)
+
+
+def pause_epochs(config: StudyConfig, from_rung: int = -1) -> dict[int, int]:
+    """Epoch -> rung at which a trial pauses, for a lineage promoted from ``from_rung`` (-1: a new one)."""
+    return {epoch: k for k, epoch in enumerate(study_rungs(config) or []) if k > from_rung}
 
 
 def reduction_factor(config: StudyConfig) -> int:
