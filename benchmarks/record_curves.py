@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import fcntl
 import math
 import time
 from pathlib import Path
@@ -102,7 +103,18 @@ def main() -> None:
     p.add_argument("--stem", default="imagenet", choices=["imagenet", "cifar"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        help="K/N: record only configurations whose number is K mod N (run N processes on one CSV; appends are locked)",
+    )
     args = p.parse_args()
+    try:
+        shard, shards = (int(x) for x in args.shard.split("/"))
+        if not 0 <= shard < shards:
+            raise ValueError
+    except ValueError:
+        p.error(f"--shard {args.shard!r}: expected K/N with 0 <= K < N")
 
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -115,18 +127,21 @@ def main() -> None:
     points = configurations(config, args.configs, args.seed)
     done = done_configs(out)
     names = list(config.search_space)
-    new_file = not out.exists()
     with out.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS[:1] + names + FIELDS[1:])
-        if new_file:
-            writer.writeheader()
         for number, params in enumerate(points):
-            if number in done:
+            if number in done or number % shards != shard:
                 continue
             start = time.perf_counter()
             rows = record_one(number, params, config, splits, model, args.epochs)
-            writer.writerows(rows)
-            f.flush()
+            fcntl.flock(f, fcntl.LOCK_EX)  # another shard may be appending to the same file
+            try:
+                if out.stat().st_size == 0:
+                    writer.writeheader()
+                writer.writerows(rows)
+                f.flush()
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
             last = rows[-1]
             print(
                 f"config {number}: {last['status']} val_acc {last['val_acc']} after {len(rows)} epochs, "
