@@ -227,6 +227,45 @@ def epochs_to(anytime: list[tuple[int, float]], target: float) -> int | None:
     return next((e for e, b in anytime if b >= target), None)
 
 
+def anytime_band(runs: list[list[tuple[int, float]]], budget: int, points: int = 48) -> dict[str, list[float]]:
+    """The anytime curve over seeds: best final accuracy found by ``e`` epochs, mean and std, on a grid."""
+    grid = sorted({round(budget * i / points) for i in range(points + 1)})
+    values = [[best_at(run, e) for run in runs] for e in grid]
+    return {
+        "epochs": grid,
+        "mean": [round(statistics.mean(v), 5) for v in values],
+        "std": [round(statistics.pstdev(v), 5) for v in values],
+    }
+
+
+def plot(out: dict[str, Any], path: Path) -> None:
+    """The anytime curves (mean ± std over seeds), one panel per number of workers, and the target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted({int(key.rsplit("K=", 1)[1]) for key in out["methods"]})
+    fig, axes = plt.subplots(1, len(ks), figsize=(6.5 * len(ks), 4.5), sharey=True, squeeze=False)
+    for ax, k in zip(axes[0], ks, strict=True):
+        for key, m in out["methods"].items():
+            if not key.endswith(f"K={k}"):
+                continue
+            band = m["anytime"]
+            lo = [a - b for a, b in zip(band["mean"], band["std"], strict=True)]
+            hi = [a + b for a, b in zip(band["mean"], band["std"], strict=True)]
+            (line,) = ax.plot(band["epochs"], band["mean"], label=key.rsplit(" K=", 1)[0])
+            ax.fill_between(band["epochs"], lo, hi, color=line.get_color(), alpha=0.12)
+        ax.axhline(out["target"], color="grey", linestyle="--", linewidth=1, label="target (best − 0.5 pt)")
+        ax.set_title(f"{k} worker{'s' if k > 1 else ''}, {out['configs']} recorded curves")
+        ax.set_xlabel("epochs consumed")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("best final validation accuracy found")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--table", default="benchmarks/curves/cifar10-2k.csv")
@@ -236,6 +275,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=20)
     p.add_argument("--budget-epochs", type=int, default=None, help="default: 20 full trials' epochs")
     p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG of the anytime curves")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -275,7 +315,8 @@ def main() -> None:
                 },
                 "best_at_budget": {"mean": statistics.mean(at_budget), "std": statistics.pstdev(at_budget)},
                 "false_prune_rate": round(false / stopped, 4) if stopped else None,
-                "anytime": [r["anytime"] for r in runs],
+                "anytime": anytime_band([r["anytime"] for r in runs], budget),
+                "anytime_runs": [r["anytime"] for r in runs],
             }
             m = out["methods"][key]
             print(
@@ -284,8 +325,30 @@ def main() -> None:
                 f"false-prune rate {m['false_prune_rate']}",
                 flush=True,
             )
+    _summary(out)
     if args.json:
         Path(args.json).write_text(json.dumps(out))
+    if args.plot:
+        plot(out, Path(args.plot))
+
+
+def _summary(out: dict[str, Any]) -> None:
+    """The goals' ratios, where both sides were run."""
+    m = out["methods"]
+
+    def to_target(key: str) -> float | None:
+        return m[key]["epochs_to_target"]["mean"] if key in m else None
+
+    for k in sorted({key.rsplit("K=", 1)[1] for key in m}):
+        asha, median = to_target(f"tpe+asha K={k}"), to_target(f"tpe+median K={k}")
+        if asha and median:
+            out.setdefault("ratios", {})[f"tpe+asha / tpe+median epochs to target, K={k}"] = round(asha / median, 3)
+    for method in sorted({key.rsplit(" K=", 1)[0] for key in m}):
+        one, eight = to_target(f"{method} K=1"), to_target(f"{method} K=8")
+        if one and eight:
+            out.setdefault("ratios", {})[f"{method} epochs to target, K=8 / K=1"] = round(eight / one, 3)
+    for name, ratio in out.get("ratios", {}).items():
+        print(f"{name}: {ratio}", flush=True)
 
 
 if __name__ == "__main__":

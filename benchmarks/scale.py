@@ -80,11 +80,13 @@ def drop_database(url: str) -> None:
         conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{sqlalchemy.make_url(url).database}" WITH (FORCE)'))
 
 
-def connections(url: str) -> int:
+def connections(url: str) -> tuple[int, int]:
+    """Connections to the study's database, and how many of them wait for a lock (a row or advisory lock)."""
     engine = sqlalchemy.create_engine(PG, poolclass=sqlalchemy.pool.NullPool)
     with engine.connect() as conn:
-        q = "SELECT count(*) FROM pg_stat_activity WHERE datname = :d"
-        return int(conn.execute(sqlalchemy.text(q), {"d": sqlalchemy.make_url(url).database}).scalar_one())
+        q = "SELECT count(*), count(*) FILTER (WHERE wait_event_type = 'Lock') FROM pg_stat_activity WHERE datname = :d"
+        total, waiting = conn.execute(sqlalchemy.text(q), {"d": sqlalchemy.make_url(url).database}).one()
+        return int(total), int(waiting)
 
 
 def max_connections() -> int:
@@ -111,16 +113,18 @@ def start_proxy(db_url: str, threads: int) -> tuple[subprocess.Popen[bytes], str
 
 
 def prefill(url: str, name: str, n: int, claims: int, ours: bool) -> None:
-    """The study (ours: created by sft-optuna, its budget of ``claims`` queued) with ``n`` finished trials."""
+    """The study with ``n`` finished trials, then (ours) its budget of ``claims`` queued after them — as a study
+    that has run ``n`` trials looks (sft-optuna's ``create_study`` would queue the budget before the prefill,
+    leaving the oldest trials unfinished, which no long-running study has and which defeats TPE's incremental
+    search space)."""
+    from sft_optuna import attrs
+    from sft_optuna.coordination.claims import queue_budget
     from sft_optuna.coordination.storage import open_storage
-    from sft_optuna.study import create_study
     from sft_optuna.study_file import parse_study
 
     storage = open_storage(url)
-    if ours:
-        study, _ = create_study(parse_study(study_config(name, claims, 5.0)), storage)
-    else:
-        study = optuna.create_study(storage=storage.optuna, study_name=name, direction="maximize")
+    study = optuna.create_study(storage=storage.optuna, study_name=name, direction="maximize")
+    config = parse_study(study_config(name, claims, 5.0))
     dists = {
         "lr": optuna.distributions.FloatDistribution(1e-4, 0.3, log=True),
         "batch_size": optuna.distributions.CategoricalDistribution([64, 128, 256]),
@@ -143,6 +147,9 @@ def prefill(url: str, name: str, n: int, claims: int, ours: bool) -> None:
             )
         )
     study.add_trials(trials)
+    if ours:
+        study.set_user_attr(attrs.STUDY_CONFIG, config.to_dict())
+        queue_budget(study, config)
 
 
 def _draw(rng: random.Random, d: Any) -> float:
@@ -182,7 +189,7 @@ def _worker_thread(
     watcher = Watcher(every, lambda: recover_trials(study, config, set(current)), "watcher")
     with watcher if ours else _Null():
         while True:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             if ours:
                 trial = claim_trial(study, config)
             else:
@@ -197,6 +204,7 @@ def _worker_thread(
             if trial is None:
                 break
             out["claim_s"].append(time.perf_counter() - t0)
+            out["claim_cpu_s"].append(time.thread_time() - c0)
             out["trials"].append(trial.number)
             current.add(trial.number)
             state = TrialState.COMPLETE
@@ -239,7 +247,7 @@ def _process(
 ) -> None:
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    out: dict[str, list[Any]] = {"claim_s": [], "epoch_s": [], "trials": [], "errors": []}
+    out: dict[str, list[Any]] = {"claim_s": [], "claim_cpu_s": [], "epoch_s": [], "trials": [], "errors": []}
 
     def run() -> None:
         try:
@@ -281,7 +289,7 @@ def run_row(kind: str, workers: int, size: int, claims: int, epoch_s: float, pro
         ]
         for p in ps:
             p.start()
-        conns: list[int] = []
+        conns: list[tuple[int, int]] = []
         results: list[dict[str, list[Any]]] = []
         while len(results) < n_procs:
             try:
@@ -292,6 +300,7 @@ def run_row(kind: str, workers: int, size: int, claims: int, epoch_s: float, pro
         for p in ps:
             p.join()
         claim_s = [x for r in results for x in r["claim_s"]]
+        claim_cpu = [x for r in results for x in r["claim_cpu_s"]]
         epoch_s_all = [x for r in results for x in r["epoch_s"]]
         numbers = [x for r in results for x in r["trials"]]
         errors = [x for r in results for x in r["errors"]]
@@ -318,9 +327,12 @@ def run_row(kind: str, workers: int, size: int, claims: int, epoch_s: float, pro
             "claims_per_s": round(len(claim_s) / wall, 2),
             "claim_p50_ms": _pct(claim_s, 0.5),
             "claim_p95_ms": _pct(claim_s, 0.95),
+            "claim_cpu_p50_ms": _pct(claim_cpu, 0.5),
             "epoch_p50_ms": _pct(epoch_s_all, 0.5),
             "epoch_p95_ms": _pct(epoch_s_all, 0.95),
-            "db_connections": max(conns) if conns else None,
+            "db_connections": max(c for c, _ in conns) if conns else None,
+            "lock_waits_max": max(w for _, w in conns) if conns else None,
+            "lock_wait_samples": f"{sum(w > 0 for _, w in conns)}/{len(conns)}",
             "overshoot": used - claims,
             "duplicates": duplicates,
             "left_running": sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in new),
@@ -349,7 +361,7 @@ def main() -> None:
     limit = max_connections()
     rows = []
     header = f"{'storage':10} {'method':10} {'workers':>7} {'trials':>6} {'claims/s':>8} {'claim p50/p95 ms':>17} "
-    header += f"{'epoch p50/p95 ms':>17} {'db conns':>8} {'over':>4} {'dup':>4} {'left':>4}"
+    header += f"{'cpu ms':>6} {'epoch p50/p95 ms':>17} {'db conns':>8} {'lockw':>5} {'over':>4} {'dup':>4} {'left':>4}"
     print(header, flush=True)
     for size in [int(x) for x in args.trials.split(",")]:
         for workers in [int(x) for x in args.workers.split(",")]:
@@ -376,8 +388,10 @@ def main() -> None:
                     print(
                         f"{kind:10} {row['method']:10} {workers:>7} {size:>6} {row['claims_per_s']:>8} "
                         f"{str(row['claim_p50_ms']) + ' / ' + str(row['claim_p95_ms']):>17} "
+                        f"{row['claim_cpu_p50_ms']!s:>6} "
                         f"{str(row['epoch_p50_ms']) + ' / ' + str(row['epoch_p95_ms']):>17} "
-                        f"{row['db_connections']!s:>8} {row['overshoot']:>4} {row['duplicates']!s:>4} "
+                        f"{row['db_connections']!s:>8} {row['lock_waits_max']!s:>5} "
+                        f"{row['overshoot']:>4} {row['duplicates']!s:>4} "
                         f"{row['left_running']:>4} {'; '.join(row['errors'])}",
                         flush=True,
                     )

@@ -38,7 +38,7 @@ from sft_optuna.node import (
     use_threads,
 )
 from sft_optuna.objective import Interrupted, InvalidValueError, Objective, Paused, lineage_of
-from sft_optuna.results.notes import write_best_figure, write_trial_note
+from sft_optuna.results.notes import write_best_figure, write_progress, write_trial_note
 from sft_optuna.search.samplers import CachedCompletedPruner
 from sft_optuna.training.data import Splits, load_splits
 from sft_optuna.training.model import build_model
@@ -356,8 +356,9 @@ def _give_back(study: optuna.Study, config: StudyConfig, trial: optuna.Trial, de
 def _annotate(
     study: optuna.Study, trial: optuna.Trial, config: StudyConfig, classes: list[str], state: TrialState
 ) -> None:
-    """Dashboard notes: the trial's own; the best trial's confusion matrix on the study."""
+    """Dashboard notes: the trial's own; the study's progress and the best trial's confusion matrix on the study."""
     write_trial_note(study, trial, config)
+    write_progress(study, config)
     if state == TrialState.COMPLETE:
         try:
             best = study.best_trial

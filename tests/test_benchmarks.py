@@ -7,6 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import PYTHON, REPO, worker_env
 
 
@@ -102,14 +103,20 @@ def test_replay_runs_methods_through_the_real_claims_and_writes_its_figures(tmp_
         "2",
         "--json",
         str(out),
+        "--plot",
+        str(tmp_path / "replay.png"),
     )
     figures = json.loads(out.read_text())
+    assert (tmp_path / "replay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert figures["configs"] == 16 and figures["budget_epochs"] == 80
     assert set(figures["methods"]) == {f"{m} K={k}" for m in methods.split(",") for k in (1, 2)}
     for name, m in figures["methods"].items():
         assert {"epochs_to_target", "best_at_budget", "false_prune_rate"} <= set(m)
-        for anytime in m["anytime"]:  # epochs consumed never pass the budget; the best never decreases
+        for anytime in m["anytime_runs"]:  # epochs consumed never pass the budget; the best never decreases
             assert all(e <= 80 for e, _ in anytime) and [b for _, b in anytime] == sorted(b for _, b in anytime)
+        band = m["anytime"]  # mean over seeds on a grid of epochs: the last point is the best at the budget
+        assert band["epochs"][-1] == 80 and band["mean"] == sorted(band["mean"])
+        assert band["mean"][-1] == pytest.approx(m["best_at_budget"]["mean"], abs=1e-4)
         assert 0.1 <= m["best_at_budget"]["mean"] <= 0.7, name
     assert figures["methods"]["random+none K=1"]["false_prune_rate"] is None, "nothing is stopped without a pruner"
     assert "epochs to target" in proc.stdout

@@ -93,6 +93,14 @@ def test_trials_carry_notes_and_the_best_trial_a_confusion_matrix(finished: str)
     text = json.dumps(system)
     assert "COMPLETE" in text and "ran on:" in text and "images/s" in text
     assert any("best-trial-confusion-matrix" in k for k in system), list(system)[:10]
+    # the study's progress table, in one attribute (whole or not at all), with the epochs its trials trained
+    progress = [v for k, v in system.items() if "study-progress" in k]
+    assert len(progress) == 1, "one attribute: concurrent writers replace it whole"
+    table = json.loads(progress[0])["data"][0]
+    assert table["cells"]["values"][0][0] == "epochs"
+    trained = sum(len(t.intermediate_values) for t in study.trials)
+    assert table["cells"]["values"][1][0].startswith(f"{trained} trained"), table["cells"]
+    assert "after 3 finished trials" in table["header"]["values"][1]
     best = study.best_trial
     matrix = best.user_attrs["confusion_matrix"]
     assert sum(map(sum, matrix)) == 40  # every validation image once
@@ -162,6 +170,7 @@ def test_dashboard_renders_the_study_and_its_trials_in_headless_chromium(dashboa
     # The study page plots a point per trial in its history chart (an unknown study: none, and no name).
     study_dom = dump("/dashboard/studies/1")
     assert "dash-study" in study_dom and study_dom.count('class="point"') >= 3
+    assert "study progress (sft-optuna)" in study_dom and "trained or planned" in study_dom
     missing = dump("/dashboard/studies/99")
     assert "dash-study" not in missing and 'class="point"' not in missing
     shot = Path(os.environ.get("SFT_TEST_ARTIFACTS", tmp_path)) / "dashboard-study.png"

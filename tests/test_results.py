@@ -17,7 +17,7 @@ from conftest import study_dict, write_imagefolder
 from sft_optuna.cli import main
 from sft_optuna.config import parse_config
 from sft_optuna.results.export import FIGURES
-from sft_optuna.results.plan import EVAL_FACTOR, make_plan
+from sft_optuna.results.plan import EVAL_FACTOR, describe, make_plan
 from sft_optuna.results.retrain import evaluate_model_file
 from sft_optuna.study_file import load_study_file
 from sft_optuna.training.data import load_imagefolder
@@ -154,6 +154,23 @@ def test_plan_arithmetic_follows_from_the_calibration(tmp_path: Path) -> None:
     assert plan.hours_without_pruning == pytest.approx(10 * 4 * epoch_s / 3600)
     # 2 startup trials in full; 8 others: half full, half stopped after the 2 warm-up epochs
     assert plan.hours_with_pruning == pytest.approx((2 * 4 + 8 * (0.5 * 4 + 0.5 * 2)) * epoch_s / 3600)
+
+
+def test_plan_expects_ashas_epochs_and_caps_by_the_epoch_budget(tmp_path: Path) -> None:
+    asha = {"name": "asha", "min_epochs": 1, "reduction_factor": 3}
+    cfg = parse_config(study_dict(tmp_path, budget={"n_trials": 27}, train={"epochs": 12}, pruner=asha), "p")
+    plan = make_plan(cfg, images_per_s=100.0, train_images=1000)
+    # rungs 1, 3, 9: 27 configs train 1 epoch, 9 go on to 3, 3 to 9, 1 to 12
+    assert plan.epochs_with_pruning == pytest.approx(27 * 1 + 9 * 2 + 3 * 6 + 1 * 3)
+    assert plan.epochs_full == 27 * 12
+    assert plan.hours_with_pruning == pytest.approx(66 * plan.epoch_seconds / 3600)
+    capped = parse_config(
+        study_dict(tmp_path, budget={"n_trials": 27, "epochs": 50}, train={"epochs": 12}, pruner=asha), "p"
+    )
+    plan = make_plan(capped, images_per_s=100.0, train_images=1000)
+    assert plan.epochs_with_pruning == 50 and plan.epochs_full == 50
+    assert any("budget.epochs 50 stops the study" in w for w in plan.warnings)
+    assert "ASHA's expected epochs at rungs [1, 3, 9]" in describe(capped, plan, "cpu")
 
 
 def test_plan_warns_when_the_grid_exceeds_the_budget(

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import optuna
 import pytest
-from optuna.distributions import FloatDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from sft_optuna.config import PrunerConfig, SamplerConfig
-from sft_optuna.search.samplers import CachedCompletedPruner, make_pruner, make_sampler, trial_seed
+from sft_optuna.search.samplers import (
+    CachedCompletedPruner,
+    make_pruner,
+    make_sampler,
+    sampler_for_trial,
+    trial_seed,
+)
 
 
 def test_trial_seeds_are_shared_across_workers_and_differ_across_trials() -> None:
@@ -23,6 +30,30 @@ def test_trial_seeds_are_shared_across_workers_and_differ_across_trials() -> Non
     sa = optuna.create_study(sampler=a)
     sb = optuna.create_study(sampler=b)
     assert sa.ask(dist).params == sb.ask(dist).params
+
+
+@pytest.mark.parametrize("name", ["tpe", "random"])
+def test_a_kept_sampler_reseeded_per_trial_suggests_what_a_new_one_would(name: str) -> None:
+    """Claims keep the study's TPE sampler (its search space grows incrementally) and only reseed it: every
+    trial must get exactly the parameters a sampler made for that trial would give (start-up and TPE phase)."""
+    cfg = SamplerConfig(name, 3, {"n_startup_trials": 5, "multivariate": True} if name == "tpe" else {})
+    dists = {
+        "lr": FloatDistribution(1e-4, 1.0, log=True),
+        "momentum": FloatDistribution(0.8, 0.99),
+        "batch": CategoricalDistribution([64, 128, 256]),
+    }
+    kept = optuna.create_study(direction="maximize", sampler=make_sampler(cfg, 0))
+    fresh = optuna.create_study(direction="maximize")
+    first = kept.sampler
+    for number in range(15):
+        kept.sampler = sampler_for_trial(kept.sampler, cfg, number)
+        fresh.sampler = make_sampler(cfg, number)
+        a, b = kept.ask(dists), fresh.ask(dists)
+        assert a.params == b.params, number
+        value = -abs(math.log10(a.params["lr"]) + 2) + a.params["momentum"]
+        kept.tell(a, value)
+        fresh.tell(b, value)
+    assert kept.sampler is first  # reused, not remade (else the test above would prove nothing)
 
 
 def _study_with_curves(n: int) -> optuna.Study:

@@ -33,7 +33,7 @@ from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
 from sft_optuna.coordination.heartbeat import fail_stale_trials
 from sft_optuna.search.asha import due_promotion, pause_epochs, reduction_factor, study_rungs
-from sft_optuna.search.samplers import make_sampler
+from sft_optuna.search.samplers import sampler_for_trial
 from sft_optuna.search.space import grid_points, is_grid, suggest
 
 __all__ = [
@@ -230,7 +230,7 @@ def claim_trial(study: optuna.Study, config: StudyConfig) -> optuna.Trial | None
                 continue
         _queue_ahead(study, config, trial, fresh)
         # Seeded by the trial's number, known only now: Optuna samples at the first suggest, not in ask().
-        study.sampler = make_sampler(config.sampler, trial.number)
+        study.sampler = sampler_for_trial(study.sampler, config.sampler, trial.number)
         suggest(trial, config.search_space)
         return trial
 
@@ -247,7 +247,10 @@ def _pop(study: optuna.Study) -> optuna.Trial | None:
     and creating a fresh trial when the queue is empty. Each WAITING -> RUNNING change has one winner on every
     storage."""
     storage = study._storage
-    waiting = storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+    # One read serves the pop and the sampler: the sampler's per-trial view of the study (Optuna's ask()
+    # empties it and the first suggest re-reads) is set to this read, as fresh as the one ask() would make.
+    trials = storage.get_all_trials(study._study_id, deepcopy=False)
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
     # The lowest first (so one worker alone takes them in order, reproducibly), then, having lost it to
     # another claimer, the rest of the window in a random order.
     order = sorted(waiting, key=lambda t: (attrs.RETRY_OF not in t.user_attrs, t.number))
@@ -256,6 +259,7 @@ def _pop(study: optuna.Study) -> optuna.Trial | None:
     for t in [*order[:1], *head, *order[POP_WINDOW:]]:
         try:
             if storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+                study._thread_local.cached_all_trials = trials
                 return optuna.Trial(study, t._trial_id)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue

@@ -12,12 +12,23 @@ from optuna.trial import FrozenTrial, TrialState
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig, train_config_for
 from sft_optuna.errors import ConfigError
+from sft_optuna.results.status import progress
 
-__all__ = ["confusion_figure", "study_note", "trial_note", "write_best_figure", "write_study_note", "write_trial_note"]
+__all__ = [
+    "confusion_figure",
+    "progress_figure",
+    "study_note",
+    "trial_note",
+    "write_best_figure",
+    "write_progress",
+    "write_study_note",
+    "write_trial_note",
+]
 
 log = logging.getLogger(__name__)
 
 BEST_FIGURE_ID = "best-trial-confusion-matrix"
+PROGRESS_FIGURE_ID = "study-progress"
 
 
 def study_note(config: StudyConfig, study_file: str | None) -> str:
@@ -92,3 +103,33 @@ def write_best_figure(study: optuna.Study, trial: FrozenTrial, classes: list[str
         return
     fig = confusion_figure(matrix, classes, f"best trial {trial.number}: validation confusion matrix")
     _safe("best-trial figure", lambda: save_plotly_graph_object(study, fig, graph_object_id=BEST_FIGURE_ID))
+
+
+def progress_figure(rows: list[tuple[str, str]], finished: int) -> Any:
+    """A small plotly table of the study's spending (epochs, rungs, audit). Kept under one storage attribute
+    (~2 KB: no template), so that workers finishing trials at the same instant overwrite it whole, never mix
+    two halves."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(
+        go.Table(
+            header={"values": ["", f"after {finished} finished trials"]},
+            cells={"values": [[label for label, _ in rows], [text for _, text in rows]], "align": "left"},
+            columnwidth=[1, 5],
+        )
+    )
+    fig.update_layout(template="none", title="study progress (sft-optuna)")
+    return fig
+
+
+def write_progress(study: optuna.Study, config: StudyConfig) -> None:
+    """Show epochs used/left, rung occupancy and the pruner audit in the study's note (after each trial)."""
+    from optuna_dashboard import save_plotly_graph_object
+
+    def save() -> None:
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state.is_finished() for t in trials)
+        fig = progress_figure(progress(trials, config), finished)
+        save_plotly_graph_object(study, fig, graph_object_id=PROGRESS_FIGURE_ID)
+
+    _safe("study progress", save)

@@ -8,6 +8,14 @@ chosen device), so a user can redo it by hand:
 
 With the median pruner the first ``n_startup_trials`` run in full; of the rest we assume half are pruned right
 after the warm-up epochs (``n_warmup_steps + 1``): a rough, stated assumption, not a promise.
+
+With ASHA (rungs ``r_0 < … < r_{K-1}`` below ``train.epochs`` = E, reduction factor η) the expected epochs are
+those of the rule itself: all n configurations train to ``r_0``, n/η^k of them on from ``r_{k-1}`` to ``r_k``,
+n/η^K to E:
+
+    epochs_asha = n * (r_0 + sum_k (r_k - r_{k-1}) / η^k + (E - r_{K-1}) / η^K)
+
+A ``budget.epochs`` caps both figures (the study stops starting work there).
 """
 
 from __future__ import annotations
@@ -18,11 +26,12 @@ from dataclasses import dataclass
 import torch
 
 from sft_optuna.config import StudyConfig
+from sft_optuna.search.asha import reduction_factor, study_rungs
 from sft_optuna.search.space import grid_size
 from sft_optuna.training.data import CIFAR10_CLASSES, Splits, dataset_size
 from sft_optuna.training.trainer import Trainer
 
-__all__ = ["Plan", "calibrate", "make_plan", "train_image_count"]
+__all__ = ["Plan", "asha_epochs", "calibrate", "make_plan", "train_image_count"]
 
 EVAL_FACTOR = 3.0  # evaluation (no backward pass) runs about 3x the training rate: forward only, large batches
 PRUNED_SHARE = 0.5  # assumed share of post-startup trials the median pruner stops after its warm-up
@@ -42,6 +51,21 @@ class Plan:
     hours_without_pruning: float
     hours_with_pruning: float
     warnings: tuple[str, ...]
+    epochs_full: float = 0.0
+    """Epochs of the whole study without pruning (capped by ``budget.epochs``)."""
+    epochs_with_pruning: float = 0.0
+    """Expected epochs with the study's pruner: the median's stated assumption, or ASHA's rule (capped)."""
+
+
+def asha_epochs(config: StudyConfig, trials: int) -> float | None:
+    """Expected epochs of ``trials`` configurations under the study's ASHA rungs (None: not an ASHA study)."""
+    rungs = study_rungs(config)
+    if rungs is None:
+        return None
+    eta = reduction_factor(config)
+    stops = [*rungs, config.train.epochs]
+    per_config = sum((stop - (stops[k - 1] if k else 0)) / eta**k for k, stop in enumerate(stops))
+    return trials * per_config
 
 
 def train_image_count(config: StudyConfig, data_root: str | None = None) -> int:
@@ -86,19 +110,36 @@ def make_plan(config: StudyConfig, images_per_s: float, train_images: int) -> Pl
         warnings.append(f"epochs is searched: estimating with the largest, {epochs}")
     val = config.data.val_size
     epoch_s = train_images / images_per_s + val / (EVAL_FACTOR * images_per_s)
-    full_h = trials * epochs * epoch_s / 3600
-    if config.pruner.name == "none":
-        pruned_h = full_h
+    full = float(trials * epochs)
+    asha = asha_epochs(config, trials)
+    if asha is not None:
+        pruned = asha
+    elif config.pruner.name == "none":
+        pruned = full
     else:
         startup = min(int(config.pruner.options.get("n_startup_trials", 5)), trials)
         warm = int(config.pruner.options.get("n_warmup_steps", 0)) + 1
         rest = trials - startup
-        pruned_h = (
-            (startup * epochs + rest * ((1 - PRUNED_SHARE) * epochs + PRUNED_SHARE * min(warm, epochs)))
-            * epoch_s
-            / 3600
-        )
-    return Plan(trials, grid, epochs, train_images, val, images_per_s, epoch_s, full_h, pruned_h, tuple(warnings))
+        pruned = startup * epochs + rest * ((1 - PRUNED_SHARE) * epochs + PRUNED_SHARE * min(warm, epochs))
+    cap = config.budget.epochs
+    if cap is not None:
+        if cap < pruned:
+            warnings.append(f"budget.epochs {cap} stops the study before its {trials} trials are done (~{pruned:.0f})")
+        full, pruned = min(full, cap), min(pruned, cap)
+    return Plan(
+        trials,
+        grid,
+        epochs,
+        train_images,
+        val,
+        images_per_s,
+        epoch_s,
+        full * epoch_s / 3600,
+        pruned * epoch_s / 3600,
+        tuple(warnings),
+        full,
+        pruned,
+    )
 
 
 def describe(config: StudyConfig, plan: Plan, device: str) -> str:
@@ -112,9 +153,14 @@ def describe(config: StudyConfig, plan: Plan, device: str) -> str:
         f"calibration on {device}: {plan.images_per_s:.0f} training images/s at batch "
         f"{config.train.batch_size}, {config.model.image_size} px -> {plan.epoch_seconds:.1f} s per epoch"
     )
+    if config.pruner.name == "asha":
+        how = f"ASHA's expected epochs at rungs {study_rungs(config)}, reduction factor {reduction_factor(config)}"
+    else:
+        how = "assumes half the post-startup trials pruned early"
+    cap = "" if config.budget.epochs is None else f", capped by budget.epochs {config.budget.epochs}"
     lines.append(
-        f"estimate: {plan.hours_without_pruning:.2f} device-hours without pruning, "
-        f"{plan.hours_with_pruning:.2f} with pruning (assumes half the post-startup trials pruned early)"
+        f"estimate: {plan.epochs_full:.0f} epochs, {plan.hours_without_pruning:.2f} device-hours without pruning; "
+        f"{plan.epochs_with_pruning:.0f} epochs, {plan.hours_with_pruning:.2f} with pruning ({how}{cap})"
     )
     lines.append("search space:")
     for name, spec in config.search_space.items():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Sequence
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
@@ -16,7 +17,36 @@ from sft_optuna.coordination.heartbeat import last_beat
 from sft_optuna.search.asha import occupancy, study_rungs
 from sft_optuna.search.audit import audit_summary
 
-__all__ = ["status_lines"]
+__all__ = ["progress", "status_lines"]
+
+
+def progress(trials: Sequence[FrozenTrial], config: StudyConfig) -> list[tuple[str, str]]:
+    """(label, text) of the study's spending: epochs used and left, ASHA's rungs, the pruner audit — shown by
+    ``status`` and, as a table, in the dashboard (``results/notes.write_progress``)."""
+    cap = config.budget.epochs
+    used = epochs_used(trials, config)
+    rows = [
+        (
+            "epochs",
+            f"{used} trained or planned by running trials"
+            + (f" of a budget of {cap} ({max(cap - used, 0)} left)" if cap is not None else ""),
+        )
+    ]
+    epochs = study_rungs(config)
+    if epochs:
+        rungs = [f"epoch {e}: {n} reached, {w} paused, {p} promoted" for e, n, w, p in occupancy(trials, epochs)]
+        rows.append(("rungs (ASHA)", "; ".join(rungs)))
+    audit = audit_summary(trials)
+    if audit is not None:
+        rows.append(
+            (
+                "pruner audit",
+                f"{audit['audited']} trials ran on past a stop; {audit['false_prunes']} "
+                f"({audit['false_prune_rate']:.0%}) finished at or above the median of the trials it let run"
+                + ("; one of them is the best" if audit["best_was_audited"] else ""),
+            )
+        )
+    return rows
 
 
 def status_lines(study: optuna.Study, config: StudyConfig) -> list[str]:
@@ -28,25 +58,7 @@ def status_lines(study: optuna.Study, config: StudyConfig) -> list[str]:
         f"trials: budget {budget_used(trials)}/{config.budget.n_trials} used; "
         + ", ".join(f"{s.name} {states.get(s.name, 0)}" for s in TrialState),
     ]
-    cap = config.budget.epochs
-    used = epochs_used(trials, config)
-    lines.append(
-        f"epochs: {used} trained or planned by running trials"
-        + (f" of a budget of {cap} ({max(cap - used, 0)} left)" if cap is not None else "")
-    )
-    epochs = study_rungs(config)
-    if epochs:
-        rows = occupancy(trials, epochs)
-        lines.append(
-            "rungs (ASHA): " + "; ".join(f"epoch {e}: {n} reached, {w} paused, {p} promoted" for e, n, w, p in rows)
-        )
-    audit = audit_summary(trials)
-    if audit is not None:
-        lines.append(
-            f"pruner audit: {audit['audited']} trials ran on past a stop; {audit['false_prunes']} "
-            f"({audit['false_prune_rate']:.0%}) finished at or above the median of the trials it let run"
-            + ("; one of them is the best" if audit["best_was_audited"] else "")
-        )
+    lines += [f"{label}: {text}" for label, text in progress(trials, config)]
     try:
         best = study.best_trial
         lines.append(f"best: trial {best.number} value {best.value:.4f} params {json.dumps(best.params)}")

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import optuna
+from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.trial import FrozenTrial, TrialState
 
 from sft_optuna.config import PrunerConfig, SamplerConfig
@@ -35,6 +36,7 @@ __all__ = [
     "check_sampler",
     "make_pruner",
     "make_sampler",
+    "sampler_for_trial",
     "trial_seed",
 ]
 
@@ -144,6 +146,39 @@ def make_sampler(cfg: SamplerConfig, trial_number: int) -> optuna.samplers.BaseS
     factory = SAMPLERS[cfg.name][0]
     seed = cfg.seed if cfg.name in STUDY_SEEDED else trial_seed(cfg.seed, trial_number)
     return factory(seed, **cfg.options)
+
+
+def _reseedable(sampler: optuna.samplers.BaseSampler) -> bool:
+    if type(sampler) is optuna.samplers.RandomSampler:
+        return isinstance(getattr(sampler, "_rng", None), LazyRandomState)
+    if type(sampler) is optuna.samplers.TPESampler:
+        return isinstance(getattr(sampler, "_rng", None), LazyRandomState) and _reseedable(
+            getattr(sampler, "_random_sampler", None)  # type: ignore[arg-type]
+        )
+    return False
+
+
+def sampler_for_trial(
+    sampler: optuna.samplers.BaseSampler, cfg: SamplerConfig, trial_number: int
+) -> optuna.samplers.BaseSampler:
+    """What :func:`make_sampler` returns, reusing ``sampler`` (the study's current one) where that is the same.
+
+    TPE keeps the study's search space as it grows (an incremental pass over new trials); a new sampler per
+    claim recomputes it over every trial — 65 ms a claim at 2,000 trials. So a TPE or random sampler is kept and
+    only its random state is seeded for the trial (Optuna has no public call for that: where its internals are
+    not the ones known here, a new sampler is made; tests check both give the same parameters).
+    """
+    kinds = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
+    if type(sampler) is not kinds.get(cfg.name) or not _reseedable(sampler):
+        return make_sampler(cfg, trial_number)
+    seed = trial_seed(cfg.seed, trial_number)
+    if seed is None:
+        sampler.reseed_rng()
+        return sampler
+    sampler._rng.rng.seed(seed)  # type: ignore[attr-defined]
+    if isinstance(sampler, optuna.samplers.TPESampler):
+        sampler._random_sampler._rng.rng.seed(seed)
+    return sampler
 
 
 COMPLETED_REFRESH_S = 60.0  # how stale the pruner's view of *completed* trials may be (trials take minutes)
