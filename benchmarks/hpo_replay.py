@@ -203,12 +203,8 @@ def _false_prunes(trials: list[optuna.trial.FrozenTrial], surrogate: Surrogate) 
     """(stopped lineages whose recorded final accuracy is at or above the median of the completed ones,
     stopped lineages): the replay knows every curve's end, so no audit is needed to count them."""
     completed = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    finished = {int(t.user_attrs.get(attrs.LINEAGE, t.number)) for t in trials if t.state == TrialState.COMPLETE}
-    stopped = {
-        int(t.user_attrs.get(attrs.LINEAGE, t.number)): t
-        for t in trials
-        if t.state == TrialState.PRUNED and int(t.user_attrs.get(attrs.LINEAGE, t.number)) not in finished
-    }
+    finished = {attrs.lineage(t) for t in trials if t.state == TrialState.COMPLETE}
+    stopped = {attrs.lineage(t): t for t in trials if t.state == TrialState.PRUNED and attrs.lineage(t) not in finished}
     if not completed or not stopped:
         return 0, len(stopped)
     bar = statistics.median(completed)

@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
+
+class _HasUserAttrs(Protocol):
+    @property
+    def number(self) -> int: ...
+
+    @property
+    def user_attrs(self) -> dict[str, Any]: ...
+
+
 STUDY_CONFIG = "sft_optuna.config"
 """Study: the full validated config (JSON-able dict); workers read it, nothing else."""
 STUDY_FILE = "sft_optuna.study_file"
@@ -48,3 +59,8 @@ NODE_FAULT_DETAIL = "node_fault"
 """Trial: what the node's fault was (with ``reason`` = ``node fault``)."""
 RETRYABLE_REASONS = ("interrupted", NODE_FAULT)
 """Reasons whose trials are retried; a trial failed by a stale heartbeat has no reason and is retried too."""
+
+
+def lineage(trial: _HasUserAttrs) -> int:
+    """The number of the first trial of ``trial``'s lineage (its retries and promotions share its checkpoint)."""
+    return int(trial.user_attrs.get(LINEAGE, trial.number))

@@ -66,7 +66,7 @@ def _work(
     from sft_optuna.worker import run_worker
 
     try:
-        return run_worker(study, config, storage, _worker_options(args), node)
+        return run_worker(study, config, _worker_options(args), node)
     except NodeFault as exc:
         print(f"sft-optuna: error: this node cannot run trials: {exc}; worker stopped", file=sys.stderr)
         return 1

@@ -52,11 +52,6 @@ def _train_config(config: StudyConfig, params: dict[str, Any]) -> TrainConfig:
         raise InvalidValueError(str(exc)) from None
 
 
-def lineage_of(trial: optuna.Trial) -> int:
-    """The number of the first trial of ``trial``'s retry chain."""
-    return int(trial.user_attrs.get(attrs.LINEAGE, trial.number))
-
-
 class Objective:
     """Callable objective: fine-tunes one configuration and returns its validation accuracy."""
 
@@ -81,7 +76,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         train_cfg = _train_config(self.config, trial.params)
-        lineage = lineage_of(trial)
+        lineage = attrs.lineage(trial)
         trainer = Trainer(self.splits, self.config.model, train_cfg, self.device, seed=train_cfg.seed + lineage)
         self._resume(trial, trainer, lineage)
         if self.on_step is not None:

@@ -28,7 +28,6 @@ from sft_optuna.config import StudyConfig
 from sft_optuna.coordination.checkpoints import CheckpointStore
 from sft_optuna.coordination.claims import claim_trial, queue_retry, recover_trials, study_done
 from sft_optuna.coordination.heartbeat import Heartbeat, Watcher, watch_interval
-from sft_optuna.coordination.storage import Storage
 from sft_optuna.errors import DataError, ModelError, NodeFault
 from sft_optuna.node import (
     DEFAULT_CHECKPOINT_DIR,
@@ -37,7 +36,7 @@ from sft_optuna.node import (
     resolve_device,
     use_threads,
 )
-from sft_optuna.objective import Interrupted, InvalidValueError, Objective, Paused, lineage_of
+from sft_optuna.objective import Interrupted, InvalidValueError, Objective, Paused
 from sft_optuna.results.notes import write_best_figure, write_progress, write_trial_note
 from sft_optuna.search.samplers import CachedCompletedPruner
 from sft_optuna.training.data import Splits, load_splits
@@ -181,7 +180,7 @@ def prepare_node(config: StudyConfig, options: WorkerOptions) -> Node:
 
 
 def run_worker(
-    study: optuna.Study, config: StudyConfig, storage: Storage, options: WorkerOptions, node: Node | None = None
+    study: optuna.Study, config: StudyConfig, options: WorkerOptions, node: Node | None = None
 ) -> int:
     """Pull and run trials until the study is done; returns the process exit code.
 
@@ -256,7 +255,7 @@ def _run_one(
     checkpoints: CheckpointStore | None,
 ) -> TrialState | None:
     """Run one claimed trial and tell the storage how it ended; returns the state told."""
-    lineage = lineage_of(trial)
+    lineage = attrs.lineage(trial)
     try:
         # trial._trial_id: Optuna has no public accessor for the storage id that heartbeats are written to.
         with Heartbeat(study._storage, trial._trial_id, config.heartbeat.interval):

@@ -281,7 +281,7 @@ def _fitting_promotion(trials: Sequence[FrozenTrial], config: StudyConfig, left:
 def _promote(study: optuna.Study, paused: FrozenTrial) -> optuna.Trial | None:
     """A RUNNING trial that continues ``paused`` (same parameters and lineage: it resumes from the lineage's
     checkpoint); None when another worker promoted it at the same instant (theirs is kept)."""
-    lineage = int(paused.user_attrs.get(attrs.LINEAGE, paused.number))
+    lineage = attrs.lineage(paused)
     template = FrozenTrial(
         number=-1,
         state=TrialState.RUNNING,
@@ -339,7 +339,7 @@ def queue_retry(study: optuna.Study, config: StudyConfig, failed: FrozenTrial) -
     if retry > config.budget.max_retries:
         log.warning("trial %d failed; no retries left (%d)", failed.number, config.budget.max_retries)
         return
-    lineage = int(failed.user_attrs.get(attrs.LINEAGE, failed.number))
+    lineage = attrs.lineage(failed)
     log.warning("retrying trial %d (lineage %d) with the same parameters", failed.number, lineage)
     user_attrs = {attrs.LINEAGE: lineage, attrs.RETRY_OF: failed.number, attrs.RETRY: retry}
     for key in (attrs.SLOT, attrs.PROMOTED_FROM, attrs.FROM_RUNG):  # a retry is what it retries

@@ -67,10 +67,6 @@ def rungs(min_epochs: int, reduction_factor: int, max_epochs: int) -> list[int]:
     return out
 
 
-def _lineage(t: FrozenTrial) -> int:
-    return int(t.user_attrs.get(attrs.LINEAGE, t.number))
-
-
 def rung_values(trials: Sequence[FrozenTrial], epoch: int) -> dict[int, float]:
     """Lineage -> validation accuracy at ``epoch``, for every lineage whose curve reached it (a promotion or a
     retry carries its lineage's curve, so each lineage counts once)."""
@@ -78,7 +74,7 @@ def rung_values(trials: Sequence[FrozenTrial], epoch: int) -> dict[int, float]:
     for t in trials:
         value = t.intermediate_values.get(epoch)
         if value is not None and t.user_attrs.get(attrs.REASON) != attrs.CLAIM_RACED:
-            values.setdefault(_lineage(t), value)
+            values.setdefault(attrs.lineage(t), value)
     return values
 
 
@@ -96,9 +92,10 @@ def due_promotion(trials: Sequence[FrozenTrial], epochs: Sequence[int], reductio
     for k in reversed(range(len(epochs))):
         values = rung_values(trials, epochs[k])
         top = sorted(values, key=lambda lineage: (-values[lineage], lineage))[: len(values) // reduction_factor]
-        candidates = [t for t in trials if _paused_at(t, k) and t.number not in promoted and _lineage(t) in set(top)]
+        best = set(top)
+        candidates = [t for t in trials if _paused_at(t, k) and t.number not in promoted and attrs.lineage(t) in best]
         if candidates:
-            return min(candidates, key=lambda t: (-values[_lineage(t)], t.number))
+            return min(candidates, key=lambda t: (-values[attrs.lineage(t)], t.number))
     return None
 
 
