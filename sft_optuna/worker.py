@@ -179,9 +179,7 @@ def prepare_node(config: StudyConfig, options: WorkerOptions) -> Node:
     return Node(device, splits, classes, checkpoints)
 
 
-def run_worker(
-    study: optuna.Study, config: StudyConfig, options: WorkerOptions, node: Node | None = None
-) -> int:
+def run_worker(study: optuna.Study, config: StudyConfig, options: WorkerOptions, node: Node | None = None) -> int:
     """Pull and run trials until the study is done; returns the process exit code.
 
     Done means: the budget is spent, nothing is left to retry, and no trial is still running — a trial

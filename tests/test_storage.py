@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import sqlalchemy
 import yaml
 from conftest import study_dict
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
 
 from sft_optuna.cli import main
 from sft_optuna.coordination import fast_writes
@@ -104,6 +106,33 @@ def test_an_unknown_schema_version_keeps_optunas_methods(sql_url: str, monkeypat
     trial = study.ask()
     trial.report(0.5, 1)
     assert storage.get_trial(trial._trial_id).intermediate_values == {1: 0.5}
+
+
+def test_a_claim_loses_at_once_to_a_claim_in_progress_instead_of_queuing_behind_it(postgres_url: str) -> None:
+    """Of many workers claiming at once, all but one lose each queued trial: they must move on to the next one
+    at once, not wait on the row lock of the winner's change (at a cold start of 64 claimers: a convoy of 47)."""
+    storage = open_storage(postgres_url).optuna
+    study = optuna.create_study(storage=storage, study_name="skip", direction="maximize")
+    study.enqueue_trial({})
+    tid = storage.get_all_trials(study._study_id, deepcopy=False)[0]._trial_id
+    other = sqlalchemy.create_engine(postgres_url)
+    with other.connect() as conn, conn.begin() as change:  # another claimer's change, not committed yet
+        conn.execute(sqlalchemy.text("SELECT 1 FROM trials WHERE trial_id = :t FOR UPDATE"), {"t": tid})
+        assert storage.fast is not None
+        fast = storage.fast
+        result: list[bool] = []
+        claim = threading.Thread(target=lambda: result.append(fast.start(tid)))
+        claim.start()
+        claim.join(timeout=3)
+        blocked = claim.is_alive()
+        change.rollback()  # that claimer went away: the trial is still queued, and the next claim takes it
+        claim.join()
+    assert not blocked, "the claim waited for the other claimer's lock"
+    assert result == [False]
+    assert storage.fast.start(tid) is True
+    assert storage.get_trial(tid).state == TrialState.RUNNING
+    assert storage.fast.start(tid) is False  # once only
+    other.dispose()
 
 
 def test_a_postgresql_lock_whose_session_the_server_ended_is_reported_lost(postgres_url: str) -> None:

@@ -53,7 +53,7 @@ class FastWrites:
         )
         self._user = _upsert(insert, models.TrialUserAttributeModel.__table__, ["key"], ["value_json"])
         self._system = _upsert(insert, models.TrialSystemAttributeModel.__table__, ["key"], ["value_json"])
-        self._start = _transition([TrialState.WAITING], TrialState.RUNNING, "datetime_start")
+        self._start = _transition([TrialState.WAITING], TrialState.RUNNING, "datetime_start", skip_locked=True)
         self._fail = _transition(list(_UNFINISHED), TrialState.FAIL, "datetime_complete")
 
     @classmethod
@@ -100,12 +100,25 @@ class FastWrites:
             return conn.execute(stmt, params, execution_options={"preserve_rowcount": True}).rowcount > 0
 
 
-def _transition(old: list[TrialState], new: TrialState, stamp: str) -> Any:
-    """``UPDATE trials SET state = new, <stamp> = :now WHERE trial_id = :tid AND state IN old``."""
+def _transition(old: list[TrialState], new: TrialState, stamp: str, skip_locked: bool = False) -> Any:
+    """``UPDATE trials SET state = new, <stamp> = :now WHERE trial_id = :tid AND state IN old``.
+
+    ``skip_locked``: the row is first taken with ``SELECT … FOR UPDATE SKIP LOCKED`` (PostgreSQL; SQLite, whose
+    writes hold the whole database, has no row locks and renders it without), so a caller whose trial another
+    caller is changing this instant loses at once instead of queuing behind that change. Measured: at a cold
+    start of 64 claimers on PostgreSQL, up to 47 connections sat waiting on the lock of one queued trial."""
     trials = models.TrialModel.__table__
+    target: Any = sqlalchemy.bindparam("tid")
+    if skip_locked:
+        target = (
+            sqlalchemy.select(trials.c.trial_id)
+            .where(trials.c.trial_id == sqlalchemy.bindparam("tid"), trials.c.state.in_(old))
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
     return (
         trials.update()
-        .where(trials.c.trial_id == sqlalchemy.bindparam("tid"), trials.c.state.in_(old))
+        .where(trials.c.trial_id == target, trials.c.state.in_(old))
         .values({"state": new, stamp: sqlalchemy.bindparam("now")})
     )
 
