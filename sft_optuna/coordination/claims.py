@@ -24,6 +24,7 @@ import logging
 import random
 import time
 from collections.abc import Collection, Sequence
+from contextlib import nullcontext
 from datetime import datetime
 
 import optuna
@@ -32,6 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
 from sft_optuna.coordination.heartbeat import fail_stale_trials
+from sft_optuna.coordination.retrying import RetryingStorage
 from sft_optuna.search.asha import due_promotion, pause_epochs, reduction_factor, study_rungs
 from sft_optuna.search.samplers import sampler_for_trial
 from sft_optuna.search.space import grid_points, is_grid, suggest
@@ -219,9 +221,10 @@ def claim_trial(study: optuna.Study, config: StudyConfig) -> optuna.Trial | None
                 continue
         if left is not None and left < _next_stop(config, -1):
             return None  # the epoch budget cannot pay for another configuration
-        trial = _pop(study)
-        if trial is None:
+        popped = _pop(study)
+        if popped is None:
             return None
+        trial, read = popped
         fresh: Sequence[FrozenTrial] = ()
         if attrs.RETRY_OF in trial.user_attrs:  # retries are rare: a fresh read to drop a duplicate one
             fresh = study.get_trials(deepcopy=False)
@@ -231,7 +234,10 @@ def claim_trial(study: optuna.Study, config: StudyConfig) -> optuna.Trial | None
         _queue_ahead(study, config, trial, fresh)
         # Seeded by the trial's number, known only now: Optuna samples at the first suggest, not in ask().
         study.sampler = sampler_for_trial(study.sampler, config.sampler, trial.number)
-        suggest(trial, config.search_space)
+        storage = study._storage
+        serving = storage.serving(study._study_id, read) if isinstance(storage, RetryingStorage) else nullcontext()
+        with serving:  # the sampler sees the study as the pop read it a moment ago: one read per claim
+            suggest(trial, config.search_space)
         return trial
 
 
@@ -239,16 +245,15 @@ POP_WINDOW = 16
 """Concurrent claimers who lost the lowest queued trial try the next ones in a random order, not in a herd."""
 
 
-def _pop(study: optuna.Study) -> optuna.Trial | None:
-    """Take one queued trial (retries first), or None if the queue is empty.
+def _pop(study: optuna.Study) -> tuple[optuna.Trial, list[FrozenTrial]] | None:
+    """Take one queued trial (retries first) and return it with the read of the study it was chosen from, or
+    None if the queue is empty.
 
     What Optuna's ``ask()`` does with a queue, minus its two habits that hurt many workers: every claimer
     walking the queue in the same order (at a cold start, claimer k loses k state changes before it wins),
     and creating a fresh trial when the queue is empty. Each WAITING -> RUNNING change has one winner on every
     storage."""
     storage = study._storage
-    # One read serves the pop and the sampler: the sampler's per-trial view of the study (Optuna's ask()
-    # empties it and the first suggest re-reads) is set to this read, as fresh as the one ask() would make.
     trials = storage.get_all_trials(study._study_id, deepcopy=False)
     waiting = [t for t in trials if t.state == TrialState.WAITING]
     # The lowest first (so one worker alone takes them in order, reproducibly), then, having lost it to
@@ -259,8 +264,7 @@ def _pop(study: optuna.Study) -> optuna.Trial | None:
     for t in [*order[:1], *head, *order[POP_WINDOW:]]:
         try:
             if storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
-                study._thread_local.cached_all_trials = trials
-                return optuna.Trial(study, t._trial_id)
+                return optuna.Trial(study, t._trial_id), trials
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
     return None

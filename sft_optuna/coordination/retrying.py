@@ -8,10 +8,13 @@ record.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import sys
+import threading
 import time
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from typing import Any, TypeVar
 
 import optuna
@@ -95,6 +98,19 @@ class RetryingStorage(optuna.storages.BaseStorage):
     def __init__(self, inner: optuna.storages.BaseStorage, fast: FastWrites | None = None) -> None:
         self.inner = inner
         self.fast = fast
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def serving(self, study_id: int, trials: list[FrozenTrial]) -> Iterator[None]:
+        """Within the block, this thread's reads of the study's trials are served from ``trials`` (a read made
+        a moment ago) instead of the storage. A claim reads the study once to pop a queued trial; the sampler
+        then reads it again (TPE with ``constant_liar`` bypasses Optuna's per-trial cache on purpose) — through
+        the gRPC proxy that second read re-sends every running and queued trial, ~a third of a claim's cost."""
+        self._local.served = (study_id, trials)
+        try:
+            yield
+        finally:
+            self._local.served = None
 
     def _call(self, name: str, *args: Any) -> Any:
         return retry(lambda: getattr(self.inner, name)(*args), name)
@@ -173,6 +189,10 @@ class RetryingStorage(optuna.storages.BaseStorage):
     def get_all_trials(
         self, study_id: int, deepcopy: bool = True, states: Container[TrialState] | None = None
     ) -> list[FrozenTrial]:
+        served = getattr(self._local, "served", None)
+        if served is not None and served[0] == study_id:
+            trials = [t for t in served[1] if states is None or t.state in states]
+            return copy.deepcopy(trials) if deepcopy else trials
         return list(self._call("get_all_trials", study_id, deepcopy, states))
 
     def get_n_trials(self, study_id: int, state: tuple[TrialState, ...] | TrialState | None = None) -> int:
