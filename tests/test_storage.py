@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from sft_optuna.cli import main
 from sft_optuna.coordination import fast_writes
-from sft_optuna.coordination.storage import open_storage
+from sft_optuna.coordination.storage import backend_for, open_storage
 
 VALUES = [0.25, 0.0, 1e-300, float("nan"), float("inf"), float("-inf")]
 ATTRS: dict[str, Any] = {"history": [{"epoch": 1, "val_acc": 0.5, "lr": 0.1}], "reason": "pruned at 2", "n": 3}
@@ -106,6 +106,21 @@ def test_an_unknown_schema_version_keeps_optunas_methods(sql_url: str, monkeypat
     trial = study.ask()
     trial.report(0.5, 1)
     assert storage.get_trial(trial._trial_id).intermediate_values == {1: 0.5}
+
+
+def test_opening_a_storage_whose_schema_exists_takes_no_lock(sql_url: str) -> None:
+    """Only the first open creates the schema, under the storage lock; every later one (a cluster's workers
+    starting together) opens without it — it must not queue behind another worker holding it."""
+    open_storage(sql_url)  # creates the schema
+    opened: list[object] = []
+    with backend_for(sql_url).lock(sql_url, "schema", 5.0):  # another worker is opening under the lock
+        worker = threading.Thread(target=lambda: opened.append(open_storage(sql_url)))
+        worker.start()
+        worker.join(timeout=10)
+        blocked = worker.is_alive()
+    worker.join()
+    assert not blocked, "the open waited for the schema lock"
+    assert len(opened) == 1
 
 
 def test_a_claim_loses_at_once_to_a_claim_in_progress_instead_of_queuing_behind_it(postgres_url: str) -> None:
