@@ -188,20 +188,32 @@ def _open_sql(
     parsed = _parse(url)
     _check_driver(url, parsed)
 
-    def open_rdb(create: bool) -> optuna.storages.RDBStorage:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
+    def open_existing() -> optuna.storages.RDBStorage | None:
+        # Optuna's own compatibility check holds one connection while it opens a second: done here one at a
+        # time instead, so a cold start of N workers needs N connections, not 2N. On a schema version other
+        # than this Optuna's, the locked open below raises Optuna's own error.
+        rdb = optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, skip_table_creation=True, skip_compatibility_check=True
+        )
+        if rdb.get_current_version() == rdb.get_head_version():
+            return rdb
+        rdb.engine.dispose()
+        return None
 
     try:
-        if retry(lambda: _schema_ready(url, engine_kwargs), "open", patience):
-            rdb = retry(lambda: open_rdb(False), "open", patience)
-        else:
+        rdb = (
+            retry(open_existing, "open", patience)
+            if retry(lambda: _schema_ready(url, engine_kwargs), "open", patience)
+            else None
+        )
+        if rdb is None:
             with backend_for(url).lock(url, "schema", patience):
-                rdb = retry(lambda: open_rdb(True), "open", patience)
+                rdb = retry(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs), "open", patience)
         fast = retry(lambda: FastWrites.for_storage(rdb), "open", patience)
         pool = rdb.engine.pool
         if isinstance(pool, sqlalchemy.pool.QueuePool) and overflow_once_open is not None:
-            # Optuna's schema check nests a second connection inside a session, once, when the storage
-            # opens; after that its calls take one connection at a time: from here on, the pool is fixed.
+            # Optuna's schema creation and check nest a second connection inside a session (the locked open
+            # only); after that its calls take one connection at a time: from here on, the pool is fixed.
             pool._max_overflow = overflow_once_open
         return RetryingStorage(optuna.storages.get_storage(rdb), fast)
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
