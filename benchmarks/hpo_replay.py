@@ -135,8 +135,8 @@ def replay(config_raw: dict[str, Any], surrogate: Surrogate, workers: int) -> di
     study, _ = create_study(config, storage)
     events: list[tuple[float, int, int]] = [(0.0, w, 0) for w in range(workers)]  # (time, worker, seq)
     running: dict[int, dict[str, Any]] = {}  # worker -> state of its trial
-    anytime: list[tuple[int, float]] = []  # (epochs consumed, best final accuracy so far)
-    best, seq = 0.0, 0
+    anytime: list[tuple[int, float]] = []  # (epochs trained so far, best final accuracy so far)
+    best, seq, trained = 0.0, 0, 0
     while events:
         now, w, _ = heapq.heappop(events)
         state = running.get(w)
@@ -162,6 +162,7 @@ def replay(config_raw: dict[str, Any], surrogate: Surrogate, workers: int) -> di
             continue
         trial, curve = state["trial"], state["curve"]
         state["epoch"] += 1
+        trained += 1
         epoch = state["epoch"]
         value = curve.values[epoch - 1]
         trial.report(value, epoch)
@@ -185,7 +186,7 @@ def replay(config_raw: dict[str, Any], surrogate: Surrogate, workers: int) -> di
         else:
             study.tell(trial, state=TrialState.PRUNED)
         running[w] = None  # type: ignore[assignment]
-        anytime.append((epochs_used(study.get_trials(deepcopy=False), config), best))
+        anytime.append((trained, best))  # epochs trained by all workers at this virtual instant
         seq += 1
         heapq.heappush(events, (now, w, seq))
     trials = study.get_trials(deepcopy=False)
