@@ -7,8 +7,9 @@ study only ever sees fixed parameters.
 
 Concurrent workers: ``tpe`` treats running trials as bad guesses (``constant_liar``, on by default); ``qmc``
 needs nothing of the kind (trial n takes the n-th point of one scrambled Sobol sequence, seeded by the study
-seed in every worker); ``gp`` and ``cmaes`` have no such option in Optuna: concurrent workers may propose
-points close to each other (``cmaes`` updates its distribution once per generation of ``popsize`` trials).
+seed in every worker); ``gp`` passes running trials to its acquisition function as pending points (Optuna 5)
+but models COMPLETE trials only; ``cmaes`` has no such option: concurrent workers may propose points close to
+each other (it updates its distribution once per generation of ``popsize`` trials).
 """
 
 from __future__ import annotations
