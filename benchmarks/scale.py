@@ -161,7 +161,7 @@ def _draw(rng: random.Random, d: Any) -> float:
 
 
 def _worker_thread(
-    url: str, name: str, ours: bool, budget: int, epoch_s: float, start_at: float, out: dict[str, list[Any]]
+    url: str, name: str, ours: bool, budget: int, epoch_s: float, gate: Any, out: dict[str, list[Any]]
 ) -> None:
     """One simulated worker: its own storage client; claims and runs trials until the budget is spent."""
     from sft_optuna.coordination.claims import claim_trial, recover_trials
@@ -182,7 +182,10 @@ def _worker_thread(
             pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
         )
     study.get_trials(deepcopy=False)  # connected before the start, so the count below is the steady state
-    while time.time() < start_at:
+    out["ready"].append(time.time())
+    with gate["ready"].get_lock():
+        gate["ready"].value += 1
+    while not gate["start"].value or time.time() < gate["start"].value:  # every worker waits for the last one
         time.sleep(0.005)
     current: set[int] = set()
     every = watch_interval(config.heartbeat.interval, config.heartbeat.grace_period)
@@ -225,6 +228,7 @@ def _worker_thread(
             else:
                 study.tell(trial, state=state)
             current.discard(trial.number)
+            out["last_trial_end"].append(time.time())
 
 
 def _plain_storage(url: str) -> optuna.storages.BaseStorage:
@@ -242,17 +246,25 @@ class _Null:
         return None
 
 
-def _process(
-    url: str, name: str, ours: bool, budget: int, threads: int, epoch_s: float, start_at: float, q: Any
-) -> None:
+def _process(url: str, name: str, ours: bool, budget: int, threads: int, epoch_s: float, gate: Any, q: Any) -> None:
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    out: dict[str, list[Any]] = {"claim_s": [], "claim_cpu_s": [], "epoch_s": [], "trials": [], "errors": []}
+    out: dict[str, list[Any]] = {
+        "claim_s": [],
+        "claim_cpu_s": [],
+        "epoch_s": [],
+        "trials": [],
+        "errors": [],
+        "ready": [],
+        "last_trial_end": [],
+    }
 
     def run() -> None:
         try:
-            _worker_thread(url, name, ours, budget, epoch_s, start_at, out)
+            _worker_thread(url, name, ours, budget, epoch_s, gate, out)
         except Exception as exc:
+            with gate["gone"].get_lock():
+                gate["gone"].value += 1
             out["errors"].append(f"{type(exc).__name__}: {str(exc)[:200]}")
 
     pool = [threading.Thread(target=run) for _ in range(threads)]
@@ -261,7 +273,7 @@ def _process(
     for t in pool:
         t.join()
     out["end"] = [time.time()]
-    out["start"] = [start_at]
+    out["start"] = [gate["start"].value]
     q.put(out)
 
 
@@ -279,16 +291,25 @@ def run_row(kind: str, workers: int, size: int, claims: int, epoch_s: float, pro
         filler.join()
         q = ctx.Queue()
         n_procs = min(procs, workers)
-        start_at = time.time() + 10 + 0.1 * workers  # every worker imported, connected and waiting
+        # All workers start at one instant, once every one of them has imported, opened its storage and read
+        # the study (on 2 cores, opening 64 storages at once takes tens of seconds: a fixed delay started the
+        # row with most workers still opening, and measured that instead of the claims).
+        gate = {"ready": ctx.Value("i", 0), "gone": ctx.Value("i", 0), "start": ctx.Value("d", 0.0)}
         ps = [
             ctx.Process(
                 target=_process,
-                args=(url, name, ours, claims, workers // n_procs + (i < workers % n_procs), epoch_s, start_at, q),
+                args=(url, name, ours, claims, workers // n_procs + (i < workers % n_procs), epoch_s, gate, q),
             )
             for i in range(n_procs)
         ]
         for p in ps:
             p.start()
+        opening = time.time()
+        while gate["ready"].value + gate["gone"].value < workers and time.time() < opening + 600:
+            time.sleep(0.05)
+        start_at = time.time() + 1.0
+        gate["start"].value = start_at
+        open_s = start_at - 1.0 - opening
         conns: list[tuple[int, int]] = []
         results: list[dict[str, list[Any]]] = []
         while len(results) < n_procs:
@@ -338,6 +359,14 @@ def run_row(kind: str, workers: int, size: int, claims: int, epoch_s: float, pro
             "left_running": sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in new),
             "errors": errors[:3],
             "wall_s": round(wall, 1),
+            "open_s": round(open_s, 1),  # launch to the last worker ready (imports, storage open, first read)
+            # workers still opening their storage at the start instant (their claims start late), and when
+            # the last trial ended (the rest of wall_s is workers finding the queue empty and exiting)
+            "late_workers": sum(t > start_at for r in results for t in r["ready"]),
+            "last_ready_s": round(max(t for r in results for t in r["ready"]) - start_at, 1),
+            "last_trial_end_s": round(
+                max((t for r in results for t in r["last_trial_end"]), default=start_at) - start_at, 1
+            ),
         }
     finally:
         if proxy is not None:
