@@ -109,18 +109,32 @@ def _coords(params: dict[str, Any], space: dict[str, Any]) -> list[float]:
 
 
 class Surrogate:
-    """The recorded curve nearest to a point of the search space (Euclidean, normalised coordinates)."""
+    """The learning curve at a point of the search space: the recorded curve nearest to it (Euclidean,
+    normalised coordinates), or with ``neighbours`` k > 1 the inverse-distance-weighted mean of the k nearest
+    curves (a recorded point itself still gets its own curve) — smoother, so that a sampler proposing points
+    near each other does not get one recorded curve over and over."""
 
-    def __init__(self, curves: list[Curve], space: dict[str, Any]) -> None:
-        self.curves, self.space = curves, space
+    def __init__(self, curves: list[Curve], space: dict[str, Any], neighbours: int = 1) -> None:
+        self.curves, self.space, self.k = curves, space, max(1, neighbours)
         self.points = [_coords(c.params, space) for c in curves]
 
     def __call__(self, params: dict[str, Any]) -> Curve:
         x = _coords(params, self.space)
-        best = min(
-            range(len(self.points)), key=lambda i: sum((a - b) ** 2 for a, b in zip(x, self.points[i], strict=False))
+        dist = [math.dist(x, p) for p in self.points]
+        near = sorted(range(len(self.points)), key=lambda i: dist[i])[: self.k]
+        if self.k == 1 or dist[near[0]] == 0.0:
+            return self.curves[near[0]]
+        weights = [1.0 / dist[i] for i in near]
+        total = sum(weights)
+
+        def mean(series: list[list[float]]) -> list[float]:
+            return [sum(w * s[e] for w, s in zip(weights, series, strict=True)) / total for e in range(len(series[0]))]
+
+        return Curve(
+            dict(params),
+            mean([self.curves[i].values for i in near]),
+            mean([self.curves[i].seconds for i in near]),
         )
-        return self.curves[best]
 
 
 def _memory_storage() -> Storage:
@@ -272,6 +286,7 @@ def main() -> None:
     p.add_argument("--budget-epochs", type=int, default=None, help="default: 20 full trials' epochs")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG of the anytime curves")
+    p.add_argument("--neighbours", type=int, default=1, help="curves averaged by the surrogate (1: the nearest)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -282,10 +297,16 @@ def main() -> None:
     base = load_study_file(args.study)
     curves = load_table(Path(args.table), base.search_space)
     epochs = len(curves[0].values)
-    surrogate = Surrogate(curves, base.search_space)
+    surrogate = Surrogate(curves, base.search_space, args.neighbours)
     target = max(c.values[-1] for c in curves) - 0.005
     budget = args.budget_epochs or 20 * epochs
-    out: dict[str, Any] = {"table": args.table, "configs": len(curves), "target": target, "budget_epochs": budget}
+    out: dict[str, Any] = {
+        "table": args.table,
+        "configs": len(curves),
+        "target": target,
+        "budget_epochs": budget,
+        "neighbours": args.neighbours,
+    }
     out["methods"] = {}
     for method in args.methods.split(","):
         sampler, pruner = METHODS[method]

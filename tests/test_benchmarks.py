@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 from pathlib import Path
@@ -120,3 +121,28 @@ def test_replay_runs_methods_through_the_real_claims_and_writes_its_figures(tmp_
         assert 0.1 <= m["best_at_budget"]["mean"] <= 0.7, name
     assert figures["methods"]["random+none K=1"]["false_prune_rate"] is None, "nothing is stopped without a pruner"
     assert "epochs to target" in proc.stdout
+
+
+def test_the_replay_surrogate_returns_recorded_curves_and_weighted_means_between_them() -> None:
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("hpo_replay", REPO / "benchmarks" / "hpo_replay.py")
+    assert spec is not None and spec.loader is not None
+    replay = importlib.util.module_from_spec(spec)
+    sys.modules["hpo_replay"] = replay  # its dataclass looks its module up
+    spec.loader.exec_module(replay)
+    from sft_optuna.study_file import load_study_file
+
+    space = {"lr": load_study_file(REPO / "studies" / "cifar10-resnet18-tpe.yaml").search_space["lr"]}
+    low = replay.Curve({"lr": 1e-4}, [0.1, 0.2], [1.0, 1.0])
+    high = replay.Curve({"lr": 0.3}, [0.5, 0.7], [3.0, 3.0])
+    far = replay.Curve({"lr": 0.01}, [0.9, 0.9], [9.0, 9.0])
+    nearest = replay.Surrogate([low, high, far], space)
+    assert nearest({"lr": 2e-4}) is low and nearest({"lr": 0.2}) is high
+    smooth = replay.Surrogate([low, high], space, neighbours=2)
+    assert smooth({"lr": 0.3}) is high  # a recorded point keeps its own curve
+    middle = smooth({"lr": math.sqrt(1e-4 * 0.3)})  # halfway on the log scale: the plain mean
+    assert middle.values == pytest.approx([0.3, 0.45]) and middle.seconds == pytest.approx([2.0, 2.0])
+    quarter = smooth({"lr": math.exp(math.log(1e-4) + 0.25 * math.log(0.3 / 1e-4))})  # 3:1 towards low
+    assert quarter.values == pytest.approx([0.75 * 0.1 + 0.25 * 0.5, 0.75 * 0.2 + 0.25 * 0.7])
