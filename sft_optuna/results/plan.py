@@ -48,13 +48,19 @@ class Plan:
     val_images: int
     images_per_s: float
     epoch_seconds: float
-    hours_without_pruning: float
-    hours_with_pruning: float
-    warnings: tuple[str, ...]
-    epochs_full: float = 0.0
+    epochs_full: float
     """Epochs of the whole study without pruning (capped by ``budget.epochs``)."""
-    epochs_with_pruning: float = 0.0
+    epochs_with_pruning: float
     """Expected epochs with the study's pruner: the median's stated assumption, or ASHA's rule (capped)."""
+    warnings: tuple[str, ...]
+
+    @property
+    def hours_without_pruning(self) -> float:
+        return self.epochs_full * self.epoch_seconds / 3600
+
+    @property
+    def hours_with_pruning(self) -> float:
+        return self.epochs_with_pruning * self.epoch_seconds / 3600
 
 
 def asha_epochs(config: StudyConfig, trials: int) -> float | None:
@@ -134,11 +140,9 @@ def make_plan(config: StudyConfig, images_per_s: float, train_images: int) -> Pl
         val,
         images_per_s,
         epoch_s,
-        full * epoch_s / 3600,
-        pruned * epoch_s / 3600,
-        tuple(warnings),
         full,
         pruned,
+        tuple(warnings),
     )
 
 
