@@ -2,10 +2,11 @@
 
 Simulated workers — processes, and threads inside them so that hundreds fit on a small machine, each with its
 own storage client — run trials whose epochs *sleep* in place of GPU work, through the real code: sft-optuna's
-lock-free ``claim_trial``, ``trial.report`` + the history attribute + ``should_prune`` (median pruner) per epoch,
-a heartbeat thread per running trial and a stale-trial watcher per worker. Side by side with plain Optuna
-(``study.ask()`` with the same TPE sampler and median pruner, the budget checked by counting trials before
-each ask, as ``MaxTrialsCallback`` does), against PostgreSQL directly and through the gRPC proxy.
+lock-free ``claim_trial``, ``trial.report`` + the history attribute (the objective's ``HistoryWriter``) +
+``should_prune`` (median pruner) per epoch, a heartbeat thread per running trial and a stale-trial watcher per
+worker. Side by side with plain Optuna (``study.ask()`` with the same TPE sampler and median pruner, the budget
+checked by counting trials before each ask, as ``MaxTrialsCallback`` does), against PostgreSQL directly and
+through the gRPC proxy.
 
 A row's study already holds ``trials - claims`` finished trials (full learning curves), so claims are made
 against a study of the stated size; ``claims`` new trials are then claimed and run.
@@ -36,7 +37,7 @@ import sqlalchemy
 from optuna.trial import TrialState, create_trial
 
 PG = os.environ.get("SFT_TEST_POSTGRES", "postgresql+psycopg://sft:sft@127.0.0.1:5432/sft_test")
-EPOCHS = 3
+EPOCHS = 3  # per trial, by default: claims weigh more than in a real study (15 epochs); see --epochs
 SPACE = {
     "lr": {"type": "float", "low": 1.0e-4, "high": 0.3, "log": True},
     "batch_size": {"type": "categorical", "choices": [64, 128, 256]},
@@ -46,7 +47,7 @@ SPACE = {
 SAMPLER = {"name": "tpe", "seed": 0, "n_startup_trials": 10, "multivariate": True, "constant_liar": True}
 
 
-def study_config(name: str, claims: int, heartbeat_s: float) -> dict[str, Any]:
+def study_config(name: str, claims: int, heartbeat_s: float, epochs: int = EPOCHS) -> dict[str, Any]:
     return {
         "name": name,
         "sampler": SAMPLER,
@@ -54,7 +55,7 @@ def study_config(name: str, claims: int, heartbeat_s: float) -> dict[str, Any]:
         "budget": {"n_trials": claims, "max_retries": 2},
         "heartbeat": {"interval": heartbeat_s, "grace_period": 24 * heartbeat_s},  # watchers every 60 s
         "data": {"dataset": "imagefolder", "root": "unused"},
-        "train": {"epochs": EPOCHS},
+        "train": {"epochs": epochs},
         "search_space": SPACE,
     }
 
@@ -112,7 +113,7 @@ def start_proxy(db_url: str, threads: int) -> tuple[subprocess.Popen[bytes], str
     raise RuntimeError("proxy did not start")
 
 
-def prefill(url: str, name: str, n: int, claims: int, ours: bool) -> None:
+def prefill(url: str, name: str, n: int, claims: int, ours: bool, epochs: int) -> None:
     """The study with ``n`` finished trials, then (ours) its budget of ``claims`` queued after them — as a study
     that has run ``n`` trials looks (sft-optuna's ``create_study`` would queue the budget before the prefill,
     leaving the oldest trials unfinished, which no long-running study has and which defeats TPE's incremental
@@ -124,7 +125,7 @@ def prefill(url: str, name: str, n: int, claims: int, ours: bool) -> None:
 
     storage = open_storage(url)
     study = optuna.create_study(storage=storage.optuna, study_name=name, direction="maximize")
-    config = parse_study(study_config(name, claims, 5.0))
+    config = parse_study(study_config(name, claims, 5.0, epochs))
     dists = {
         "lr": optuna.distributions.FloatDistribution(1e-4, 0.3, log=True),
         "batch_size": optuna.distributions.CategoricalDistribution([64, 128, 256]),
@@ -135,12 +136,12 @@ def prefill(url: str, name: str, n: int, claims: int, ours: bool) -> None:
     trials = []
     for _ in range(n):
         params = {k: (rng.choice(d.choices) if hasattr(d, "choices") else _draw(rng, d)) for k, d in dists.items()}
-        curve = {s: 0.1 + 0.2 * s * rng.random() for s in range(1, EPOCHS + 1)}
+        curve = {s: 0.1 + 0.2 * s * rng.random() for s in range(1, epochs + 1)}
         trials.append(
             create_trial(
                 params=params,
                 distributions=dists,
-                value=curve[EPOCHS],
+                value=curve[epochs],
                 intermediate_values=curve,
                 state=TrialState.COMPLETE,
                 user_attrs={"prefill": True},
@@ -161,17 +162,18 @@ def _draw(rng: random.Random, d: Any) -> float:
 
 
 def _worker_thread(
-    url: str, name: str, ours: bool, budget: int, epoch_s: float, gate: Any, out: dict[str, list[Any]]
+    url: str, name: str, ours: bool, budget: int, epoch_s: float, epochs: int, gate: Any, out: dict[str, list[Any]]
 ) -> None:
     """One simulated worker: its own storage client; claims and runs trials until the budget is spent."""
     from sft_optuna.coordination.claims import claim_trial, recover_trials
     from sft_optuna.coordination.heartbeat import Heartbeat, Watcher, watch_interval
     from sft_optuna.coordination.storage import open_storage
+    from sft_optuna.objective import HistoryWriter
     from sft_optuna.search.space import suggest
     from sft_optuna.study import load_study
     from sft_optuna.study_file import parse_study
 
-    config = parse_study(study_config(name, budget, 5.0))
+    config = parse_study(study_config(name, budget, 5.0, epochs))
     if ours:
         study, config = load_study(name, open_storage(url))
     else:
@@ -212,14 +214,21 @@ def _worker_thread(
             current.add(trial.number)
             state = TrialState.COMPLETE
             beat = Heartbeat(study._storage, trial._trial_id, config.heartbeat.interval) if ours else _Null()
-            with beat:
-                for epoch in range(1, EPOCHS + 1):
+            # ours: the objective's per-epoch calls (the curve written off the training loop); plain Optuna:
+            # the same three calls in line, as an objective would make them
+            history = HistoryWriter(trial) if ours else _Inline(trial)
+            with beat, history:
+                for epoch in range(1, epochs + 1):
                     time.sleep(epoch_s)
                     t1 = time.perf_counter()
                     trial.report(random.random(), epoch)
-                    trial.set_user_attr("history", [{"epoch": e, "val_acc": 0.5} for e in range(1, epoch + 1)])
+                    t2 = time.perf_counter()
+                    history.put([{"epoch": e, "val_acc": 0.5} for e in range(1, epoch + 1)])
+                    t3 = time.perf_counter()
                     pruned = trial.should_prune()
-                    out["epoch_s"].append(time.perf_counter() - t1)
+                    t4 = time.perf_counter()
+                    out["epoch_s"].append(t4 - t1)
+                    out["epoch_parts_s"].append((t2 - t1, t3 - t2, t4 - t3))
                     if pruned:
                         state = TrialState.PRUNED
                         break
@@ -238,6 +247,22 @@ def _plain_storage(url: str) -> optuna.storages.BaseStorage:
     return optuna.storages.RDBStorage(url)
 
 
+class _Inline:
+    """The learning curve written on the training loop, each epoch."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+
+    def put(self, history: list[dict[str, Any]]) -> None:
+        self.trial.set_user_attr("history", history)
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 class _Null:
     def __enter__(self) -> _Null:
         return self
@@ -246,13 +271,16 @@ class _Null:
         return None
 
 
-def _process(url: str, name: str, ours: bool, budget: int, threads: int, epoch_s: float, gate: Any, q: Any) -> None:
+def _process(
+    url: str, name: str, ours: bool, budget: int, threads: int, epoch_s: float, epochs: int, gate: Any, q: Any
+) -> None:
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     out: dict[str, list[Any]] = {
         "claim_s": [],
         "claim_cpu_s": [],
         "epoch_s": [],
+        "epoch_parts_s": [],
         "trials": [],
         "errors": [],
         "ready": [],
@@ -261,7 +289,7 @@ def _process(url: str, name: str, ours: bool, budget: int, threads: int, epoch_s
 
     def run() -> None:
         try:
-            _worker_thread(url, name, ours, budget, epoch_s, gate, out)
+            _worker_thread(url, name, ours, budget, epoch_s, epochs, gate, out)
         except Exception as exc:
             with gate["gone"].get_lock():
                 gate["gone"].value += 1
@@ -277,7 +305,9 @@ def _process(url: str, name: str, ours: bool, budget: int, threads: int, epoch_s
     q.put(out)
 
 
-def run_row(kind: str, workers: int, size: int, claims: int, epoch_s: float, procs: int, ours: bool) -> dict[str, Any]:
+def run_row(
+    kind: str, workers: int, size: int, claims: int, epoch_s: float, epochs: int, procs: int, ours: bool
+) -> dict[str, Any]:
     name = "scale"
     db = fresh_database()
     proxy = None
@@ -286,7 +316,8 @@ def run_row(kind: str, workers: int, size: int, claims: int, epoch_s: float, pro
         if kind == "grpc":
             proxy, url = start_proxy(db, 16)
         ctx = mp.get_context("spawn")
-        filler = ctx.Process(target=prefill, args=(url, name, size - claims, claims, ours))  # its connections go
+        # in a process of its own: its connections go with it
+        filler = ctx.Process(target=prefill, args=(url, name, size - claims, claims, ours, epochs))
         filler.start()
         filler.join()
         q = ctx.Queue()
@@ -298,7 +329,7 @@ def run_row(kind: str, workers: int, size: int, claims: int, epoch_s: float, pro
         ps = [
             ctx.Process(
                 target=_process,
-                args=(url, name, ours, claims, workers // n_procs + (i < workers % n_procs), epoch_s, gate, q),
+                args=(url, name, ours, claims, workers // n_procs + (i < workers % n_procs), epoch_s, epochs, gate, q),
             )
             for i in range(n_procs)
         ]
@@ -323,6 +354,7 @@ def run_row(kind: str, workers: int, size: int, claims: int, epoch_s: float, pro
         claim_s = [x for r in results for x in r["claim_s"]]
         claim_cpu = [x for r in results for x in r["claim_cpu_s"]]
         epoch_s_all = [x for r in results for x in r["epoch_s"]]
+        parts = list(zip(*[x for r in results for x in r["epoch_parts_s"]], strict=True)) or [[], [], []]
         numbers = [x for r in results for x in r["trials"]]
         errors = [x for r in results for x in r["errors"]]
         wall = max(r["end"][0] for r in results) - start_at
@@ -351,6 +383,10 @@ def run_row(kind: str, workers: int, size: int, claims: int, epoch_s: float, pro
             "claim_cpu_p50_ms": _pct(claim_cpu, 0.5),
             "epoch_p50_ms": _pct(epoch_s_all, 0.5),
             "epoch_p95_ms": _pct(epoch_s_all, 0.95),
+            # the epoch's three parts: report, handing in the curve, should_prune (p50 of each)
+            "epoch_parts_p50_ms": {
+                k: _pct(list(v), 0.5) for k, v in zip(("report", "history", "prune"), parts, strict=True)
+            },
             "db_connections": max(c for c, _ in conns) if conns else None,
             "lock_waits_max": max(w for _, w in conns) if conns else None,
             "lock_wait_samples": f"{sum(w > 0 for _, w in conns)}/{len(conns)}",
@@ -381,6 +417,7 @@ def main() -> None:
     p.add_argument("--workers", default="8,64,256")
     p.add_argument("--trials", default="100,2000")
     p.add_argument("--epoch-s", type=float, default=1.0, help="seconds an epoch sleeps")
+    p.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per trial")
     p.add_argument("--procs", type=int, default=8, help="processes the simulated workers are spread over")
     p.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True, help="plain Optuna rows too")
     p.add_argument("--json", default=None)
@@ -412,7 +449,7 @@ def main() -> None:
                             flush=True,
                         )
                         continue
-                    row = run_row(kind, workers, size, claims, args.epoch_s, args.procs, ours)
+                    row = run_row(kind, workers, size, claims, args.epoch_s, args.epochs, args.procs, ours)
                     rows.append(row)
                     print(
                         f"{kind:10} {row['method']:10} {workers:>7} {size:>6} {row['claims_per_s']:>8} "
@@ -426,7 +463,8 @@ def main() -> None:
                     )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"rows": rows, "cpus": os.cpu_count(), "epochs": EPOCHS, "epoch_s": args.epoch_s}, fh, indent=1)
+            meta = {"cpus": os.cpu_count(), "epochs": args.epochs, "epoch_s": args.epoch_s}
+            json.dump({"rows": rows, **meta}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any
 
 import optuna
@@ -22,7 +24,7 @@ from sft_optuna.search.audit import audit_rate, is_audited
 from sft_optuna.training.data import Splits
 from sft_optuna.training.trainer import EpochResult, Trainer
 
-__all__ = ["Interrupted", "InvalidValueError", "Objective", "Paused"]
+__all__ = ["HistoryWriter", "Interrupted", "InvalidValueError", "Objective", "Paused"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,74 @@ class Paused(Exception):  # noqa: N818 - a control-flow signal, not an error
 
 class InvalidValueError(ValueError):
     """The objective produced something that is not a finite accuracy in [0, 1]."""
+
+
+class HistoryWriter:
+    """Writes a trial's learning curve (user attribute ``history``) on a thread of its own.
+
+    Of an epoch's storage calls, ``report`` (which also fails fast when the trial was failed behind the
+    worker's back) and ``should_prune`` decide something and stay on the training loop; the history is for
+    people (``status``, the study note) and need not hold the GPU — through the gRPC proxy each write is a
+    round trip to a server that hundreds of workers share. Curves handed in while a write is in flight
+    coalesce into the newest one. Leaving the context writes the last curve, and raises the first failed
+    write's error unless another exception is already on its way out.
+
+    >>> import optuna
+    >>> study = optuna.create_study()
+    >>> trial = study.ask()
+    >>> with HistoryWriter(trial) as history:
+    ...     history.put([{"epoch": 1, "val_acc": 0.5}])
+    >>> study.trials[0].user_attrs["history"]
+    [{'epoch': 1, 'val_acc': 0.5}]
+    """
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self._trial = trial
+        self._cond = threading.Condition()
+        self._pending: list[dict[str, Any]] | None = None
+        self._closed = False
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._run, name=f"history-{trial.number}", daemon=True)
+
+    def put(self, history: list[dict[str, Any]]) -> None:
+        """Hand in the curve so far; it replaces one not yet written."""
+        with self._cond:
+            self._pending = history
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._pending is None:
+                    return
+                value, self._pending = self._pending, None
+            try:
+                self._trial.set_user_attr(attrs.HISTORY, value)
+            except Exception as exc:  # noqa: BLE001 - re-raised on the training thread when the context closes
+                with self._cond:
+                    self._error = self._error or exc
+                    self._pending = None
+                return
+
+    def __enter__(self) -> HistoryWriter:
+        # The key exists before the thread writes: ``trial.user_attrs`` copies the dict on the training
+        # thread, which a key added meanwhile would break ("dictionary changed size during iteration").
+        if attrs.HISTORY not in self._trial.user_attrs:
+            self._trial.set_user_attr(attrs.HISTORY, [])
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise self._error
 
 
 def _train_config(config: StudyConfig, params: dict[str, Any]) -> TrainConfig:
@@ -84,12 +154,24 @@ class Objective:
             trainer.on_step = lambda step, total: report_step(trial.number, trainer.epoch + 1, step, total)
         # ASHA: pause after these epochs (only at rungs above the one this lineage was promoted from)
         pause_at = pause_epochs(self.config, int(trial.user_attrs.get(attrs.FROM_RUNG, -1)))
+        with HistoryWriter(trial) as history:
+            return self._train(trial, trainer, train_cfg, lineage, pause_at, history)
+
+    def _train(
+        self,
+        trial: optuna.Trial,
+        trainer: Trainer,
+        train_cfg: TrainConfig,
+        lineage: int,
+        pause_at: dict[int, int],
+        history: HistoryWriter,
+    ) -> float:
         while trainer.epoch < train_cfg.epochs:
             result = trainer.run_epoch()
             # Report first: if the trial was failed behind our back (stale heartbeat), this raises and we
             # never overwrite the checkpoint that its retry now owns.
             trial.report(result.val_acc, result.epoch)
-            trial.set_user_attr(attrs.HISTORY, [r.to_dict() for r in trainer.history])
+            history.put([r.to_dict() for r in trainer.history])
             if self.on_epoch is not None:
                 self.on_epoch(trial.number, result)
             if trial.should_prune() and not self._audit(trial, lineage, result.epoch):
