@@ -308,3 +308,68 @@ def test_an_audit_without_a_pruner_or_out_of_range_is_refused() -> None:
         with pytest.raises(ConfigError, match=r"pruner\.audit: a share of stop decisions between 0 and 1"):
             check_pruner(cfg)
     check_pruner(PrunerConfig("asha", {"audit": 0.2, "reduction_factor": 3}))
+
+
+def test_the_sampler_learns_from_one_trial_per_lineage_its_latest_finished_one() -> None:
+    from sft_optuna.search.asha import sampler_view
+
+    trials = [
+        _paused(0, [0.5], 0),  # promoted: its continuation (3) is still running
+        _paused(1, [0.6], 0),  # promoted and finished (4)
+        _paused(2, [0.2], 0),  # never promoted
+        _trial(3, [0.5, 0.55], TrialState.RUNNING, lineage=0, **{PROMOTED_FROM: 0}),
+        _trial(4, [0.6, 0.7, 0.8], TrialState.COMPLETE, lineage=1, **{PROMOTED_FROM: 1}),
+        _trial(5, [0.3], TrialState.FAIL),  # died before finishing anything: its retry runs
+        _trial(6, [0.3], TrialState.RUNNING, lineage=5),
+        _trial(7, [0.4, 0.45], TrialState.PRUNED, lineage=2, **{PROMOTED_FROM: 2}),  # pruned at a later step
+        _trial(8, [], TrialState.WAITING),
+    ]
+    assert [t.number for t in sampler_view(trials)] == [0, 4, 5, 6, 7, 8]
+
+
+def test_a_claims_sampler_sees_a_promoted_configuration_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import study_dict
+
+    from sft_optuna.coordination import claims
+    from sft_optuna.coordination.storage import open_storage
+    from sft_optuna.study import create_study, load_study
+    from sft_optuna.study_file import parse_study
+
+    seen: list[list[int]] = []
+
+    class Recording(optuna.samplers.RandomSampler):
+        def sample_independent(self, study, trial, name, distribution):  # type: ignore[no-untyped-def]
+            seen.append([t.number for t in study.get_trials(deepcopy=False)])
+            return super().sample_independent(study, trial, name, distribution)
+
+    monkeypatch.setattr(claims, "sampler_for_trial", lambda *_: Recording(seed=0))
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    create_study(parse_study(study_dict(tmp_path, budget={"n_trials": 2})), storage)
+    study, config = load_study("t", storage)
+    params = {"lr": 0.05, "momentum": 0.9}
+    dists = {
+        "lr": optuna.distributions.FloatDistribution(1e-3, 1.0, log=True),
+        "momentum": optuna.distributions.FloatDistribution(0.8, 0.99),
+    }
+    paused = optuna.trial.create_trial(
+        params=params,
+        distributions=dists,
+        state=TrialState.PRUNED,
+        intermediate_values={1: 0.6},
+        user_attrs={RUNG: 0},
+    )
+    study.add_trial(paused)
+    number = study.trials[-1].number
+    study.add_trial(
+        optuna.trial.create_trial(
+            params=params,
+            distributions=dists,
+            state=TrialState.COMPLETE,
+            value=0.8,
+            intermediate_values={1: 0.6, 2: 0.7, 3: 0.8},
+            user_attrs={attrs.LINEAGE: number, PROMOTED_FROM: number},
+        )
+    )
+    trial = claims.claim_trial(study, config)
+    assert trial is not None and seen, "the sampler was asked"
+    assert number not in seen[0] and number + 1 in seen[0], f"the sampler saw {seen[0]}"

@@ -34,7 +34,7 @@ from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
 from sft_optuna.coordination.heartbeat import fail_stale_trials
 from sft_optuna.coordination.retrying import RetryingStorage
-from sft_optuna.search.asha import due_promotion, pause_epochs, reduction_factor, study_rungs
+from sft_optuna.search.asha import due_promotion, pause_epochs, reduction_factor, sampler_view, study_rungs
 from sft_optuna.search.samplers import sampler_for_trial
 from sft_optuna.search.space import grid_points, is_grid, suggest
 
@@ -235,8 +235,10 @@ def claim_trial(study: optuna.Study, config: StudyConfig) -> optuna.Trial | None
         # Seeded by the trial's number, known only now: Optuna samples at the first suggest, not in ask().
         study.sampler = sampler_for_trial(study.sampler, config.sampler, trial.number)
         storage = study._storage
-        serving = storage.serving(study._study_id, read) if isinstance(storage, RetryingStorage) else nullcontext()
-        with serving:  # the sampler sees the study as the pop read it a moment ago: one read per claim
+        # The sampler sees the study as the pop read it a moment ago (one read per claim), one trial per lineage.
+        view = sampler_view(read)
+        serving = storage.serving(study._study_id, view) if isinstance(storage, RetryingStorage) else nullcontext()
+        with serving:
             suggest(trial, config.search_space)
         return trial
 

@@ -19,7 +19,16 @@ from optuna.trial import FrozenTrial, TrialState
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
 
-__all__ = ["AshaPruner", "due_promotion", "occupancy", "pause_epochs", "rung_values", "rungs", "study_rungs"]
+__all__ = [
+    "AshaPruner",
+    "due_promotion",
+    "occupancy",
+    "pause_epochs",
+    "rung_values",
+    "rungs",
+    "sampler_view",
+    "study_rungs",
+]
 
 
 class AshaPruner(optuna.pruners.BasePruner):
@@ -108,3 +117,25 @@ def occupancy(trials: Sequence[FrozenTrial], epochs: Sequence[int]) -> list[tupl
         waiting = sum(t.number not in promoted for t in paused)
         rows.append((epoch, len(rung_values(trials, epoch)), waiting, len(paused) - waiting))
     return rows
+
+
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def sampler_view(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials a sampler learns from: one per lineage.
+
+    A promoted (or retried) configuration is several trials with the same parameters: the one paused at its
+    rung and the one that continues it. Shown them all, TPE ranks the paused copy of a winner among its bad
+    guesses — by its step, below every finished trial — next to the winner's good one, and with
+    ``constant_liar`` counts a running promotion as one more bad guess: the better a configuration, the more
+    copies of it argue against it. So each lineage shows its latest finished trial, or — none finished yet —
+    its running or queued one.
+    """
+    latest: dict[int, FrozenTrial] = {}
+    for t in trials:
+        if t.state in _FINISHED:
+            k = attrs.lineage(t)
+            if k not in latest or t.number > latest[k].number:
+                latest[k] = t
+    return [t for t in trials if latest.get(attrs.lineage(t), t) is t]
