@@ -373,3 +373,36 @@ def test_a_claims_sampler_sees_a_promoted_configuration_once(tmp_path: Path, mon
     trial = claims.claim_trial(study, config)
     assert trial is not None and seen, "the sampler was asked"
     assert number not in seen[0] and number + 1 in seen[0], f"the sampler saw {seen[0]}"
+
+
+def test_under_asha_the_sampler_models_the_deepest_budget_enough_curves_reached(tmp_path: Path) -> None:
+    from conftest import study_dict
+
+    from sft_optuna.search.asha import sampler_view
+    from sft_optuna.study_file import parse_study
+
+    config = parse_study(
+        study_dict(
+            tmp_path,
+            sampler={"name": "tpe", "seed": 0, "n_startup_trials": 3},
+            pruner={"name": "asha", "min_epochs": 1, "reduction_factor": 3},
+            train={"epochs": 12},
+        )
+    )  # rungs at epochs 1, 3, 9
+    trials = [
+        _paused(0, [0.1], 0),
+        _paused(1, [0.2], 0),
+        _trial(2, [0.3, 0.35, 0.4], TrialState.PRUNED, rung=1),
+        _trial(3, [0.2, 0.3, 0.5], TrialState.PRUNED, rung=1),
+        _trial(4, [0.4] * 9, TrialState.PRUNED, rung=2),
+        _trial(5, [0.1], TrialState.RUNNING),
+    ]
+    view = sampler_view(trials, config)
+    # epoch 9: one curve; epoch 3: three (= n_startup_trials) -> modelled at epoch 3, as finished trials
+    assert [t.number for t in view] == [2, 3, 4, 5]
+    assert [(t.state, t.value) for t in view[:3]] == [(TrialState.COMPLETE, v) for v in (0.4, 0.5, 0.4)]
+    assert view[3].state == TrialState.RUNNING and trials[2].state == TrialState.PRUNED, "copies, not the trials"
+    done = [_trial(n, [0.5] * 12, TrialState.COMPLETE) for n in (6, 7, 8)]
+    assert [t.number for t in sampler_view(trials + done, config)] == [5, 6, 7, 8], "three finished: the end"
+    # a study without ASHA: one trial per lineage, nothing else changed
+    assert sampler_view(trials, parse_study(study_dict(tmp_path))) == trials

@@ -235,8 +235,9 @@ def claim_trial(study: optuna.Study, config: StudyConfig) -> optuna.Trial | None
         # Seeded by the trial's number, known only now: Optuna samples at the first suggest, not in ask().
         study.sampler = sampler_for_trial(study.sampler, config.sampler, trial.number)
         storage = study._storage
-        # The sampler sees the study as the pop read it a moment ago (one read per claim), one trial per lineage.
-        view = sampler_view(read)
+        # The sampler sees the study as the pop read it a moment ago (one read per claim), one trial per lineage
+        # (and under ASHA at one budget).
+        view = sampler_view(read, config)
         serving = storage.serving(study._study_id, view) if isinstance(storage, RetryingStorage) else nullcontext()
         with serving:
             suggest(trial, config.search_space)

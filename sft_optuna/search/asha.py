@@ -10,6 +10,7 @@ below only carries the settings through the study file's checks: ASHA never stop
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -121,16 +122,24 @@ def occupancy(trials: Sequence[FrozenTrial], epochs: Sequence[int]) -> list[tupl
 
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
+MODEL_MIN_POINTS = 10
+"""Without the sampler's own ``n_startup_trials``: the fewest curves at a budget that the sampler models."""
 
-def sampler_view(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """The trials a sampler learns from: one per lineage.
+
+def sampler_view(trials: Sequence[FrozenTrial], config: StudyConfig | None = None) -> list[FrozenTrial]:
+    """The trials a sampler learns from: one per lineage; in an ASHA study, compared at one budget.
 
     A promoted (or retried) configuration is several trials with the same parameters: the one paused at its
     rung and the one that continues it. Shown them all, TPE ranks the paused copy of a winner among its bad
     guesses — by its step, below every finished trial — next to the winner's good one, and with
-    ``constant_liar`` counts a running promotion as one more bad guess: the better a configuration, the more
-    copies of it argue against it. So each lineage shows its latest finished trial, or — none finished yet —
-    its running or queued one.
+    ``constant_liar`` counts a running promotion as one more bad guess. So each lineage shows its latest
+    finished trial, or — none finished yet — its running or queued one.
+
+    In an ASHA study (``config``) most trials are paused, at different epochs; Optuna's samplers rank a pruned
+    trial by its last step first and its value second, or (GP) ignore it. As BOHB does (Falkner et al., ICML
+    2018), the sampler then models the deepest budget — a rung's epoch, or the end — that at least
+    ``n_startup_trials`` curves reached, each curve as a finished trial valued at that epoch; curves that
+    stopped below it are left out. Running and queued trials stay as they are.
     """
     latest: dict[int, FrozenTrial] = {}
     for t in trials:
@@ -138,4 +147,26 @@ def sampler_view(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
             k = attrs.lineage(t)
             if k not in latest or t.number > latest[k].number:
                 latest[k] = t
-    return [t for t in trials if latest.get(attrs.lineage(t), t) is t]
+    view = [t for t in trials if latest.get(attrs.lineage(t), t) is t]
+    epochs = study_rungs(config) if config is not None else None
+    if not epochs or config is None:
+        return view
+    min_points = int(config.sampler.options.get("n_startup_trials", MODEL_MIN_POINTS))
+    finished = [t for t in view if t.state in _FINISHED]
+    if sum(t.state == TrialState.COMPLETE for t in finished) >= min_points:
+        return [t for t in view if t.state != TrialState.PRUNED]
+    budget = epochs[0]
+    for epoch in reversed(epochs):
+        if sum(epoch in t.intermediate_values for t in finished) >= min_points:
+            budget = epoch
+            break
+    out = []
+    for t in view:
+        if t.state not in _FINISHED:
+            out.append(t)
+        elif budget in t.intermediate_values:
+            at_budget = copy.copy(t)
+            at_budget.state = TrialState.COMPLETE
+            at_budget.value = t.intermediate_values[budget]
+            out.append(at_budget)
+    return out
