@@ -109,16 +109,24 @@ def test_replay_runs_methods_through_the_real_claims_and_writes_its_figures(tmp_
     )
     figures = json.loads(out.read_text())
     assert (tmp_path / "replay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert figures["configs"] == 16 and figures["budget_epochs"] == 80
+    assert figures["configs"] == 16 and figures["budget_epochs"] == 80 and figures["horizon_epochs"] == 240
+    # the target: what a search can find on the surrogate (random points), never above the table's best
+    assert figures["target"] == pytest.approx(figures["surrogate_best"] - 0.005)
+    assert 0.1 < figures["surrogate_best"] <= figures["table_best"]
     assert set(figures["methods"]) == {f"{m} K={k}" for m in methods.split(",") for k in (1, 2)}
     for name, m in figures["methods"].items():
         assert {"epochs_to_target", "best_at_budget", "false_prune_rate"} <= set(m)
-        for anytime in m["anytime_runs"]:  # epochs consumed never pass the budget; the best never decreases
-            assert all(e <= 80 for e, _ in anytime) and [b for _, b in anytime] == sorted(b for _, b in anytime)
-        band = m["anytime"]  # mean over seeds on a grid of epochs: the last point is the best at the budget
-        assert band["epochs"][-1] == 80 and band["mean"] == sorted(band["mean"])
-        assert band["mean"][-1] == pytest.approx(m["best_at_budget"]["mean"], abs=1e-4)
+        for anytime in m["anytime_runs"]:  # epochs consumed never pass the horizon; the best never decreases
+            assert all(e <= 240 for e, _ in anytime) and [b for _, b in anytime] == sorted(b for _, b in anytime)
+            assert max(e for e, _ in anytime) > 80, "studies run past the fixed budget, to the horizon"
+        band = m["anytime"]  # mean over seeds on a grid of epochs, up to the horizon
+        assert band["epochs"][-1] == 240 and band["mean"] == sorted(band["mean"])
+        at_80 = band["mean"][band["epochs"].index(80)]
+        assert at_80 == pytest.approx(m["best_at_budget"]["mean"], abs=1e-4), "the best at the budget, from the curve"
         assert 0.1 <= m["best_at_budget"]["mean"] <= 0.7, name
+        t = m["epochs_to_target"]
+        reached = int(t["reached"].split("/")[0])
+        assert (t["median"] is None) == (reached < 2), "with 2 seeds, a median needs both"
     assert figures["methods"]["random+none K=1"]["false_prune_rate"] is None, "nothing is stopped without a pruner"
     assert "epochs to target" in proc.stdout
 
