@@ -144,7 +144,9 @@ def surrogate_best(surrogate: Surrogate, space: dict[str, Any], points: int = 50
     space. With one neighbour that is the table's best wherever its cell is hit; with k > 1 the averaged
     curves stay below the best recorded one (only its exact point returns it), so a target taken from the
     table would be out of reach by construction."""
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    # Not record_curves.py's seed (0): its draws are the table's own points, which a k > 1 surrogate returns
+    # unaveraged.
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1_000_003))
     best = 0.0
     for _ in range(points):
         trial = study.ask()
