@@ -123,7 +123,8 @@ def occupancy(trials: Sequence[FrozenTrial], epochs: Sequence[int]) -> list[tupl
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 MODEL_MIN_POINTS = 10
-"""Without the sampler's own ``n_startup_trials``: the fewest curves at a budget that the sampler models."""
+"""The fewest curves at a budget that the sampler models, where its options set no ``n_startup_trials`` (the
+default of Optuna's TPE and GP samplers)."""
 
 
 def sampler_view(trials: Sequence[FrozenTrial], config: StudyConfig | None = None) -> list[FrozenTrial]:
