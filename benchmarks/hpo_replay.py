@@ -77,12 +77,14 @@ def load_table(path: Path, space: dict[str, Any]) -> list[Curve]:
         runs.sort(key=lambda r: int(r["epoch"]))
         params = {k: _cast(runs[0][k], spec) for k, spec in space.items() if k in runs[0]}
         ok = [r for r in runs if r["val_acc"] not in ("nan", "")]
-        secs = [float(r["seconds"]) for r in ok] or [1.0]
         values = [float(r["val_acc"]) for r in ok]
         epochs = max(int(runs[-1]["epoch"]), len(values))
-        while len(values) < epochs:  # diverged: chance level from then on, at the recorded pace
+        while len(values) < epochs:  # diverged: chance level from then on
             values.append(0.1)
-            secs.append(statistics.mean(secs))
+        # Every epoch of a configuration costs the same work; its median recorded time stands for each, since
+        # an epoch during which the recorder was paused (SIGSTOP while a benchmark ran) recorded the pause too.
+        pace = statistics.median([float(r["seconds"]) for r in runs]) if runs else 1.0
+        secs = [pace] * epochs
         curves.append(Curve(params, values, secs))
     return curves
 

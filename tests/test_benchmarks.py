@@ -7,6 +7,7 @@ import math
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import PYTHON, REPO, worker_env
@@ -131,7 +132,7 @@ def test_replay_runs_methods_through_the_real_claims_and_writes_its_figures(tmp_
     assert "epochs to target" in proc.stdout
 
 
-def test_the_replay_surrogate_returns_recorded_curves_and_weighted_means_between_them() -> None:
+def _replay_module() -> Any:
     import importlib.util
     import sys
 
@@ -140,6 +141,26 @@ def test_the_replay_surrogate_returns_recorded_curves_and_weighted_means_between
     replay = importlib.util.module_from_spec(spec)
     sys.modules["hpo_replay"] = replay  # its dataclass looks its module up
     spec.loader.exec_module(replay)
+    return replay
+
+
+def test_the_replay_costs_every_epoch_of_a_curve_at_its_median_so_a_paused_recorder_distorts_nothing(
+    tmp_path: Path,
+) -> None:
+    from sft_optuna.study_file import load_study_file
+
+    table = _tiny_curves(tmp_path / "tiny.csv", n=2)
+    text = table.read_text().splitlines()
+    # configuration 0's epoch 3 spanned a pause of the recorder: 500 s where its other epochs took 2 s
+    text[3] = ",".join([*text[3].split(",")[:-1], "500.0"])
+    table.write_text("\n".join(text) + "\n")
+    space = load_study_file(REPO / "studies" / "cifar10-resnet18-tpe.yaml").search_space
+    curves = _replay_module().load_table(table, space)
+    assert [c.seconds for c in curves] == [[2.0] * 4, [2.0] * 4]
+
+
+def test_the_replay_surrogate_returns_recorded_curves_and_weighted_means_between_them() -> None:
+    replay = _replay_module()
     from sft_optuna.study_file import load_study_file
 
     space = {"lr": load_study_file(REPO / "studies" / "cifar10-resnet18-tpe.yaml").search_space["lr"]}
