@@ -38,7 +38,7 @@ from sft_optuna.coordination.claims import claim_trial, epochs_used, study_done
 from sft_optuna.coordination.retrying import RetryingStorage
 from sft_optuna.coordination.storage import BACKENDS, Storage
 from sft_optuna.search.asha import pause_epochs
-from sft_optuna.search.space import suggest
+from sft_optuna.search.space import random_points
 from sft_optuna.study import create_study
 from sft_optuna.study_file import load_study_file, parse_study
 
@@ -148,14 +148,7 @@ def surrogate_best(surrogate: Surrogate, space: dict[str, Any], points: int = 50
     table would be out of reach by construction."""
     # Not record_curves.py's seed (0): its draws are the table's own points, which a k > 1 surrogate returns
     # unaveraged.
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1_000_003))
-    best = 0.0
-    for _ in range(points):
-        trial = study.ask()
-        suggest(trial, space)
-        best = max(best, surrogate(trial.params).values[-1])
-        study.tell(trial, state=TrialState.FAIL)
-    return best
+    return max(surrogate(params).values[-1] for params in random_points(space, points, seed=1_000_003))
 
 
 def _memory_storage() -> Storage:

@@ -27,23 +27,12 @@ import optuna
 import torch
 
 from sft_optuna.config import DataConfig, ModelConfig, StudyConfig, train_config_for
-from sft_optuna.search.space import suggest
+from sft_optuna.search.space import random_points
 from sft_optuna.study_file import load_study_file
 from sft_optuna.training.data import load_splits
 from sft_optuna.training.trainer import DivergedError, Trainer
 
 FIELDS = ["config", "status", "epoch", "val_acc", "train_loss", "seconds"]
-
-
-def configurations(config: StudyConfig, n: int, seed: int) -> list[dict[str, Any]]:
-    """``n`` random points of the study's search space, the same for the same seed."""
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    points = []
-    for _ in range(n):
-        trial = study.ask()
-        points.append(suggest(trial, config.search_space))
-        study.tell(trial, 0.0)
-    return points
 
 
 def done_configs(path: Path) -> set[int]:
@@ -124,7 +113,7 @@ def main() -> None:
     model = ModelConfig(weights="none", stem=args.stem, image_size=32)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    points = configurations(config, args.configs, args.seed)
+    points = random_points(config.search_space, args.configs, args.seed)
     done = done_configs(out)
     names = list(config.search_space)
     with out.open("a", newline="") as f:

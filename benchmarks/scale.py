@@ -47,7 +47,7 @@ SPACE = {
 SAMPLER = {"name": "tpe", "seed": 0, "n_startup_trials": 10, "multivariate": True, "constant_liar": True}
 
 
-def study_config(name: str, claims: int, heartbeat_s: float, epochs: int = EPOCHS) -> dict[str, Any]:
+def study_config(name: str, claims: int, heartbeat_s: float, epochs: int) -> dict[str, Any]:
     return {
         "name": name,
         "sampler": SAMPLER,

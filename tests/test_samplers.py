@@ -184,3 +184,17 @@ def test_a_new_samplers_unknown_option_is_one_line() -> None:
 
     with pytest.raises(ConfigError, match=r"sampler\.constant_liar: unknown option \(allowed: .*n_startup_trials"):
         check_sampler(SamplerConfig("gp", 0, {"constant_liar": True}))
+
+
+def test_random_points_are_the_same_for_the_same_seed_and_lie_in_the_space() -> None:
+    from sft_optuna.config import ParamSpec
+    from sft_optuna.search.space import random_points
+
+    space = {
+        "lr": ParamSpec("float", low=1e-4, high=0.3, log=True),
+        "batch_size": ParamSpec("categorical", choices=[64, 128]),
+    }
+    points = random_points(space, 20, seed=0)  # record_curves.py's configurations: a resumed run continues them
+    assert points == random_points(space, 20, seed=0) and points != random_points(space, 20, seed=1)
+    assert all(1e-4 <= p["lr"] <= 0.3 and p["batch_size"] in (64, 128) for p in points)
+    assert len({p["lr"] for p in points}) == 20

@@ -237,8 +237,11 @@ def claim_trial(study: optuna.Study, config: StudyConfig) -> optuna.Trial | None
         storage = study._storage
         # The sampler sees the study as the pop read it a moment ago (one read per claim), one trial per lineage
         # (and under ASHA at one budget).
-        view = sampler_view(read, config)
-        serving = storage.serving(study._study_id, view) if isinstance(storage, RetryingStorage) else nullcontext()
+        serving = (
+            storage.serving(study._study_id, sampler_view(read, config))
+            if isinstance(storage, RetryingStorage)
+            else nullcontext()
+        )
         with serving:
             suggest(trial, config.search_space)
         return trial

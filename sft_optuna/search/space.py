@@ -1,4 +1,5 @@
-"""Search-space specs -> a trial's suggestions (``suggest``) and the grid from the same spec (``grid_points``)."""
+"""Search-space specs -> a trial's suggestions (``suggest``), random points (``random_points``) and the grid from
+the same spec (``grid_points``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import optuna
 
 from sft_optuna.config import ParamSpec, StudyConfig
 
-__all__ = ["grid_points", "grid_size", "is_grid", "suggest"]
+__all__ = ["grid_points", "grid_size", "is_grid", "random_points", "suggest"]
 
 
 def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
@@ -29,6 +30,17 @@ def suggest(trial: optuna.Trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
             assert spec.low is not None and spec.high is not None
             values[name] = trial.suggest_float(name, spec.low, spec.high, step=spec.step, log=spec.log)
     return values
+
+
+def random_points(space: dict[str, ParamSpec], n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` points of the space drawn by Optuna's random sampler: the same points for the same seed."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    points = []
+    for _ in range(n):
+        trial = study.ask()
+        points.append(suggest(trial, space))
+        study.tell(trial, 0.0)
+    return points
 
 
 def _axis(spec: ParamSpec) -> list[Any]:
