@@ -141,14 +141,19 @@ class Surrogate:
         )
 
 
-def surrogate_best(surrogate: Surrogate, space: dict[str, Any], points: int = 5000) -> float:
-    """The best final accuracy a search can find on the surrogate: the most of ``points`` random points of the
-    space. With one neighbour that is the table's best wherever its cell is hit; with k > 1 the averaged
-    curves stay below the best recorded one (only its exact point returns it), so a target taken from the
-    table would be out of reach by construction."""
+def surrogate_finals(surrogate: Surrogate, space: dict[str, Any], points: int = 5000) -> list[float]:
+    """The final accuracies a search can find on the surrogate, at ``points`` random points of the space, sorted.
+    Their most is the best a search can reach: with one neighbour the table's best wherever its cell is hit;
+    with k > 1 the averaged curves stay below the best recorded one (only its exact point returns it), so a
+    target taken from the table would be out of reach by construction."""
     # Not record_curves.py's seed (0): its draws are the table's own points, which a k > 1 surrogate returns
     # unaveraged.
-    return max(surrogate(params).values[-1] for params in random_points(space, points, seed=1_000_003))
+    return sorted(surrogate(params).values[-1] for params in random_points(space, points, seed=1_000_003))
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted ``values`` (nearest rank)."""
+    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
 
 
 def _memory_storage() -> Storage:
@@ -251,6 +256,20 @@ def epochs_to(anytime: list[tuple[int, float]], target: float) -> int | None:
     return next((e for e, b in anytime if b >= target), None)
 
 
+def reach(runs: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """Epochs to ``target`` over seeds: the median over every seed, a miss counting as beyond the horizon (None:
+    half or more missed), and the mean and std of the seeds that reached it."""
+    reached = [epochs_to(r["anytime"], target) for r in runs]
+    hits = [e for e in reached if e is not None]
+    median = statistics.median(sorted(e if e is not None else math.inf for e in reached))
+    return {
+        "mean": statistics.mean(hits) if hits else None,
+        "std": statistics.pstdev(hits) if len(hits) > 1 else 0.0,
+        "reached": f"{len(hits)}/{len(runs)}",
+        "median": median if math.isfinite(median) else None,
+    }
+
+
 def anytime_band(runs: list[list[tuple[int, float]]], budget: int, points: int = 48) -> dict[str, list[float]]:
     """The anytime curve over seeds: best final accuracy found by ``e`` epochs, mean and std, on a grid."""
     grid = sorted({round(budget * i / points) for i in range(points + 1)})
@@ -281,6 +300,7 @@ def plot(out: dict[str, Any], path: Path) -> None:
             (line,) = ax.plot(band["epochs"], band["mean"], label=key.rsplit(" K=", 1)[0])
             ax.fill_between(band["epochs"], lo, hi, color=line.get_color(), alpha=0.12)
         ax.axhline(out["target"], color="grey", linestyle="--", linewidth=1, label="target (best − 0.5 pt)")
+        ax.axhline(out["top_target"], color="grey", linestyle="-.", linewidth=1, label="top target")
         ax.axvline(out["budget_epochs"], color="grey", linestyle=":", linewidth=1, label="fixed budget")
         # where the methods differ: from a little below the worst mean at the fixed budget to the target
         low = min(m["best_at_budget"]["mean"] for m in out["methods"].values()) - 0.04
@@ -306,6 +326,12 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG of the anytime curves")
     p.add_argument("--neighbours", type=int, default=1, help="curves averaged by the surrogate (1: the nearest)")
+    p.add_argument(
+        "--top-quantile",
+        type=float,
+        default=0.99,
+        help="the second target: this quantile of the space's final accuracies (0.99: the top 1%%)",
+    )
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -317,8 +343,12 @@ def main() -> None:
     curves = load_table(Path(args.table), base.search_space)
     epochs = len(curves[0].values)
     surrogate = Surrogate(curves, base.search_space, args.neighbours)
-    best = surrogate_best(surrogate, base.search_space)
+    finals = surrogate_finals(surrogate, base.search_space)
+    best = finals[-1]
     target = best - 0.005
+    # The issue's target is one recorded configuration's cell (with 1 neighbour): a lottery ticket more than
+    # a measure of search. The second target asks for the top 1% of the space, which every method can reach.
+    top = quantile(finals, args.top_quantile)
     budget = args.budget_epochs or 20 * epochs
     horizon = args.horizon_epochs or 3 * budget
     out: dict[str, Any] = {
@@ -327,13 +357,15 @@ def main() -> None:
         "table_best": max(c.values[-1] for c in curves),
         "surrogate_best": best,
         "target": target,
+        "top_quantile": args.top_quantile,
+        "top_target": top,
         "budget_epochs": budget,
         "horizon_epochs": horizon,
         "neighbours": args.neighbours,
     }
     print(
-        f"{len(curves)} curves; target {target:.4f} (the surrogate's best − 0.5 pt); budget {budget}, "
-        f"horizon {horizon} epochs",
+        f"{len(curves)} curves; target {target:.4f} (the surrogate's best − 0.5 pt), top target {top:.4f} (its "
+        f"{args.top_quantile} quantile); budget {budget}, horizon {horizon} epochs",
         flush=True,
     )
     out["methods"] = {}
@@ -352,29 +384,21 @@ def main() -> None:
                 raw["train"] = {**raw["train"], "epochs": epochs}
                 raw["model"] = {**raw["model"], "weights": "none"}
                 runs.append(replay(raw, surrogate, k))
-            reached = [epochs_to(r["anytime"], target) for r in runs]
-            hits = [e for e in reached if e is not None]
             at_budget = [best_at(r["anytime"], budget) for r in runs]
             false, stopped = (sum(r["false_prunes"][i] for r in runs) for i in (0, 1))
             key = f"{method} K={k}"
-            # the median over every seed, a miss counting as beyond the horizon (None: half or more missed)
-            ranked = sorted(e if e is not None else math.inf for e in reached)
-            median = statistics.median(ranked)
             out["methods"][key] = {
-                "epochs_to_target": {
-                    "mean": statistics.mean(hits) if hits else None,
-                    "std": statistics.pstdev(hits) if len(hits) > 1 else 0.0,
-                    "reached": f"{len(hits)}/{len(runs)}",
-                    "median": median if math.isfinite(median) else None,
-                },
+                "epochs_to_target": reach(runs, target),
+                "epochs_to_top": reach(runs, top),
                 "best_at_budget": {"mean": statistics.mean(at_budget), "std": statistics.pstdev(at_budget)},
                 "false_prune_rate": round(false / stopped, 4) if stopped else None,
                 "anytime": anytime_band([r["anytime"] for r in runs], horizon),
                 "anytime_runs": [r["anytime"] for r in runs],
             }
             m = out["methods"][key]
+            t, u = m["epochs_to_target"], m["epochs_to_top"]
             print(
-                f"{key:22} epochs to target {m['epochs_to_target']['mean']} ({m['epochs_to_target']['reached']}), "
+                f"{key:22} epochs to target {t['median']} ({t['reached']}), to top {u['median']} ({u['reached']}), "
                 f"best at {budget} epochs {m['best_at_budget']['mean']:.4f} ± {m['best_at_budget']['std']:.4f}, "
                 f"false-prune rate {m['false_prune_rate']}",
                 flush=True,
@@ -392,21 +416,22 @@ def _summary(out: dict[str, Any]) -> None:
     """The goals' ratios, where both sides were run."""
     m = out["methods"]
 
-    def to_target(key: str) -> float | None:
+    def to(key: str, which: str) -> float | None:
         # the median over all seeds (a miss counts as beyond the horizon): the mean of the seeds that reached
         # the target alone favours a method that reaches it rarely but early
-        return m[key]["epochs_to_target"]["median"] if key in m else None
+        return m[key][which]["median"] if key in m else None
 
-    for k in sorted({key.rsplit("K=", 1)[1] for key in m}):
-        for variant in ("tpe+asha", "tpe+asha3"):
-            asha, median = to_target(f"{variant} K={k}"), to_target(f"tpe+median K={k}")
-            if asha and median:
-                name = f"{variant} / tpe+median epochs to target, K={k}"
-                out.setdefault("ratios", {})[name] = round(asha / median, 3)
-    for method in sorted({key.rsplit(" K=", 1)[0] for key in m}):
-        one, eight = to_target(f"{method} K=1"), to_target(f"{method} K=8")
-        if one and eight:
-            out.setdefault("ratios", {})[f"{method} epochs to target, K=8 / K=1"] = round(eight / one, 3)
+    for which, label in (("epochs_to_target", "target"), ("epochs_to_top", "top")):
+        for k in sorted({key.rsplit("K=", 1)[1] for key in m}):
+            for variant in ("tpe+asha", "tpe+asha3"):
+                asha, median = to(f"{variant} K={k}", which), to(f"tpe+median K={k}", which)
+                if asha and median:
+                    name = f"{variant} / tpe+median epochs to {label}, K={k}"
+                    out.setdefault("ratios", {})[name] = round(asha / median, 3)
+        for method in sorted({key.rsplit(" K=", 1)[0] for key in m}):
+            one, eight = to(f"{method} K=1", which), to(f"{method} K=8", which)
+            if one and eight:
+                out.setdefault("ratios", {})[f"{method} epochs to {label}, K=8 / K=1"] = round(eight / one, 3)
     for name, ratio in out.get("ratios", {}).items():
         print(f"{name}: {ratio}", flush=True)
 

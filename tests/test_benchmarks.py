@@ -114,9 +114,11 @@ def test_replay_runs_methods_through_the_real_claims_and_writes_its_figures(tmp_
     # the target: what a search can find on the surrogate (random points), never above the table's best
     assert figures["target"] == pytest.approx(figures["surrogate_best"] - 0.005)
     assert 0.1 < figures["surrogate_best"] <= figures["table_best"]
+    # the second target: the top 1% of the space's final accuracies, reached by more seeds than the first
+    assert figures["top_quantile"] == 0.99 and 0.1 < figures["top_target"] <= figures["surrogate_best"]
     assert set(figures["methods"]) == {f"{m} K={k}" for m in methods.split(",") for k in (1, 2)}
     for name, m in figures["methods"].items():
-        assert {"epochs_to_target", "best_at_budget", "false_prune_rate"} <= set(m)
+        assert {"epochs_to_target", "epochs_to_top", "best_at_budget", "false_prune_rate"} <= set(m)
         for anytime in m["anytime_runs"]:  # epochs consumed never pass the horizon; the best never decreases
             assert all(e <= 240 for e, _ in anytime) and [b for _, b in anytime] == sorted(b for _, b in anytime)
             assert max(e for e, _ in anytime) > 80, "studies run past the fixed budget, to the horizon"
@@ -125,9 +127,10 @@ def test_replay_runs_methods_through_the_real_claims_and_writes_its_figures(tmp_
         at_80 = band["mean"][band["epochs"].index(80)]
         assert at_80 == pytest.approx(m["best_at_budget"]["mean"], abs=1e-4), "the best at the budget, from the curve"
         assert 0.1 <= m["best_at_budget"]["mean"] <= 0.7, name
-        t = m["epochs_to_target"]
-        reached = int(t["reached"].split("/")[0])
-        assert (t["median"] is None) == (reached < 2), "with 2 seeds, a median needs both"
+        for t in (m["epochs_to_target"], m["epochs_to_top"]):
+            reached = int(t["reached"].split("/")[0])
+            assert (t["median"] is None) == (reached < 2), "with 2 seeds, a median needs both"
+        assert int(m["epochs_to_top"]["reached"][0]) >= int(m["epochs_to_target"]["reached"][0])
     assert figures["methods"]["random+none K=1"]["false_prune_rate"] is None, "nothing is stopped without a pruner"
     assert "epochs to target" in proc.stdout
 
@@ -142,6 +145,12 @@ def _replay_module() -> Any:
     sys.modules["hpo_replay"] = replay  # its dataclass looks its module up
     spec.loader.exec_module(replay)
     return replay
+
+
+def test_the_replay_quantile_is_the_nearest_rank() -> None:
+    quantile = _replay_module().quantile
+    values = [0.1, 0.2, 0.3, 0.4]
+    assert [quantile(values, q) for q in (0.0, 0.25, 0.5, 0.51, 0.99, 1.0)] == [0.1, 0.1, 0.2, 0.3, 0.4, 0.4]
 
 
 def test_the_replay_costs_every_epoch_of_a_curve_at_its_median_so_a_paused_recorder_distorts_nothing(
