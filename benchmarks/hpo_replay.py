@@ -122,10 +122,14 @@ class Surrogate:
         self.curves, self.space, self.k = curves, space, max(1, neighbours)
         self.points = [_coords(c.params, space) for c in curves]
 
-    def __call__(self, params: dict[str, Any]) -> Curve:
+    def nearest(self, params: dict[str, Any], k: int = 1) -> tuple[list[int], list[float]]:
+        """The indices of the ``k`` recorded curves nearest to ``params``, nearest first, and every distance."""
         x = _coords(params, self.space)
         dist = [math.dist(x, p) for p in self.points]
-        near = sorted(range(len(self.points)), key=lambda i: dist[i])[: self.k]
+        return sorted(range(len(self.points)), key=lambda i: dist[i])[:k], dist
+
+    def __call__(self, params: dict[str, Any]) -> Curve:
+        near, dist = self.nearest(params, self.k)
         if self.k == 1 or dist[near[0]] == 0.0:
             return self.curves[near[0]]
         weights = [1.0 / dist[i] for i in near]
@@ -223,12 +227,17 @@ def replay(config_raw: dict[str, Any], surrogate: Surrogate, workers: int) -> di
         seq += 1
         heapq.heappush(events, (now, w, seq))
     trials = study.get_trials(deepcopy=False)
+    ran = [t for t in trials if t.state != TrialState.WAITING]  # not the budget's unclaimed queue
     return {
         "anytime": anytime,
         "epochs": epochs_used(trials, config),
         "best": best,
         "trials": len(trials),
         "false_prunes": _false_prunes(trials, surrogate),
+        # configurations the study tried, and how many recorded curves they fell nearest to: a sampler that
+        # proposes points near its best gets the same few curves again on a surrogate over a finite table
+        "configurations": len({attrs.lineage(t) for t in ran}),
+        "distinct_curves": len({surrogate.nearest(t.params)[0][0] for t in ran}),
     }
 
 
@@ -392,6 +401,8 @@ def main() -> None:
                 "epochs_to_top": reach(runs, top),
                 "best_at_budget": {"mean": statistics.mean(at_budget), "std": statistics.pstdev(at_budget)},
                 "false_prune_rate": round(false / stopped, 4) if stopped else None,
+                "configurations": statistics.mean(r["configurations"] for r in runs),
+                "distinct_curves": statistics.mean(r["distinct_curves"] for r in runs),
                 "anytime": anytime_band([r["anytime"] for r in runs], horizon),
                 "anytime_runs": [r["anytime"] for r in runs],
             }
@@ -400,7 +411,8 @@ def main() -> None:
             print(
                 f"{key:22} epochs to target {t['median']} ({t['reached']}), to top {u['median']} ({u['reached']}), "
                 f"best at {budget} epochs {m['best_at_budget']['mean']:.4f} ± {m['best_at_budget']['std']:.4f}, "
-                f"false-prune rate {m['false_prune_rate']}",
+                f"false-prune rate {m['false_prune_rate']}, {m['configurations']:.0f} configurations on "
+                f"{m['distinct_curves']:.0f} recorded curves",
                 flush=True,
             )
             if args.json:  # after every row: a long run (GP fits a model per claim) keeps what it has

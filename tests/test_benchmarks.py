@@ -131,7 +131,10 @@ def test_replay_runs_methods_through_the_real_claims_and_writes_its_figures(tmp_
             reached = int(t["reached"].split("/")[0])
             assert (t["median"] is None) == (reached < 2), "with 2 seeds, a median needs both"
         assert int(m["epochs_to_top"]["reached"][0]) >= int(m["epochs_to_target"]["reached"][0])
+        assert 1 <= m["distinct_curves"] <= min(16, m["configurations"]), name
     assert figures["methods"]["random+none K=1"]["false_prune_rate"] is None, "nothing is stopped without a pruner"
+    # without a pruner every configuration runs to the end: 240 epochs of 4-epoch curves are 60 configurations
+    assert figures["methods"]["random+none K=1"]["configurations"] == 60
     assert "epochs to target" in proc.stdout
 
 
