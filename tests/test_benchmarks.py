@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import subprocess
 from pathlib import Path
@@ -187,3 +188,28 @@ def test_the_replay_surrogate_returns_recorded_curves_and_weighted_means_between
     assert middle.values == pytest.approx([0.3, 0.45]) and middle.seconds == pytest.approx([2.0, 2.0])
     quarter = smooth({"lr": math.exp(math.log(1e-4) + 0.25 * math.log(0.3 / 1e-4))})  # 3:1 towards low
     assert quarter.values == pytest.approx([0.75 * 0.1 + 0.25 * 0.5, 0.75 * 0.2 + 0.25 * 0.7])
+
+
+def test_the_smooth_replay_surrogate_interpolates_between_recorded_curves_and_averages_noise_out() -> None:
+    replay = _replay_module()
+    from sft_optuna.study_file import load_study_file
+
+    space = {"lr": load_study_file(REPO / "studies" / "cifar10-resnet18-tpe.yaml").search_space["lr"]}
+    lo, hi = math.log(1e-4), math.log(0.3)
+
+    def truth(u: float) -> list[float]:  # u: lr on the normalised log scale; a bump peaking at u = 0.6
+        return [0.1 + e * 0.2 * math.exp(-((u - 0.6) ** 2) / 0.08) for e in (1, 2)]
+
+    rng = random.Random(0)
+    curves = []
+    for i in range(41):
+        u = i / 40
+        noisy = [v + rng.gauss(0, 0.01) for v in truth(u)]
+        curves.append(replay.Curve({"lr": math.exp(lo + u * (hi - lo))}, noisy, [1.0 + u, 1.0 + u]))
+    smooth = replay.SmoothSurrogate(curves, space)
+    assert smooth.width in smooth.WIDTHS and smooth.ridge in smooth.RIDGES and smooth.loo_rmse < 0.02
+    for u in (0.2125, 0.5875, 0.6125, 0.9):  # between recorded points: the truth, not a neighbour's noise
+        curve = smooth({"lr": math.exp(lo + u * (hi - lo))})
+        assert curve.values == pytest.approx(truth(u), abs=0.01), u
+    # its epochs cost the nearest recorded curve's seconds
+    assert smooth({"lr": math.exp(lo + 0.6 * (hi - lo))}).seconds == [1.6, 1.6]
