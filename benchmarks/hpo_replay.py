@@ -24,6 +24,7 @@ import csv
 import heapq
 import json
 import math
+import re
 import statistics
 import warnings
 from dataclasses import dataclass
@@ -43,22 +44,48 @@ from sft_optuna.search.space import random_points
 from sft_optuna.study import create_study
 from sft_optuna.study_file import load_study_file, parse_study
 
-TPE = {"name": "tpe", "n_startup_trials": 10, "multivariate": True}  # as the shipped TPE study samples
-ASHA = {"name": "asha", "min_epochs": 1, "reduction_factor": 3}
-ASHA3 = {"name": "asha", "min_epochs": 3, "reduction_factor": 3}  # the first rung after 3 epochs, not 1
-MEDIAN = {"name": "median", "n_startup_trials": 5, "n_warmup_steps": 1}
-METHODS = {
-    "random+none": ({"name": "random"}, {"name": "none"}),
-    "random+median": ({"name": "random"}, MEDIAN),
-    "tpe+none": (TPE, {"name": "none"}),
-    "tpe+median": (TPE, MEDIAN),
-    "tpe+hyperband": (TPE, {"name": "hyperband", "min_resource": 1, "reduction_factor": 3}),
-    "tpe+asha": (TPE, ASHA),
-    "tpe+asha3": (TPE, ASHA3),
-    "random+asha": ({"name": "random"}, ASHA),
-    "random+asha3": ({"name": "random"}, ASHA3),
-    "gp+asha": ({"name": "gp", "n_startup_trials": 10}, ASHA),
+SAMPLERS: dict[str, dict[str, Any]] = {
+    "random": {"name": "random"},
+    "tpe": {"name": "tpe", "n_startup_trials": 10, "multivariate": True},  # as the shipped TPE study samples
+    "gp": {"name": "gp", "n_startup_trials": 10},
 }
+PRUNERS: dict[str, dict[str, Any]] = {
+    "none": {"name": "none"},
+    "median": {"name": "median", "n_startup_trials": 5, "n_warmup_steps": 1},
+    "hyperband": {"name": "hyperband", "min_resource": 1, "reduction_factor": 3},
+}
+METHODS = [
+    "random+none",
+    "random+median",
+    "tpe+none",
+    "tpe+median",
+    "tpe+hyperband",
+    "tpe+asha",
+    "tpe+asha3",
+    "random+asha",
+    "random+asha3",
+    "gp+asha",
+]
+_ASHA = re.compile(r"asha(\d*)(?:x(\d+))?")
+
+
+def parse_method(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A method's sampler and pruner: ``SAMPLER+PRUNER``, the pruner ``none``, ``median``, ``hyperband`` or
+    ``asha[MIN][xETA]`` (ASHA with its first rung at epoch MIN, default 1, and reduction factor ETA, default 3:
+    ``asha3`` pauses at epochs 3 and 9 of 12, ``asha3x2`` at 3 and 6).
+
+    >>> parse_method("tpe+asha3x2")[1]
+    {'name': 'asha', 'min_epochs': 3, 'reduction_factor': 2}
+    """
+    sampler, _, pruner = name.partition("+")
+    asha = _ASHA.fullmatch(pruner)
+    if sampler not in SAMPLERS or not (pruner in PRUNERS or asha):
+        known = f"SAMPLER+PRUNER, SAMPLER one of {sorted(SAMPLERS)}, PRUNER one of {sorted(PRUNERS)} or asha[MIN][xETA]"
+        raise SystemExit(f"error: unknown method {name!r} ({known})")
+    if asha:
+        rung = {"name": "asha", "min_epochs": int(asha[1] or 1), "reduction_factor": int(asha[2] or 3)}
+        return SAMPLERS[sampler], rung
+    return SAMPLERS[sampler], PRUNERS[pruner]
 
 
 @dataclass
@@ -325,7 +352,7 @@ def reach(runs: list[dict[str, Any]], target: float) -> dict[str, Any]:
     }
 
 
-def anytime_band(runs: list[list[tuple[int, float]]], budget: int, points: int = 48) -> dict[str, list[float]]:
+def anytime_band(runs: list[list[tuple[int, float]]], budget: int, points: int = 48) -> dict[str, list[Any]]:
     """The anytime curve over seeds: best final accuracy found by ``e`` epochs, mean and std, on a grid."""
     grid = sorted({round(budget * i / points) for i in range(points + 1)})
     values = [[best_at(run, e) for run in runs] for e in grid]
@@ -430,8 +457,8 @@ def main() -> None:
         flush=True,
     )
     out["methods"] = {}
-    for method in args.methods.split(","):
-        sampler, pruner = METHODS[method]
+    methods = {name: parse_method(name) for name in args.methods.split(",")}  # a typo fails before hours of work
+    for method, (sampler, pruner) in methods.items():
         for k in (int(x) for x in args.workers.split(",")):
             runs = []
             for seed in range(args.seeds):
