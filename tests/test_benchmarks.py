@@ -213,3 +213,14 @@ def test_the_smooth_replay_surrogate_interpolates_between_recorded_curves_and_av
         assert curve.values == pytest.approx(truth(u), abs=0.01), u
     # its epochs cost the nearest recorded curve's seconds
     assert smooth({"lr": math.exp(lo + 0.6 * (hi - lo))}).seconds == [1.6, 1.6]
+
+
+def test_replay_methods_are_named_sampler_plus_pruner_with_ashas_rungs_in_the_name() -> None:
+    parse = _replay_module().parse_method
+    assert parse("random+none") == ({"name": "random"}, {"name": "none"})
+    assert parse("tpe+asha")[1] == {"name": "asha", "min_epochs": 1, "reduction_factor": 3}
+    assert parse("gp+asha3")[1] == {"name": "asha", "min_epochs": 3, "reduction_factor": 3}
+    assert parse("tpe+asha3x2") == (parse("tpe+median")[0], {"name": "asha", "min_epochs": 3, "reduction_factor": 2})
+    for bad in ("tpe+ashax", "tpe", "cma+median", "tpe+asha3x"):
+        with pytest.raises(SystemExit, match=re.escape(repr(bad))):
+            parse(bad)
