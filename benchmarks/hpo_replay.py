@@ -196,17 +196,17 @@ class SmoothSurrogate(Surrogate):
         self._x, self._mean = x, y.mean(axis=0)
         sq = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
         final = y[:, -1] - self._mean[-1]
-        best: tuple[float, float, float] | None = None
+        best: tuple[float, float, float, Any] | None = None
         for width in self.WIDTHS:
             gram = np.exp(-sq / (2 * width**2))
             for ridge in self.RIDGES:
                 hat = gram @ np.linalg.inv(gram + ridge * np.eye(len(x)))
                 loo = float(np.mean(((final - hat @ final) / (1.0 - np.diag(hat))) ** 2))
                 if best is None or loo < best[0]:
-                    best = (loo, width, ridge)
+                    best = (loo, width, ridge, gram)
         assert best is not None
-        self.loo_rmse, self.width, self.ridge = math.sqrt(best[0]), best[1], best[2]
-        gram = np.exp(-sq / (2 * self.width**2))
+        loo, self.width, self.ridge, gram = best
+        self.loo_rmse = math.sqrt(loo)
         self._alpha = np.linalg.solve(gram + self.ridge * np.eye(len(x)), y - self._mean)
 
     def __call__(self, params: dict[str, Any]) -> Curve:
@@ -423,11 +423,11 @@ def main() -> None:
     # does not count but a replay of thousands of promotions would sleep through).
     claims.PROMOTION_SETTLE_S = 0.0
     base = load_study_file(args.study)
-    curves = load_table(Path(args.table), base.search_space)
-    epochs = len(curves[0].values)
     space = base.search_space
+    curves = load_table(Path(args.table), space)
+    epochs = len(curves[0].values)
     surrogate = SmoothSurrogate(curves, space) if args.smooth else Surrogate(curves, space, args.neighbours)
-    finals = surrogate_finals(surrogate, base.search_space)
+    finals = surrogate_finals(surrogate, space)
     best = finals[-1]
     target = best - 0.005
     # The target is one recorded configuration's cell (with 1 neighbour): a lottery ticket more than

@@ -128,10 +128,10 @@ def test_replay_runs_methods_through_the_real_claims_and_writes_its_figures(tmp_
         at_80 = band["mean"][band["epochs"].index(80)]
         assert at_80 == pytest.approx(m["best_at_budget"]["mean"], abs=1e-4), "the best at the budget, from the curve"
         assert 0.1 <= m["best_at_budget"]["mean"] <= 0.7, name
-        for t in (m["epochs_to_target"], m["epochs_to_top"]):
-            reached = int(t["reached"].split("/")[0])
-            assert (t["median"] is None) == (reached < 2), "with 2 seeds, a median needs both"
-        assert int(m["epochs_to_top"]["reached"][0]) >= int(m["epochs_to_target"]["reached"][0])
+        reached = {which: int(m[which]["reached"].split("/")[0]) for which in ("epochs_to_target", "epochs_to_top")}
+        for which, hits in reached.items():
+            assert (m[which]["median"] is None) == (hits < 2), "with 2 seeds, a median needs both"
+        assert reached["epochs_to_top"] >= reached["epochs_to_target"]
         assert 1 <= m["distinct_curves"] <= min(16, m["configurations"]), name
     assert figures["methods"]["random+none K=1"]["false_prune_rate"] is None, "nothing is stopped without a pruner"
     # without a pruner every configuration runs to the end: 240 epochs of 4-epoch curves are 60 configurations
