@@ -416,6 +416,7 @@ def main() -> None:
         help="the second target: this quantile of the space's final accuracies (0.99: the top 1%%)",
     )
     args = p.parse_args()
+    methods = {name: parse_method(name) for name in args.methods.split(",")}  # a typo fails before any work
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     # One process, one in-memory storage, one claim at a time: no other worker's promotion can be committing,
@@ -457,7 +458,6 @@ def main() -> None:
         flush=True,
     )
     out["methods"] = {}
-    methods = {name: parse_method(name) for name in args.methods.split(",")}  # a typo fails before hours of work
     for method, (sampler, pruner) in methods.items():
         for k in (int(x) for x in args.workers.split(",")):
             runs = []
