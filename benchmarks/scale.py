@@ -45,12 +45,13 @@ SPACE = {
     "momentum": {"type": "float", "low": 0.8, "high": 0.99},
 }
 SAMPLER = {"name": "tpe", "seed": 0, "n_startup_trials": 10, "multivariate": True, "constant_liar": True}
+MODELLED = {"name": "random", "seed": 0}  # with --sampler-ms: a random sampler that waits as long as TPE computes
 
 
-def study_config(name: str, claims: int, heartbeat_s: float, epochs: int) -> dict[str, Any]:
+def study_config(name: str, claims: int, heartbeat_s: float, epochs: int, sampler_ms: float = 0.0) -> dict[str, Any]:
     return {
         "name": name,
-        "sampler": SAMPLER,
+        "sampler": MODELLED if sampler_ms else SAMPLER,
         "pruner": {"name": "median", "n_startup_trials": 5, "n_warmup_steps": 1},
         "budget": {"n_trials": claims, "max_retries": 2},
         "heartbeat": {"interval": heartbeat_s, "grace_period": 24 * heartbeat_s},  # watchers every 60 s
@@ -113,7 +114,7 @@ def start_proxy(db_url: str, threads: int) -> tuple[subprocess.Popen[bytes], str
     raise RuntimeError("proxy did not start")
 
 
-def prefill(url: str, name: str, n: int, claims: int, ours: bool, epochs: int) -> None:
+def prefill(url: str, name: str, n: int, claims: int, ours: bool, epochs: int, sampler_ms: float) -> None:
     """The study with ``n`` finished trials, then (ours) its budget of ``claims`` queued after them — as a study
     that has run ``n`` trials looks (sft-optuna's ``create_study`` would queue the budget before the prefill,
     leaving the oldest trials unfinished, which no long-running study has and which defeats TPE's incremental
@@ -125,7 +126,7 @@ def prefill(url: str, name: str, n: int, claims: int, ours: bool, epochs: int) -
 
     storage = open_storage(url)
     study = optuna.create_study(storage=storage.optuna, study_name=name, direction="maximize")
-    config = parse_study(study_config(name, claims, 5.0, epochs))
+    config = parse_study(study_config(name, claims, 5.0, epochs, sampler_ms))
     dists = {
         "lr": optuna.distributions.FloatDistribution(1e-4, 0.3, log=True),
         "batch_size": optuna.distributions.CategoricalDistribution([64, 128, 256]),
@@ -153,6 +154,21 @@ def prefill(url: str, name: str, n: int, claims: int, ours: bool, epochs: int) -
         queue_budget(study, config)
 
 
+def model_sampler_cost(ms: float) -> None:
+    """Make every random sampler in this process wait ``ms`` per trial (once, where a sampler proposes the
+    trial's relative parameters) without using the CPU: TPE's cost at a large study, as it is on a cluster,
+    where each worker computes it on its own node. On this 2-core box the real TPE of 256 simulated workers
+    shares two cores, and measures the box; a wait measures whether claims serialise (a study-wide lock held
+    while the sampler runs would cap the study at 1000/ms claims per second whatever the number of workers)."""
+    plain = optuna.samplers.RandomSampler.sample_relative
+
+    def sample_relative(self: Any, study: Any, trial: Any, search_space: Any) -> Any:
+        time.sleep(ms / 1000)
+        return plain(self, study, trial, search_space)
+
+    optuna.samplers.RandomSampler.sample_relative = sample_relative  # type: ignore[method-assign]
+
+
 def _draw(rng: random.Random, d: Any) -> float:
     import math
 
@@ -162,7 +178,13 @@ def _draw(rng: random.Random, d: Any) -> float:
 
 
 def _worker_thread(
-    url: str, name: str, ours: bool, budget: int, epoch_s: float, epochs: int, gate: Any, out: dict[str, list[Any]]
+    url: str,
+    name: str,
+    ours: bool,
+    budget: int,
+    load: tuple[float, int, float],
+    gate: Any,
+    out: dict[str, list[Any]],
 ) -> None:
     """One simulated worker: its own storage client; claims and runs trials until the budget is spent."""
     from sft_optuna.coordination.claims import claim_trial, recover_trials
@@ -173,14 +195,17 @@ def _worker_thread(
     from sft_optuna.study import load_study
     from sft_optuna.study_file import parse_study
 
-    config = parse_study(study_config(name, budget, 5.0, epochs))
+    epoch_s, epochs, sampler_ms = load
+    config = parse_study(study_config(name, budget, 5.0, epochs, sampler_ms))
     if ours:
         study, config = load_study(name, open_storage(url))
     else:
         study = optuna.load_study(
             study_name=name,
             storage=_plain_storage(url),
-            sampler=optuna.samplers.TPESampler(n_startup_trials=10, multivariate=True, constant_liar=True),
+            sampler=optuna.samplers.RandomSampler(seed=0)
+            if sampler_ms
+            else optuna.samplers.TPESampler(n_startup_trials=10, multivariate=True, constant_liar=True),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
         )
     study.get_trials(deepcopy=False)  # connected before the start, so the count below is the steady state
@@ -272,10 +297,12 @@ class _Null:
 
 
 def _process(
-    url: str, name: str, ours: bool, budget: int, threads: int, epoch_s: float, epochs: int, gate: Any, q: Any
+    url: str, name: str, ours: bool, budget: int, threads: int, load: tuple[float, int, float], gate: Any, q: Any
 ) -> None:
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if load[2]:
+        model_sampler_cost(load[2])
     out: dict[str, list[Any]] = {
         "claim_s": [],
         "claim_cpu_s": [],
@@ -289,7 +316,7 @@ def _process(
 
     def run() -> None:
         try:
-            _worker_thread(url, name, ours, budget, epoch_s, epochs, gate, out)
+            _worker_thread(url, name, ours, budget, load, gate, out)
         except Exception as exc:
             with gate["gone"].get_lock():
                 gate["gone"].value += 1
@@ -306,8 +333,10 @@ def _process(
 
 
 def run_row(
-    kind: str, workers: int, size: int, claims: int, epoch_s: float, epochs: int, procs: int, ours: bool
+    kind: str, workers: int, size: int, claims: int, load: tuple[float, int, float], procs: int, ours: bool
 ) -> dict[str, Any]:
+    """One row; ``load``: seconds an epoch sleeps, epochs per trial, the modelled sampler's ms (0: real TPE)."""
+    epochs = load[1]
     name = "scale"
     db = fresh_database()
     proxy = None
@@ -317,7 +346,7 @@ def run_row(
             proxy, url = start_proxy(db, 16)
         ctx = mp.get_context("spawn")
         # in a process of its own: its connections go with it
-        filler = ctx.Process(target=prefill, args=(url, name, size - claims, claims, ours, epochs))
+        filler = ctx.Process(target=prefill, args=(url, name, size - claims, claims, ours, epochs, load[2]))
         filler.start()
         filler.join()
         q = ctx.Queue()
@@ -329,7 +358,7 @@ def run_row(
         ps = [
             ctx.Process(
                 target=_process,
-                args=(url, name, ours, claims, workers // n_procs + (i < workers % n_procs), epoch_s, epochs, gate, q),
+                args=(url, name, ours, claims, workers // n_procs + (i < workers % n_procs), load, gate, q),
             )
             for i in range(n_procs)
         ]
@@ -341,6 +370,7 @@ def run_row(
         start_at = time.time() + 1.0
         gate["start"].value = start_at
         open_s = start_at - 1.0 - opening
+        print(f"  {workers} workers ready after {open_s:.1f} s; claiming", file=sys.stderr, flush=True)
         conns: list[tuple[int, int]] = []
         results: list[dict[str, list[Any]]] = []
         while len(results) < n_procs:
@@ -354,7 +384,7 @@ def run_row(
         claim_s = [x for r in results for x in r["claim_s"]]
         claim_cpu = [x for r in results for x in r["claim_cpu_s"]]
         epoch_s_all = [x for r in results for x in r["epoch_s"]]
-        parts = list(zip(*[x for r in results for x in r["epoch_parts_s"]], strict=True)) or [[], [], []]
+        parts = list(zip(*[x for r in results for x in r["epoch_parts_s"]], strict=True)) or [(), (), ()]
         numbers = [x for r in results for x in r["trials"]]
         errors = [x for r in results for x in r["errors"]]
         wall = max(r["end"][0] for r in results) - start_at
@@ -376,6 +406,7 @@ def run_row(
             "method": "sft-optuna" if ours else "optuna",
             "workers": workers,
             "trials": size,
+            "sampler": f"random, waits {load[2]:g} ms" if load[2] else "tpe",
             "claims": len(claim_s),
             "claims_per_s": round(len(claim_s) / wall, 2),
             "claim_p50_ms": _pct(claim_s, 0.5),
@@ -419,6 +450,13 @@ def main() -> None:
     p.add_argument("--epoch-s", type=float, default=1.0, help="seconds an epoch sleeps")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per trial")
     p.add_argument("--procs", type=int, default=8, help="processes the simulated workers are spread over")
+    p.add_argument("--claims", type=int, default=0, help="trials claimed per row (default: max(64, workers))")
+    p.add_argument(
+        "--sampler-ms",
+        type=float,
+        default=0.0,
+        help="a random sampler that waits this long per trial in place of TPE (TPE's cost on a worker's own CPU)",
+    )
     p.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True, help="plain Optuna rows too")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -431,7 +469,7 @@ def main() -> None:
     print(header, flush=True)
     for size in [int(x) for x in args.trials.split(",")]:
         for workers in [int(x) for x in args.workers.split(",")]:
-            claims = min(size, max(64, workers))
+            claims = min(size, args.claims or max(64, workers))
             for kind in args.storages.split(","):
                 for ours in (True, False) if args.plain else (True,):
                     if kind == "postgresql" and workers + 10 > limit:
@@ -449,7 +487,9 @@ def main() -> None:
                             flush=True,
                         )
                         continue
-                    row = run_row(kind, workers, size, claims, args.epoch_s, args.epochs, args.procs, ours)
+                    row = run_row(
+                        kind, workers, size, claims, (args.epoch_s, args.epochs, args.sampler_ms), args.procs, ours
+                    )
                     rows.append(row)
                     print(
                         f"{kind:10} {row['method']:10} {workers:>7} {size:>6} {row['claims_per_s']:>8} "
@@ -463,7 +503,13 @@ def main() -> None:
                     )
     if args.json:
         with open(args.json, "w") as fh:
-            meta = {"cpus": os.cpu_count(), "epochs": args.epochs, "epoch_s": args.epoch_s}
+            meta = {
+                "cpus": os.cpu_count(),
+                "claims": args.claims or "max(64, workers)",
+                "epochs": args.epochs,
+                "epoch_s": args.epoch_s,
+                "sampler_ms": args.sampler_ms,
+            }
             json.dump({"rows": rows, **meta}, fh, indent=1)
 
 

@@ -18,7 +18,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from sft_optuna.cli import main
-from sft_optuna.coordination import fast_writes
+from sft_optuna.coordination import fast_reads, fast_writes
 from sft_optuna.coordination.storage import backend_for, open_storage
 
 VALUES = [0.25, 0.0, 1e-300, float("nan"), float("inf"), float("-inf")]
@@ -102,6 +102,7 @@ def test_an_unknown_schema_version_keeps_optunas_methods(sql_url: str, monkeypat
     monkeypatch.setattr(fast_writes, "SCHEMA_VERSIONS", frozenset({"v9.9.9"}))
     storage = open_storage(sql_url).optuna
     assert storage.fast is None
+    assert _rdb(storage).fast_reads is None
     study = optuna.create_study(storage=storage, study_name="old", direction="maximize")
     trial = study.ask()
     trial.report(0.5, 1)
@@ -186,3 +187,112 @@ def test_lock_files_stay_out_of_the_users_git_status(kind: str, tmp_path: Path) 
     expected = {"?? s.yaml", f"?? studies.{'db' if kind == 'sqlite' else 'log'}"}
     assert set(status.splitlines()) == expected, status
     assert any((tmp_path / ".sft-optuna-locks").iterdir()), "the locks are there, hidden"
+
+
+def _fields(t: optuna.trial.FrozenTrial) -> tuple[Any, ...]:
+    """A trial's every field, comparable (NaN equal to NaN, attributes in any order)."""
+    nan = lambda v: "nan" if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
+    return (
+        t._trial_id,
+        t.number,
+        t.state,
+        t.datetime_start,
+        t.datetime_complete,
+        None if t.values is None else [nan(v) for v in t.values],
+        list(t.params.items()),  # in Optuna's order (by param_id)
+        sorted(t.distributions.items()),
+        sorted((k, repr(v)) for k, v in t.user_attrs.items()),
+        sorted((k, repr(v)) for k, v in t.system_attrs.items()),
+        sorted((s, nan(v)) for s, v in t.intermediate_values.items()),
+    )
+
+
+def _every_kind_of_trial(storage: Any, directions: list[str]) -> optuna.Study:
+    study = optuna.create_study(storage=storage, study_name=uuid.uuid4().hex, directions=directions)
+    n = len(directions)
+    study.enqueue_trial({"x": 0.5, "c": None}, user_attrs={"slot": 1})  # stays WAITING
+    for i, (state, values) in enumerate(
+        [
+            (TrialState.COMPLETE, [0.5] * n),
+            (TrialState.COMPLETE, [float("inf")] + [float("-inf")] * (n - 1)),
+            (TrialState.PRUNED, None),
+            (TrialState.FAIL, None),
+            (TrialState.RUNNING, None),
+            (TrialState.RUNNING, None),
+        ]
+    ):
+        trial = study.ask()
+        if i == 0:  # the queued one: fixed parameters in its system attributes
+            assert storage.get_trial(trial._trial_id).system_attrs.get("fixed_params")
+        trial.suggest_float("x", 0.0, 1.0)
+        trial.suggest_int("n", 1, 8, log=True)
+        trial.suggest_categorical("c", [None, "a", True, 2.5])
+        trial.suggest_float("lr", 1e-4, 0.3, log=True)
+        for step, value in enumerate(VALUES):
+            trial.report(value, step) if n == 1 else None
+        for key, value in ATTRS.items():
+            trial.set_user_attr(key, value)
+            study._storage.set_trial_system_attr(trial._trial_id, key, value)
+        if state == TrialState.COMPLETE:
+            study.tell(trial, values if n > 1 else values[0])
+        elif state != TrialState.RUNNING:
+            study.tell(trial, state=state)
+    study.enqueue_trial({"x": 0.25})
+    return study
+
+
+@pytest.mark.parametrize("directions", [["maximize"], ["minimize", "maximize", "minimize"]])
+def test_fast_reads_build_exactly_what_optunas_orm_builds(sql_url: str, directions: list[str]) -> None:
+    storage = open_storage(sql_url).optuna
+    rdb = _rdb(storage)
+    assert rdb.fast_reads is not None
+    study = _every_kind_of_trial(storage, directions)
+    sid, orm = study._study_id, optuna.storages.RDBStorage
+    trials = orm._get_trials(rdb, sid, None, set(), -1)
+    assert {t.state for t in trials} == set(TrialState) and len(trials) == 7
+    ids = [t._trial_id for t in trials]
+    unfinished = {t._trial_id for t in trials if not t.state.is_finished()}
+    for states, included, newer in [
+        (None, set(), -1),
+        (None, unfinished, ids[3]),  # what Optuna's cache asks: the unfinished ones and anything newer
+        (None, unfinished, ids[-1]),
+        ((TrialState.COMPLETE, TrialState.WAITING), set(), -1),
+        ((TrialState.RUNNING,), {ids[0], ids[5]}, ids[2]),
+        (None, {ids[0]}, ids[-1] + 5),
+    ]:
+        expected = orm._get_trials(rdb, sid, states, included, newer)
+        got = rdb.fast_reads.trials(sid, states, included, newer)
+        assert [_fields(t) for t in got] == [_fields(t) for t in expected], (states, included, newer)
+    for trial in trials:
+        assert _fields(rdb.get_trial(trial._trial_id)) == _fields(orm.get_trial(rdb, trial._trial_id))
+        assert _fields(storage.get_trial(trial._trial_id)) == _fields(trial)  # through the cache as well
+    with pytest.raises(KeyError):
+        rdb.get_trial(ids[-1] + 1000)
+    with pytest.raises(KeyError):
+        rdb.fast_reads.trials(sid + 1000, None, set(), -1)
+
+
+def test_fast_reads_past_the_listed_limit_read_from_the_oldest(sql_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = open_storage(sql_url).optuna
+    rdb = _rdb(storage)
+    study = _every_kind_of_trial(storage, ["maximize"])
+    sid, orm = study._study_id, optuna.storages.RDBStorage
+    ids = [t._trial_id for t in orm._get_trials(rdb, sid, None, set(), -1)]
+    monkeypatch.setattr(fast_reads, "MAX_LISTED", 1)
+    included, newer = {ids[1], ids[4]}, ids[5]
+    expected = orm._get_trials(rdb, sid, None, included, newer)
+    assert [t._trial_id for t in expected] == [ids[1], ids[4], ids[6]]
+    assert [_fields(t) for t in rdb.fast_reads.trials(sid, None, included, newer)] == [_fields(t) for t in expected]
+
+
+def test_a_trial_is_read_in_two_statements(sql_url: str) -> None:
+    storage = open_storage(sql_url).optuna
+    study = _every_kind_of_trial(storage, ["maximize"])
+    running = next(t for t in study.get_trials() if t.state == TrialState.RUNNING)
+    statements: list[str] = []
+    sqlalchemy.event.listen(_rdb(storage).engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    assert storage.get_trial(running._trial_id).intermediate_values.keys() == set(range(len(VALUES)))
+    assert len(statements) == 2, statements  # Optuna's ORM: six
+    statements.clear()
+    storage.get_all_trials(study._study_id)  # the cache re-reads the unfinished trials
+    assert len(statements) == 3, statements  # the study, the trials, their children (Optuna's ORM: seven)

@@ -26,6 +26,7 @@ import optuna
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
+from sft_optuna.coordination.fast_reads import FastRDBStorage
 from sft_optuna.coordination.fast_writes import FastWrites
 from sft_optuna.coordination.locks import LockHold, advisory_lock, file_lock, memory_lock
 from sft_optuna.coordination.retrying import OUTAGE_S, RetryingStorage, error_reason, retry
@@ -188,13 +189,11 @@ def _open_sql(
     parsed = _parse(url)
     _check_driver(url, parsed)
 
-    def open_existing() -> optuna.storages.RDBStorage | None:
+    def open_existing() -> FastRDBStorage | None:
         # Optuna's own compatibility check holds one connection while it opens a second: done here one at a
         # time instead, so a cold start of N workers needs N connections, not 2N. On a schema version other
         # than this Optuna's, the locked open below raises Optuna's own error.
-        rdb = optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, skip_table_creation=True, skip_compatibility_check=True
-        )
+        rdb = FastRDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=True, skip_compatibility_check=True)
         if rdb.get_current_version() == rdb.get_head_version():
             return rdb
         rdb.engine.dispose()
@@ -208,8 +207,9 @@ def _open_sql(
         )
         if rdb is None:
             with backend_for(url).lock(url, "schema", patience):
-                rdb = retry(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs), "open", patience)
+                rdb = retry(lambda: FastRDBStorage(url, engine_kwargs=engine_kwargs), "open", patience)
         fast = retry(lambda: FastWrites.for_storage(rdb), "open", patience)
+        retry(rdb.use_fast_reads, "open", patience)
         pool = rdb.engine.pool
         if isinstance(pool, sqlalchemy.pool.QueuePool) and overflow_once_open is not None:
             # Optuna's schema creation and check nest a second connection inside a session (the locked open
