@@ -71,6 +71,16 @@ def test_storage_benchmark_runs_both_variants_and_writes_its_figures(tmp_path: P
         assert r["epoch_cost_ms_median"] > 0 and r["trials_per_s"] > 0
 
 
+def test_reads_benchmark_times_both_readers_on_the_same_trials(tmp_path: Path) -> None:
+    out = tmp_path / "reads.json"
+    _bench(
+        "reads.py", "--storages", "sqlite", "--finished", "12", "--running", "3", "--repeat", "1", "--json", str(out)
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["read"], r["trials"]) for r in rows] == [("unfinished", 3), ("get_trial", 1), ("all", 15)]
+    assert all(r["optuna_ms"] > 0 and r["sft_optuna_ms"] > 0 for r in rows)
+
+
 def _tiny_curves(path: Path, n: int = 16, epochs: int = 4) -> Path:
     """Curves in record_curves.py's format: accuracy grows with the learning rate's closeness to 0.05."""
     import math
