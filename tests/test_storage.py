@@ -296,3 +296,29 @@ def test_a_trial_is_read_in_two_statements(sql_url: str) -> None:
     statements.clear()
     storage.get_all_trials(study._study_id)  # the cache re-reads the unfinished trials
     assert len(statements) == 3, statements  # the study, the trials, their children (Optuna's ORM: seven)
+
+
+def test_a_read_keeps_the_trials_it_read_first_when_others_change_between_its_statements(postgres_url: str) -> None:
+    # Found by the claim race test: the children were read by the filter evaluated again, which took in a trial
+    # created between the two statements (KeyError) and would drop the children of one finished meanwhile.
+    storage = open_storage(postgres_url).optuna
+    study = _every_kind_of_trial(storage, ["maximize"])
+    running = [t for t in study.get_trials() if t.state == TrialState.RUNNING]
+    other = optuna.load_study(study_name=study.study_name, storage=open_storage(postgres_url).optuna)
+    fired: list[str] = []
+
+    def meanwhile(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        if "ORDER BY trials.trial_id" in statement and not fired:
+            fired.append(statement)
+            new = other.ask()
+            new.suggest_float("x", 0.0, 1.0)
+            other.tell(running[0].number, 0.9)
+
+    rdb = _rdb(storage)
+    sqlalchemy.event.listen(rdb.engine, "after_cursor_execute", meanwhile)
+    assert rdb.fast_reads is not None
+    got = rdb.fast_reads.trials(study._study_id, (TrialState.RUNNING,), set(), -1)
+    assert fired
+    # As they were read, params and all (the finished one's value, written meanwhile, may show: so it does in
+    # Optuna's ORM, whose loader reads the children by the ids read, as this does)
+    assert [_fields(t)[:5] + _fields(t)[6:] for t in got] == [_fields(t)[:5] + _fields(t)[6:] for t in running]

@@ -124,10 +124,6 @@ class FastReads:
         ).all()
         if not rows:
             return []
-        if len(rows) == 1:  # one trial: no subquery to plan
-            ids: Any = sqlalchemy.literal(rows[0].trial_id)
-        else:
-            ids = sqlalchemy.select(_TRIALS.c.trial_id).where(where).scalar_subquery()
         children: dict[int, dict[str, Any]] = {
             r.trial_id: {"params": [], "values": {}, "user": {}, "system": {}, "steps": {}} for r in rows
         }
@@ -138,15 +134,19 @@ class FastReads:
             _SYSTEM_ATTR: lambda c, i, k, f, s: c["system"].__setitem__(k, json.loads(s)),
             _STEP: lambda c, i, k, f, s: c["steps"].__setitem__(i, _step(f, k)),
         }
-        for trial_id, kind, i, k, f, s in conn.execute(_children(ids, len(rows) == 1)).all():
-            add[kind](children[trial_id], i, k, f, s)
+        # By the ids just read, as Optuna's loader does: the filter evaluated again would take in a trial created
+        # (or leave out one finished) between the two statements.
+        ids = [r.trial_id for r in rows]
+        for at in range(0, len(ids), CHUNK):
+            for trial_id, kind, i, k, f, s in conn.execute(_CHILDREN, {"ids": ids[at : at + CHUNK]}).all():
+                add[kind](children[trial_id], i, k, f, s)
         return [_frozen(r, children[r.trial_id]) for r in rows]
 
 
 _PARAM, _VALUE, _USER_ATTR, _SYSTEM_ATTR, _STEP = range(5)
 
 
-def _children(ids: Any, one: bool) -> Any:
+def _children() -> Any:
     """Every child row of the trials ``ids`` as ``(trial_id, kind, int, text, float, text)``: a parameter
     ``(param_id, name, internal value, distribution JSON)``, a value ``(objective, value type, value, -)``, a user
     or system attribute ``(-, key, -, value JSON)``, an intermediate value ``(step, value type, value, -)``.
@@ -154,7 +154,7 @@ def _children(ids: Any, one: bool) -> Any:
     none_i, none_f, none_s = (sqlalchemy.cast(sqlalchemy.null(), t) for t in (_INT, _FLOAT, _TEXT))
 
     def part(table: sqlalchemy.Table, kind: int, i: Any, k: Any, f: Any, s: Any) -> Any:
-        key = table.c.trial_id == ids if one else table.c.trial_id.in_(ids)
+        key = table.c.trial_id.in_(sqlalchemy.bindparam("ids", expanding=True))
         cols = [table.c.trial_id, sqlalchemy.literal(kind, _INT), i, sqlalchemy.cast(k, _TEXT), f, s]
         return sqlalchemy.select(*cols).where(key)
 
@@ -175,6 +175,9 @@ def _children(ids: Any, one: bool) -> Any:
 
 
 _INT, _FLOAT, _TEXT = sqlalchemy.Integer(), sqlalchemy.Float(), sqlalchemy.Text()
+_CHILDREN = _children()
+CHUNK = 500
+"""Trials whose children one statement reads (as Optuna's loader batches them)."""
 
 
 def _value(stored: float | None, kind: str) -> float:
