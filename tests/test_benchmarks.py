@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PYTHON, REPO, worker_env
+from conftest import PYTHON, REPO, need_postgres, worker_env
 
 
 def _bench(script: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -79,6 +79,23 @@ def test_reads_benchmark_times_both_readers_on_the_same_trials(tmp_path: Path) -
     rows = json.loads(out.read_text())["rows"]
     assert [(r["read"], r["trials"]) for r in rows] == [("unfinished", 3), ("get_trial", 1), ("all", 15)]
     assert all(r["optuna_ms"] > 0 and r["sft_optuna_ms"] > 0 for r in rows)
+
+
+def test_scale_benchmark_claims_exactly_through_both_storages_with_the_samplers_cost_modelled(tmp_path: Path) -> None:
+    need_postgres()
+    out = tmp_path / "scale.json"
+    args = ["--storages", "postgresql,grpc", "--workers", "3", "--trials", "12", "--claims", "5", "--procs", "1"]
+    _bench("scale.py", *args, "--epochs", "1", "--epoch-s", "0", "--sampler-ms", "300", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["storage"], r["method"]) for r in rows] == [
+        (s, m) for s in ("postgresql", "grpc") for m in ("sft-optuna", "optuna")
+    ]
+    for r in rows:
+        assert r["claims"] >= 5 and r["left_running"] == 0 and not r["errors"], r  # plain Optuna may overshoot
+        assert r["sampler"] == "random, waits 300 ms" and r["claim_p50_ms"] >= 300, r  # the wait is in each claim
+        assert r["epoch_p50_ms"] is not None  # (connections are sampled from 1 s in: this row is over by then)
+    for r in rows[::2]:  # ours: exact
+        assert r["claims"] == 5 and r["overshoot"] == 0 and r["duplicates"] == 0, r
 
 
 def _tiny_curves(path: Path, n: int = 16, epochs: int = 4) -> Path:
