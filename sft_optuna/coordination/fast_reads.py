@@ -5,7 +5,8 @@ values, attributes and intermediate values costs ~0.4 ms of Python, and a single
 Its cache re-reads every *unfinished* trial on every ``get_all_trials``, so a study with 256 trials running
 pays that for all 256 on every claim (measured on PostgreSQL: 106 ms a read, made under the cache's lock that
 every other call of the process waits on — in the gRPC proxy, every worker's). :class:`FastReads` reads the
-same rows with plain SQL, one statement per table, and builds the same ``FrozenTrial`` objects.
+same rows with plain SQL — the trials' rows, then all their children in one ``UNION ALL`` — and builds the same
+``FrozenTrial`` objects (``benchmarks/reads.py``: 3-7x faster).
 
 Like :mod:`.fast_writes`, it names Optuna's tables through Optuna's own models and is only used on the schema
 versions it was written for (:data:`.fast_writes.SCHEMA_VERSIONS`); elsewhere the storage keeps Optuna's methods.
@@ -50,9 +51,9 @@ def _distribution(distribution_json: str) -> BaseDistribution:
 
 
 class FastReads:
-    """``RDBStorage._get_trials`` and ``RDBStorage.get_trial`` in plain SQL: the trials' rows first, then each
-    child table's rows for those trials (a trial read finished has its values already: Optuna writes both in
-    one transaction, and a finished trial's children no longer change)."""
+    """``RDBStorage._get_trials`` and ``RDBStorage.get_trial`` in plain SQL: the trials' rows first, then their
+    children by those trials' ids (a trial read finished has its values already: Optuna writes both in one
+    transaction, and a finished trial's children no longer change)."""
 
     def __init__(self, rdb: optuna.storages.RDBStorage) -> None:
         # Optuna's own per-thread session: a read made while Optuna holds a session (its error paths read the
