@@ -222,10 +222,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    from sft_optuna.coordination.proxy import serve
+    from sft_optuna.coordination.proxy import serve, serve_processes
     from sft_optuna.results.dashboard import is_loopback
 
-    storage = open_storage(resolve_url(args.storage), OUTAGE_S, connections=args.threads)
+    url = resolve_url(args.storage)
+    storage = open_storage(url, OUTAGE_S, connections=args.threads)
     if not is_loopback(args.host):
         log.warning(
             "the proxy has no authentication: anyone who reaches %s:%d can read and change every study in %s; "
@@ -234,12 +235,16 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             args.port,
             storage.masked,
         )
+    n = args.processes
     print(
-        f"proxy for {storage.masked} on grpc://{args.host}:{args.port} "
-        f"({args.threads} threads, at most {args.threads} database connections)",
+        f"proxy for {storage.masked} on grpc://{args.host}:{args.port} ({n} process{'es' if n > 1 else ''} × "
+        f"{args.threads} threads, at most {n * args.threads} database connections)",
         flush=True,
     )
-    serve(storage, args.host, args.port, args.threads)
+    if n > 1:
+        serve_processes(url, storage, args.host, args.port, args.threads, n)
+    else:
+        serve(storage, args.host, args.port, args.threads)
     return 0
 
 
@@ -402,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=13000)
     p.add_argument(
         "--threads", type=_positive_int, default=16, help="server threads = database connections held (default 16)"
+    )
+    p.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=1,
+        help="proxy processes on the port, each with --threads threads and connections (default 1: one core)",
     )
     p.set_defaults(func=cmd_proxy)
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 import subprocess
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,7 @@ import optuna
 import pytest
 import sqlalchemy
 import yaml
-from conftest import study_dict
+from conftest import PYTHON, free_port, study_dict, worker_env
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
@@ -322,3 +325,75 @@ def test_a_read_keeps_the_trials_it_read_first_when_others_change_between_its_st
     # As they were read, params and all (the finished one's value, written meanwhile, may show: so it does in
     # Optuna's ORM, whose loader reads the children by the ids read, as this does)
     assert [_fields(t)[:5] + _fields(t)[6:] for t in got] == [_fields(t)[:5] + _fields(t)[6:] for t in running]
+
+
+def _listening(port: int) -> int:
+    """Sockets listening on ``port`` (each proxy process has its own)."""
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            n += local.endswith(f":{port:04X}") and state == "0A"
+    return n
+
+
+def _children(pid: int) -> list[int]:
+    """The proxy's processes started by ``pid`` (not multiprocessing's resource tracker)."""
+    kids = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+def _proxy(db_url: str, port: int, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [PYTHON, "-m", "sft_optuna", "proxy", "--port", str(port), "--threads", "2", *extra],
+        env=worker_env(SFT_OPTUNA_STORAGE=db_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _until(check: Any, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="counts listening sockets in /proc")
+def test_a_proxy_of_several_processes_shares_its_port_and_ends_as_one(postgres_url: str) -> None:
+    port = free_port()
+    proxy = _proxy(postgres_url, port, "--processes", "3")
+    try:
+        _until(lambda: _listening(port) == 3, "three processes listening on the port")
+        # a second proxy on that port (maybe for another database) fails instead of taking some of the workers
+        other = _proxy(postgres_url, port)
+        try:
+            _, err = other.communicate(timeout=60)
+        finally:
+            other.kill()
+        assert other.returncode == 2 and f"cannot serve on 127.0.0.1:{port}" in err.strip().splitlines()[-1], err
+        assert _listening(port) == 3
+        url = f"grpc://127.0.0.1:{port}"
+        optuna.create_study(storage=open_storage(url).optuna, study_name="shared", direction="maximize")
+        for _ in range(6):  # new clients, spread over the processes by the kernel: one study for all
+            study = optuna.load_study(study_name="shared", storage=open_storage(url).optuna)
+            study.tell(study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), 0.5)
+        assert len(study.get_trials()) == 6
+        # one process dies: the whole proxy stops (for its supervisor to restart), the others with it
+        assert len(_children(proxy.pid)) == 2
+        os.kill(_children(proxy.pid)[0], signal.SIGKILL)
+        assert proxy.wait(timeout=30) != 0
+        _until(lambda: _listening(port) == 0, "no process left listening", timeout=20)
+    finally:
+        proxy.kill()
+        proxy.wait()
+    proxy = _proxy(postgres_url, port, "--processes", "2")
+    try:
+        _until(lambda: _listening(port) == 2, "two processes listening on the port")
+        proxy.kill()  # the parent killed outright: its children go too
+        proxy.wait()
+        _until(lambda: _listening(port) == 0, "no process left listening", timeout=20)
+    finally:
+        proxy.kill()
+        proxy.wait()

@@ -2,19 +2,32 @@
 
 Workers point at ``grpc://HOST:PORT`` instead of the database: the proxy holds a fixed pool of database
 connections (one per server thread) whatever the number of workers, and serves the storage with sft-optuna's
-guarded state changes and one-statement writes (``RetryingStorage``), so claims stay exact through it.
+guarded state changes, one-statement writes and two-statement reads (``RetryingStorage``), so claims stay exact
+through it. One proxy process is one Python interpreter: past ~1 core of work it is its GIL that limits it, so
+``processes`` > 1 runs that many on one port (the kernel spreads the workers' connections over them,
+``SO_REUSEPORT``), each with its own pool; every guard runs in the database, so claims stay exact across them.
 The proxy has no authentication: keep it on a private network (it binds to 127.0.0.1 unless told otherwise).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
-from sft_optuna.coordination.storage import Storage
+import grpc
+
+from sft_optuna.coordination.retrying import OUTAGE_S
+from sft_optuna.coordination.storage import Storage, open_storage
 from sft_optuna.errors import UserError
 
-__all__ = ["DEFAULT_PORT", "DEFAULT_THREADS", "serve"]
+__all__ = ["DEFAULT_PORT", "DEFAULT_THREADS", "serve", "serve_processes"]
 
 log = logging.getLogger(__name__)
 
@@ -23,19 +36,57 @@ DEFAULT_THREADS = 16
 """Server threads, and database connections in the pool (one each)."""
 
 
-def serve(storage: Storage, host: str, port: int, threads: int = DEFAULT_THREADS) -> None:
-    """Serve ``storage`` over gRPC on ``host:port`` until interrupted."""
-    from optuna.storages._grpc.server import make_server  # what run_grpc_proxy_server does, minus its logging
+def serve(storage: Storage, host: str, port: int, threads: int = DEFAULT_THREADS, shared: bool = False) -> None:
+    """Serve ``storage`` over gRPC on ``host:port`` until interrupted. ``shared``: other processes of the same
+    proxy serve the same port (gRPC would share any port by default: a second proxy started on a port in use,
+    maybe for another database, would silently take half of the workers — without ``shared`` that fails)."""
+    from optuna.storages._grpc.auto_generated import api_pb2_grpc
+    from optuna.storages._grpc.servicer import OptunaStorageProxyService
 
     if storage.backend.name == "grpc":
         raise UserError(f"{storage.masked} is itself a proxy: point the proxy at the database (--storage URL)")
-    server = make_server(storage.optuna, host, port, ThreadPoolExecutor(max_workers=threads))
+    # what Optuna's make_server does, with the port's sharing stated
+    server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", int(shared))])
+    api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(storage.optuna), server)
     try:
+        server.add_insecure_port(f"{host}:{port}")
         server.start()
-    except RuntimeError as exc:
-        raise UserError(f"cannot serve on {host}:{port}: {exc}") from None
+    except RuntimeError:  # gRPC says only "Failed to bind"
+        raise UserError(f"cannot serve on {host}:{port}: the address is in use or cannot be bound here") from None
     log.info("serving %s on grpc://%s:%d with %d threads", storage.masked, host, port, threads)
     try:
         server.wait_for_termination()
     finally:
         server.stop(grace=5)
+
+
+def serve_processes(url: str, storage: Storage, host: str, port: int, threads: int, processes: int) -> None:
+    """``processes`` proxy processes on one port: this one and ``processes - 1`` children, which die with it;
+    if one of them dies, this one stops too (a supervisor restarts the whole proxy)."""
+    if port == 0:
+        raise UserError("--processes needs a fixed --port: each process binds the same one")
+    ctx = multiprocessing.get_context("spawn")
+    children = [ctx.Process(target=_child, args=(url, host, port, threads), daemon=True) for _ in range(processes - 1)]
+    for child in children:
+        child.start()  # the URL travels through the spawn pipe, never on a command line
+
+    def watch() -> None:
+        while all(c.is_alive() for c in children):
+            time.sleep(1.0)
+        dead = next(c for c in children if not c.is_alive())
+        log.error("proxy process %d exited with code %s: stopping the proxy", dead.pid, dead.exitcode)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="proxy-children", daemon=True).start()
+    serve(storage, host, port, threads, shared=True)
+
+
+def _child(url: str, host: str, port: int, threads: int) -> None:
+    if sys.platform == "linux":  # die with the parent, however it ends
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        serve(open_storage(url, OUTAGE_S, connections=threads), host, port, threads, shared=True)
+    except UserError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
