@@ -97,12 +97,13 @@ def max_connections() -> int:
         return int(conn.execute(sqlalchemy.text("SHOW max_connections")).scalar_one())
 
 
-def start_proxy(db_url: str, threads: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_proxy(db_url: str, threads: int, processes: int = 1) -> tuple[subprocess.Popen[bytes], str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "SFT_OPTUNA_STORAGE": db_url}  # never on the command line
     cmd = [sys.executable, "-m", "sft_optuna", "proxy", "--port", str(port), "--threads", str(threads)]
+    cmd += ["--processes", str(processes)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -342,8 +343,8 @@ def run_row(
     proxy = None
     try:
         url = db
-        if kind == "grpc":
-            proxy, url = start_proxy(db, 16)
+        if kind.startswith("grpc"):  # grpcN: the proxy with N processes
+            proxy, url = start_proxy(db, 16, int(kind.removeprefix("grpc") or 1))
         ctx = mp.get_context("spawn")
         # in a process of its own: its connections go with it
         filler = ctx.Process(target=prefill, args=(url, name, size - claims, claims, ours, epochs, load[2]))
@@ -444,7 +445,7 @@ def run_row(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--storages", default="postgresql,grpc")
+    p.add_argument("--storages", default="postgresql,grpc", help="postgresql, grpc, grpcN (a proxy of N processes)")
     p.add_argument("--workers", default="8,64,256")
     p.add_argument("--trials", default="100,2000")
     p.add_argument("--epoch-s", type=float, default=1.0, help="seconds an epoch sleeps")
