@@ -82,7 +82,7 @@ def best_ms(fn: Callable[[], Any], repeat: int) -> float:
 
 def measure(url: str, finished: int, running: int, repeat: int) -> list[dict[str, Any]]:
     rdb = optuna.storages.RDBStorage(url)  # Optuna's own class: its methods are the "optuna" column
-    fast = FastReads.for_storage(rdb)
+    fast = FastReads.for_storage(rdb, rdb.get_current_version())
     assert fast is not None, "FastReads does not apply to this schema version"
     sid, ids, last = build(rdb, finished, running)
     one = min(ids)

@@ -61,9 +61,10 @@ class FastReads:
         self.session = rdb.scoped_session
 
     @classmethod
-    def for_storage(cls, rdb: optuna.storages.RDBStorage) -> FastReads | None:
-        """``FastReads`` on ``rdb``, or ``None`` where its schema is not one this was written for."""
-        if rdb.get_current_version() not in fast_writes.SCHEMA_VERSIONS:
+    def for_storage(cls, rdb: optuna.storages.RDBStorage, version: str) -> FastReads | None:
+        """``FastReads`` on ``rdb`` (whose schema is at ``version``), or ``None`` where that is not a schema this
+        was written for."""
+        if version not in fast_writes.SCHEMA_VERSIONS:
             return None
         return cls(rdb)
 
@@ -218,8 +219,9 @@ class FastRDBStorage(optuna.storages.RDBStorage):
 
     fast_reads: FastReads | None = None
 
-    def use_fast_reads(self) -> None:
-        self.fast_reads = FastReads.for_storage(self)
+    def use_fast_reads(self, version: str) -> None:
+        """``version``: the schema's, as ``get_current_version`` read it."""
+        self.fast_reads = FastReads.for_storage(self, version)
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
         if self.fast_reads is None:

@@ -57,10 +57,11 @@ class FastWrites:
         self._fail = _transition(list(_UNFINISHED), TrialState.FAIL, "datetime_complete")
 
     @classmethod
-    def for_storage(cls, rdb: Any) -> FastWrites | None:
-        """``FastWrites`` on ``rdb``'s engine (an Optuna ``RDBStorage``), or ``None`` if it does not apply."""
+    def for_storage(cls, rdb: Any, version: str) -> FastWrites | None:
+        """``FastWrites`` on ``rdb``'s engine (an Optuna ``RDBStorage`` whose schema is at ``version``), or
+        ``None`` if it does not apply."""
         name = rdb.engine.dialect.name
-        if name not in _INSERTS or rdb.get_current_version() not in SCHEMA_VERSIONS:
+        if name not in _INSERTS or version not in SCHEMA_VERSIONS:
             return None
         if name == "sqlite" and sqlite3.sqlite_version_info < (3, 24, 0):  # no upsert before SQLite 3.24
             return None

@@ -208,8 +208,9 @@ def _open_sql(
         if rdb is None:
             with backend_for(url).lock(url, "schema", patience):
                 rdb = retry(lambda: FastRDBStorage(url, engine_kwargs=engine_kwargs), "open", patience)
-        fast = retry(lambda: FastWrites.for_storage(rdb), "open", patience)
-        retry(rdb.use_fast_reads, "open", patience)
+        version = retry(rdb.get_current_version, "open", patience)  # read once for both fast paths
+        fast = FastWrites.for_storage(rdb, version)
+        rdb.use_fast_reads(version)
         pool = rdb.engine.pool
         if isinstance(pool, sqlalchemy.pool.QueuePool) and overflow_once_open is not None:
             # Optuna's schema creation and check nest a second connection inside a session (the locked open
