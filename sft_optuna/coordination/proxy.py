@@ -66,7 +66,11 @@ def serve_processes(url: str, storage: Storage, host: str, port: int, threads: i
     if port == 0:
         raise UserError("--processes needs a fixed --port: each process binds the same one")
     ctx = multiprocessing.get_context("spawn")
-    children = [ctx.Process(target=_child, args=(url, host, port, threads), daemon=True) for _ in range(processes - 1)]
+    # the children log as this process was set up to (the command's level and format), not a setup of their own
+    level = logging.getLogger("sft_optuna").getEffectiveLevel()
+    formatter = next((h.formatter for h in logging.getLogger().handlers if h.formatter), None)
+    args = (url, host, port, threads, os.getpid(), level, formatter)
+    children = [ctx.Process(target=_child, args=args, daemon=True) for _ in range(processes - 1)]
     for child in children:
         child.start()  # the URL travels through the spawn pipe, never on a command line
 
@@ -81,10 +85,17 @@ def serve_processes(url: str, storage: Storage, host: str, port: int, threads: i
     serve(storage, host, port, threads, shared=True)
 
 
-def _child(url: str, host: str, port: int, threads: int) -> None:
+def _child(
+    url: str, host: str, port: int, threads: int, parent: int, level: int, formatter: logging.Formatter | None
+) -> None:
     if sys.platform == "linux":  # die with the parent, however it ends
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if os.getppid() != parent:  # it ended before the line above: nothing would signal this one
+        sys.exit(1)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    logging.getLogger().addHandler(handler)
+    logging.getLogger("sft_optuna").setLevel(level)
     try:
         serve(open_storage(url, OUTAGE_S, connections=threads), host, port, threads, shared=True)
     except UserError as exc:
