@@ -30,7 +30,7 @@ import time
 import uuid
 import warnings
 from collections import Counter
-from typing import Any
+from typing import Any, NamedTuple
 
 import optuna
 import sqlalchemy
@@ -46,6 +46,14 @@ SPACE = {
 }
 SAMPLER = {"name": "tpe", "seed": 0, "n_startup_trials": 10, "multivariate": True, "constant_liar": True}
 MODELLED = {"name": "random", "seed": 0}  # with --sampler-ms: a random sampler that waits as long as TPE computes
+
+
+class Load(NamedTuple):
+    """What each simulated trial does: its epochs, what one sleeps, and the modelled sampler's wait (0: TPE)."""
+
+    epoch_s: float
+    epochs: int
+    sampler_ms: float
 
 
 def study_config(name: str, claims: int, heartbeat_s: float, epochs: int, sampler_ms: float = 0.0) -> dict[str, Any]:
@@ -183,7 +191,7 @@ def _worker_thread(
     name: str,
     ours: bool,
     budget: int,
-    load: tuple[float, int, float],
+    load: Load,
     gate: Any,
     out: dict[str, list[Any]],
 ) -> None:
@@ -297,13 +305,11 @@ class _Null:
         return None
 
 
-def _process(
-    url: str, name: str, ours: bool, budget: int, threads: int, load: tuple[float, int, float], gate: Any, q: Any
-) -> None:
+def _process(url: str, name: str, ours: bool, budget: int, threads: int, load: Load, gate: Any, q: Any) -> None:
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    if load[2]:
-        model_sampler_cost(load[2])
+    if load.sampler_ms:
+        model_sampler_cost(load.sampler_ms)
     out: dict[str, list[Any]] = {
         "claim_s": [],
         "claim_cpu_s": [],
@@ -333,11 +339,8 @@ def _process(
     q.put(out)
 
 
-def run_row(
-    kind: str, workers: int, size: int, claims: int, load: tuple[float, int, float], procs: int, ours: bool
-) -> dict[str, Any]:
-    """One row; ``load``: seconds an epoch sleeps, epochs per trial, the modelled sampler's ms (0: real TPE)."""
-    epochs = load[1]
+def run_row(kind: str, workers: int, size: int, claims: int, load: Load, procs: int, ours: bool) -> dict[str, Any]:
+    epochs = load.epochs
     name = "scale"
     db = fresh_database()
     proxy = None
@@ -347,7 +350,7 @@ def run_row(
             proxy, url = start_proxy(db, 16, int(kind.removeprefix("grpc") or 1))
         ctx = mp.get_context("spawn")
         # in a process of its own: its connections go with it
-        filler = ctx.Process(target=prefill, args=(url, name, size - claims, claims, ours, epochs, load[2]))
+        filler = ctx.Process(target=prefill, args=(url, name, size - claims, claims, ours, epochs, load.sampler_ms))
         filler.start()
         filler.join()
         q = ctx.Queue()
@@ -407,7 +410,7 @@ def run_row(
             "method": "sft-optuna" if ours else "optuna",
             "workers": workers,
             "trials": size,
-            "sampler": f"random, waits {load[2]:g} ms" if load[2] else "tpe",
+            "sampler": f"random, waits {load.sampler_ms:g} ms" if load.sampler_ms else "tpe",
             "claims": len(claim_s),
             "claims_per_s": round(len(claim_s) / wall, 2),
             "claim_p50_ms": _pct(claim_s, 0.5),
@@ -489,7 +492,7 @@ def main() -> None:
                         )
                         continue
                     row = run_row(
-                        kind, workers, size, claims, (args.epoch_s, args.epochs, args.sampler_ms), args.procs, ours
+                        kind, workers, size, claims, Load(args.epoch_s, args.epochs, args.sampler_ms), args.procs, ours
                     )
                     rows.append(row)
                     print(
