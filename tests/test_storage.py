@@ -343,13 +343,16 @@ def _children(pid: int) -> list[int]:
     return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
 
 
-def _proxy(db_url: str, port: int, *extra: str) -> subprocess.Popen[str]:
+def _proxy(db_url: str, port: int, *extra: str, group: bool = False) -> subprocess.Popen[str]:
+    """``group``: in a process group of its own, with Ctrl-C's default action (as in a terminal)."""
     return subprocess.Popen(
         [PYTHON, "-m", "sft_optuna", "proxy", "--port", str(port), "--threads", "2", *extra],
         env=worker_env(SFT_OPTUNA_STORAGE=db_url),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=group,
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if group else None,
     )
 
 
@@ -394,6 +397,16 @@ def test_a_proxy_of_several_processes_shares_its_port_and_ends_as_one(postgres_u
         proxy.kill()  # the parent killed outright: its children go too
         proxy.wait()
         _until(lambda: _listening(port) == 0, "no process left listening", timeout=20)
+    finally:
+        proxy.kill()
+        proxy.wait()
+    proxy = _proxy(postgres_url, port, "--processes", "2", group=True)
+    try:
+        _until(lambda: _listening(port) == 2, "two processes listening on the port")
+        os.killpg(proxy.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
+        _, err = proxy.communicate(timeout=30)
+        assert proxy.returncode == 130 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1] == "sft-optuna: interrupted", err
     finally:
         proxy.kill()
         proxy.wait()

@@ -101,3 +101,5 @@ def _child(
     except UserError as exc:
         log.error("%s", exc)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent says "interrupted"
+        sys.exit(130)
