@@ -327,6 +327,115 @@ def test_a_read_keeps_the_trials_it_read_first_when_others_change_between_its_st
     assert [_fields(t)[:5] + _fields(t)[6:] for t in got] == [_fields(t)[:5] + _fields(t)[6:] for t in running]
 
 
+def _created_by(storage: Any) -> list[optuna.trial.FrozenTrial]:
+    """Trials created and given parameters every way a study does: queued (with and without fixed parameters),
+    asked without a queue, added whole with parameters and values (Optuna's method), parameters written again."""
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    study = optuna.create_study(storage=storage, study_name=uuid.uuid4().hex, direction="maximize", sampler=sampler)
+    study.enqueue_trial({"x": 0.5, "c": None}, user_attrs={"slot": 0, "lineage": [1, "a"]})
+    study.enqueue_trial({}, user_attrs={"slot": 1}, skip_if_exists=False)
+    for _ in range(3):  # the queued two, then a fresh one
+        trial = study.ask()
+        trial.suggest_float("x", 0.0, 1.0)
+        trial.suggest_int("n", 1, 8, log=True)
+        trial.suggest_categorical("c", [None, "a", True, 2.5])
+        trial.suggest_float("x", 0.0, 1.0)  # asked again: Optuna writes it again, which changes nothing
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"x": 0.75},
+            distributions={"x": optuna.distributions.FloatDistribution(0.0, 1.0)},
+            value=0.5,
+            user_attrs={"k": 1},
+            intermediate_values={1: 0.25},
+        )
+    )
+    return study.get_trials()
+
+
+def test_fast_creations_and_parameters_store_exactly_what_optunas_methods_store(sql_url: str) -> None:
+    storage = open_storage(sql_url).optuna
+    assert isinstance(_rdb(storage).fast_writes, fast_writes.FastWrites)
+    optunas = optuna.storages.RDBStorage(sql_url)
+    assert not hasattr(optunas, "fast_writes")
+    ours, theirs = _created_by(storage), _created_by(optunas)
+    assert [t.state for t in ours] == [TrialState.RUNNING] * 3 + [TrialState.COMPLETE]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.system_attrs.get("fixed_params") == b.system_attrs.get("fixed_params")
+        skip = {0, 3, 4}  # trial ids and times differ
+        assert [f for i, f in enumerate(_fields(a)) if i not in skip] == [
+            f for i, f in enumerate(_fields(b)) if i not in skip
+        ]
+        # Read back by Optuna's own ORM, not only by the fast reads
+        assert _fields(optuna.storages.RDBStorage.get_trial(_rdb(storage), a._trial_id)) == _fields(a)
+    # What a creation returns (Optuna's cache keeps it) is what was stored
+    rdb, sid = _rdb(storage), optuna.create_study(storage=storage)._study_id
+    queued = optuna.trial.create_trial(state=TrialState.WAITING, user_attrs={"slot": 2}, system_attrs={"a": [1]})
+    for template in (None, queued):
+        created = rdb._create_new_trial(sid, template)
+        assert _fields(created) == _fields(optuna.storages.RDBStorage.get_trial(rdb, created._trial_id))
+
+
+def test_a_queued_trial_is_created_in_one_transaction_and_a_parameter_written_in_one_statement(sql_url: str) -> None:
+    storage = open_storage(sql_url).optuna
+    sampler = optuna.samplers.RandomSampler(seed=0)  # one that reads nothing to sample
+    study = optuna.create_study(storage=storage, study_name="count", direction="maximize", sampler=sampler)
+    study.ask().suggest_float("x", 0.0, 1.0)  # the study's first "x": Optuna's method (it reads the study's)
+    statements: list[str] = []
+    sqlalchemy.event.listen(_rdb(storage).engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    study.enqueue_trial({}, user_attrs={"slot": 7}, skip_if_exists=False)
+    # the study's row, the trial, its user and system attributes (Optuna's ORM: 10)
+    assert len(statements) == 4, statements
+    assert "FOR UPDATE" in statements[0] or sql_url.startswith("sqlite")
+    statements.clear()
+    trial = study.ask()
+    statements.clear()
+    trial.suggest_float("x", 0.0, 1.0)
+    assert len(statements) == 1 and statements[0].lstrip().upper().startswith("INSERT"), statements
+
+
+def test_parameters_and_creations_refused_raise_optunas_errors(sql_url: str) -> None:
+    storage = open_storage(sql_url).optuna
+    study = optuna.create_study(storage=storage, study_name="refused", direction="maximize")
+    first = study.ask()
+    first.suggest_float("x", 0.0, 1.0)
+    study.tell(first, 0.5)
+    dist = optuna.distributions.FloatDistribution(0.0, 1.0)
+    with pytest.raises(UpdateFinishedTrialError):
+        storage.set_trial_param(first._trial_id, "x", 0.5, dist)
+    with pytest.raises(KeyError):
+        storage.set_trial_param(first._trial_id + 1000, "x", 0.5, dist)
+    trial = study.ask()
+    with pytest.raises(ValueError, match="Cannot set different distribution"):
+        storage.set_trial_param(trial._trial_id, "x", 1, optuna.distributions.CategoricalDistribution([1, 2]))
+    storage.set_trial_param(trial._trial_id, "x", 0.25, dist)
+    storage.set_trial_param(trial._trial_id, "x", 0.75, dist)  # a second write of a parameter: ignored, as Optuna
+    assert storage.get_trial(trial._trial_id).params == {"x": 0.25}
+    assert [t.params for t in study.get_trials()] == [{"x": first.params["x"]}, {"x": 0.25}]
+    with pytest.raises(KeyError):
+        storage.create_new_trial(study._study_id + 1000)
+
+
+def test_trials_created_at_the_same_instant_get_distinct_numbers(sql_url: str) -> None:
+    open_storage(sql_url)
+    study_name = uuid.uuid4().hex
+    optuna.create_study(storage=open_storage(sql_url).optuna, study_name=study_name)
+    start = threading.Barrier(4)
+
+    def create() -> None:
+        study = optuna.load_study(study_name=study_name, storage=open_storage(sql_url).optuna)
+        start.wait()
+        for slot in range(25):
+            study.enqueue_trial({}, user_attrs={"slot": slot}, skip_if_exists=False)
+
+    threads = [threading.Thread(target=create) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    trials = optuna.load_study(study_name=study_name, storage=sql_url).get_trials()
+    assert sorted(t.number for t in trials) == list(range(100))
+
+
 def _listening(port: int) -> int:
     """Sockets listening on ``port`` (each proxy process has its own)."""
     n = 0

@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sft_optuna.coordination import fast_writes
 
-__all__ = ["FastRDBStorage", "FastReads"]
+__all__ = ["FastReads"]
 
 _TRIALS = models.TrialModel.__table__
 _PARAMS = models.TrialParamModel.__table__
@@ -211,30 +211,3 @@ def _frozen(row: Any, c: dict[str, Any]) -> FrozenTrial:
         intermediate_values=c["steps"],
         trial_id=row.trial_id,
     )
-
-
-class FastRDBStorage(optuna.storages.RDBStorage):
-    """Optuna's RDB storage whose trial reads go through :class:`FastReads` once :meth:`use_fast_reads` found
-    the schema to be one it knows (until then, and otherwise, Optuna's own)."""
-
-    fast_reads: FastReads | None = None
-
-    def use_fast_reads(self, version: str) -> None:
-        """``version``: the schema's, as ``get_current_version`` read it."""
-        self.fast_reads = FastReads.for_storage(self, version)
-
-    def get_trial(self, trial_id: int) -> FrozenTrial:
-        if self.fast_reads is None:
-            return super().get_trial(trial_id)
-        return self.fast_reads.trial(trial_id)
-
-    def _get_trials(
-        self,
-        study_id: int,
-        states: Container[TrialState] | None,
-        included_trial_ids: set[int],
-        trial_id_greater_than: int,
-    ) -> list[FrozenTrial]:
-        if self.fast_reads is None:
-            return super()._get_trials(study_id, states, included_trial_ids, trial_id_greater_than)
-        return self.fast_reads.trials(study_id, states, included_trial_ids, trial_id_greater_than)

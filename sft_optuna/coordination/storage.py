@@ -26,8 +26,7 @@ import optuna
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
-from sft_optuna.coordination.fast_reads import FastRDBStorage
-from sft_optuna.coordination.fast_writes import FastWrites
+from sft_optuna.coordination.fast_rdb import FastRDBStorage
 from sft_optuna.coordination.locks import LockHold, advisory_lock, file_lock, memory_lock
 from sft_optuna.coordination.retrying import OUTAGE_S, RetryingStorage, error_reason, retry
 from sft_optuna.errors import StorageError
@@ -208,9 +207,8 @@ def _open_sql(
         if rdb is None:
             with backend_for(url).lock(url, "schema", patience):
                 rdb = retry(lambda: FastRDBStorage(url, engine_kwargs=engine_kwargs), "open", patience)
-        version = retry(rdb.get_current_version, "open", patience)  # read once for both fast paths
-        fast = FastWrites.for_storage(rdb, version)
-        rdb.use_fast_reads(version)
+        version = retry(rdb.get_current_version, "open", patience)  # read once for every fast path
+        fast = rdb.use_fast_paths(version)
         pool = rdb.engine.pool
         if isinstance(pool, sqlalchemy.pool.QueuePool) and overflow_once_open is not None:
             # Optuna's schema creation and check nest a second connection inside a session (the locked open
