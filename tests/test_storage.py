@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from sft_optuna.cli import main
 from sft_optuna.coordination import fast_reads, fast_writes
+from sft_optuna.coordination.shared_reads import SharedReadsStorage
 from sft_optuna.coordination.storage import backend_for, open_storage
 
 VALUES = [0.25, 0.0, 1e-300, float("nan"), float("inf"), float("-inf")]
@@ -434,6 +435,83 @@ def test_trials_created_at_the_same_instant_get_distinct_numbers(sql_url: str) -
         t.join()
     trials = optuna.load_study(study_name=study_name, storage=sql_url).get_trials()
     assert sorted(t.number for t in trials) == list(range(100))
+
+
+def _slowed_reads(storage: Any, seconds: float, fail: int = 0) -> tuple[threading.Event, list[str]]:
+    """Each read of a study's trials holds ``seconds`` after its rows came back (so what it read is fixed before
+    the wait); the event is set when the first one is waiting. ``fail``: the read of that count raises instead."""
+    started, reads = threading.Event(), []
+
+    def hold(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        if "ORDER BY trials.trial_id" in statement:
+            reads.append(threading.current_thread().name)
+            started.set()
+            time.sleep(seconds)
+            if len(reads) == fail:
+                raise RuntimeError(f"read {fail} failed")
+
+    sqlalchemy.event.listen(_rdb(storage).engine, "after_cursor_execute", hold)
+    return started, reads
+
+
+def _read_together(shared: Any, study_id: int, n: int) -> tuple[list[Any], list[BaseException]]:
+    results: list[Any] = [None] * n
+    errors: list[BaseException] = []
+    go = threading.Barrier(n)
+
+    def read(i: int) -> None:
+        go.wait()
+        try:
+            results[i] = [t.number for t in shared.get_all_trials(study_id)]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read, args=(i,), name=f"reader-{i}") for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
+def test_the_proxy_serves_requests_that_arrive_together_with_one_read(sql_url: str) -> None:
+    storage = open_storage(sql_url).optuna
+    study = _every_kind_of_trial(storage, ["maximize"])
+    shared = SharedReadsStorage(storage)
+    _, reads = _slowed_reads(storage, 0.3)
+    results, errors = _read_together(shared, study._study_id, 8)
+    assert not errors
+    assert results == [list(range(7))] * 8
+    assert len(reads) <= 2, reads  # the first, and one for those who came while it ran (alone: 8)
+
+
+def test_a_request_is_never_answered_by_a_read_that_began_before_it(sql_url: str) -> None:
+    storage = open_storage(sql_url).optuna
+    study = _every_kind_of_trial(storage, ["maximize"])
+    shared = SharedReadsStorage(storage)
+    started, reads = _slowed_reads(storage, 0.5)
+    early = threading.Thread(target=lambda: shared.get_all_trials(study._study_id), name="early")
+    early.start()
+    assert started.wait(10)
+    other = optuna.load_study(study_name=study.study_name, storage=open_storage(sql_url).optuna)
+    new = other.ask()  # written after the early read fetched its rows, before this caller asks
+    got = [t.number for t in shared.get_all_trials(study._study_id)]
+    early.join()
+    assert new.number in got
+    assert len(reads) == 2
+
+
+def test_when_a_shared_read_fails_the_callers_who_waited_for_it_read_again(sql_url: str) -> None:
+    storage = open_storage(sql_url).optuna
+    study = _every_kind_of_trial(storage, ["maximize"])
+    shared = SharedReadsStorage(storage)
+    # The first read serves the first caller; those who came meanwhile share the second, which fails: its
+    # reader gets the error, the others read again (a third read) instead of taking a read that never came.
+    _, reads = _slowed_reads(storage, 0.3, fail=2)
+    results, errors = _read_together(shared, study._study_id, 6)
+    assert [str(e) for e in errors] == ["read 2 failed"]
+    assert [r for r in results if r is not None] == [list(range(7))] * 5
+    assert len(reads) == 3, reads
 
 
 def _listening(port: int) -> int:

@@ -3,7 +3,7 @@
 Workers point at ``grpc://HOST:PORT`` instead of the database: the proxy holds a fixed pool of database
 connections (one per server thread) whatever the number of workers, and serves the storage with sft-optuna's
 guarded state changes, one-statement writes and two-statement reads (``RetryingStorage``), so claims stay exact
-through it. One proxy process is one Python interpreter: past ~1 core of work it is its GIL that limits it, so
+through it; requests for a study's trials that arrive together share one read (``SharedReadsStorage``). One proxy process is one Python interpreter: past ~1 core of work it is its GIL that limits it, so
 ``processes`` > 1 runs that many on one port (the kernel spreads the workers' connections over them,
 ``SO_REUSEPORT``), each with its own pool; every guard runs in the database, so claims stay exact across them.
 The proxy has no authentication: keep it on a private network (it binds to 127.0.0.1 unless told otherwise).
@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from sft_optuna.coordination.retrying import OUTAGE_S
+from sft_optuna.coordination.shared_reads import SharedReadsStorage
 from sft_optuna.coordination.storage import Storage, open_storage
 from sft_optuna.errors import UserError
 
@@ -47,7 +48,9 @@ def serve(storage: Storage, host: str, port: int, threads: int = DEFAULT_THREADS
         raise UserError(f"{storage.masked} is itself a proxy: point the proxy at the database (--storage URL)")
     # what Optuna's make_server does, with the port's sharing stated
     server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", int(shared))])
-    api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(storage.optuna), server)
+    # requests for a study's trials that arrive together share one read of the database
+    service = OptunaStorageProxyService(SharedReadsStorage(storage.optuna))
+    api_pb2_grpc.add_StorageServiceServicer_to_server(service, server)
     try:
         server.add_insecure_port(f"{host}:{port}")
         server.start()
