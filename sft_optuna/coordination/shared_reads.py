@@ -42,8 +42,6 @@ class SharedReadsStorage(RetryingStorage):
         super().__init__(storage.inner, storage.fast)
         self._cond = threading.Condition()
         self._studies: dict[int, _Study] = {}
-        self.reads = 0
-        """Reads made (for tests and benchmarks: requests / reads is the sharing)."""
 
     def get_all_trials(
         self, study_id: int, deepcopy: bool = True, states: Container[TrialState] | None = None
@@ -68,7 +66,6 @@ class SharedReadsStorage(RetryingStorage):
                     study.reading = False
                     if read is not None:
                         study.latest, study.answered = read, covers
-                        self.reads += 1
                     self._cond.notify_all()  # after an error the waiters read again, one of them for all
             trials = read
         if states is not None:
