@@ -107,41 +107,41 @@ class FastWrites:
         ``FOR UPDATE`` as Optuna takes it (the number is the count of the study's trials before it), the trial
         with its number, its attributes. ``None`` where this does not apply (a template with parameters, values
         or intermediate values; an unknown study): the caller uses Optuna's method."""
-        if template is not None and (template.params or template.values is not None or template.intermediate_values):
-            return None
-        now = datetime.now()
-        state, start, complete = (
-            (TrialState.RUNNING, now, None)
-            if template is None
-            else (template.state, template.datetime_start, template.datetime_complete)
-        )
-        lock, insert, user, system = self._creation
-        with self._transactions.begin() as conn:
-            if conn.execute(lock, {"sid": study_id}).first() is None:
-                return None
-            trial_id, number = conn.execute(
-                insert, {"sid": study_id, "state": state, "start": start, "complete": complete}
-            ).one()
-            for stmt, attrs in ((user, template.user_attrs), (system, template.system_attrs)) if template else ():
-                if attrs:
-                    conn.execute(
-                        stmt, [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
-                    )
-        if template is None:
-            return FrozenTrial(
-                number=number,
-                state=state,
+        if template is None:  # what Optuna creates without one: a RUNNING trial started now
+            template = FrozenTrial(
+                number=-1,
+                state=TrialState.RUNNING,
                 value=None,
                 values=None,
-                datetime_start=start,
+                datetime_start=datetime.now(),
                 datetime_complete=None,
                 params={},
                 distributions={},
                 user_attrs={},
                 system_attrs={},
                 intermediate_values={},
-                trial_id=trial_id,
+                trial_id=-1,
             )
+        elif template.params or template.values is not None or template.intermediate_values:
+            return None
+        lock, insert, user, system = self._creation
+        with self._transactions.begin() as conn:
+            if conn.execute(lock, {"sid": study_id}).first() is None:
+                return None
+            trial_id, number = conn.execute(
+                insert,
+                {
+                    "sid": study_id,
+                    "state": template.state,
+                    "start": template.datetime_start,
+                    "complete": template.datetime_complete,
+                },
+            ).one()
+            for stmt, attrs in ((user, template.user_attrs), (system, template.system_attrs)):
+                if attrs:
+                    conn.execute(
+                        stmt, [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
+                    )
         frozen = copy.deepcopy(template)
         frozen.number = number
         frozen._trial_id = trial_id
