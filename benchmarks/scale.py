@@ -196,7 +196,7 @@ def _worker_thread(
     out: dict[str, list[Any]],
 ) -> None:
     """One simulated worker: its own storage client; claims and runs trials until the budget is spent."""
-    from sft_optuna.coordination.claims import claim_trial, recover_trials
+    from sft_optuna.coordination.claims import claim_trial, recover_trials, slots_to_queue
     from sft_optuna.coordination.heartbeat import Heartbeat, Watcher, watch_interval
     from sft_optuna.coordination.storage import open_storage
     from sft_optuna.objective import HistoryWriter
@@ -241,6 +241,11 @@ def _worker_thread(
                     trial = study.ask()
                     suggest(trial, config.search_space)
             if trial is None:
+                # as a worker does: wait for the slots still to be queued, leave when nothing is left to claim
+                trials = study.get_trials(deepcopy=False) if ours else []
+                if ours and (slots_to_queue(trials, config) or any(t.state == TrialState.WAITING for t in trials)):
+                    continue
+                out["exits"].append(time.time())
                 break
             out["claim_s"].append(time.perf_counter() - t0)
             out["claim_cpu_s"].append(time.thread_time() - c0)
@@ -319,6 +324,7 @@ def _process(url: str, name: str, ours: bool, budget: int, threads: int, load: L
         "errors": [],
         "ready": [],
         "last_trial_end": [],
+        "exits": [],
     }
 
     def run() -> None:
@@ -435,6 +441,12 @@ def run_row(kind: str, workers: int, size: int, claims: int, load: Load, procs: 
             # the last trial ended (the rest of wall_s is workers finding the queue empty and exiting)
             "late_workers": sum(t > start_at for r in results for t in r["ready"]),
             "last_ready_s": round(max(t for r in results for t in r["ready"]) - start_at, 1),
+            # workers that found no queued trial and left while others still had trials to claim
+            "early_exits": sum(
+                t < max((e for r in results for e in r["last_trial_end"]), default=start_at) - 1.0
+                for r in results
+                for t in r["exits"]
+            ),
             "last_trial_end_s": round(
                 max((t for r in results for t in r["last_trial_end"]), default=start_at) - start_at, 1
             ),

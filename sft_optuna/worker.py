@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
 from sft_optuna.coordination.checkpoints import CheckpointStore
-from sft_optuna.coordination.claims import claim_trial, queue_retry, recover_trials, study_done
+from sft_optuna.coordination.claims import claim_trial, queue_retry, recover_trials, slots_to_queue, study_done
 from sft_optuna.coordination.heartbeat import Heartbeat, Watcher, watch_interval
 from sft_optuna.errors import DataError, ModelError, NodeFault
 from sft_optuna.node import (
@@ -216,7 +216,10 @@ def run_worker(study: optuna.Study, config: StudyConfig, options: WorkerOptions,
                 if study_done(trials, config):
                     log.info("study %r: budget spent, worker done", config.name)
                     break
-                if not waiting:
+                if not waiting and slots_to_queue(trials, config):
+                    log.info("study %r: no queued trial yet; waiting for the next budget slots", config.name)
+                    waiting = True
+                elif not waiting:
                     running = sorted(t.number for t in trials if t.state == TrialState.RUNNING)
                     log.info(
                         "study %r: budget spent; waiting for running trial(s) %s to finish (a retry, if one of "

@@ -514,6 +514,42 @@ def test_when_a_shared_read_fails_the_callers_who_waited_for_it_read_again(sql_u
     assert len(reads) == 3, reads
 
 
+def test_the_proxy_makes_each_trials_message_once_and_answers_what_optunas_servicer_answers(
+    sql_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from optuna.storages._grpc.auto_generated import api_pb2
+    from optuna.storages._grpc.servicer import OptunaStorageProxyService
+
+    from sft_optuna.coordination import proxy
+
+    storage = open_storage(sql_url).optuna
+    study = _every_kind_of_trial(storage, ["maximize"])
+    ours, optunas = proxy.MessageCachingService(storage), OptunaStorageProxyService(storage)
+    made: list[int] = []
+    make = proxy._to_proto_trial
+    monkeypatch.setattr(proxy, "_to_proto_trial", lambda t: made.append(t.number) or make(t))
+    unfinished = [t for t in study.get_trials() if not t.state.is_finished()]
+    everything = api_pb2.GetTrialsRequest(study_id=study._study_id, trial_id_greater_than=-1)
+    # what a client that has seen every finished trial asks: its unfinished ones and anything new
+    client = api_pb2.GetTrialsRequest(
+        study_id=study._study_id,
+        included_trial_ids=[t._trial_id for t in unfinished[:-1]],
+        trial_id_greater_than=max(t._trial_id for t in study.get_trials() if t.state.is_finished()),
+    )
+    first = ours.GetTrials(everything, None)
+    assert first == optunas.GetTrials(everything, None) and len(first.trials) == 7
+    assert ours.GetTrials(everything, None) == first
+    assert ours.GetTrials(client, None) == optunas.GetTrials(client, None)
+    assert len(ours.GetTrials(client, None).trials) == len(unfinished)
+    # a finished trial's message is made once; an unfinished one is re-read (a new object) by every request
+    assert sorted(made) == sorted([*range(7), *[t.number for t in unfinished] * 3])
+    running = next(t for t in unfinished if t.state == TrialState.RUNNING)
+    storage.set_trial_intermediate_value(running._trial_id, 99, 0.5)
+    storage.set_trial_user_attr(running._trial_id, "new", 1)
+    after = ours.GetTrials(everything, None)
+    assert after == optunas.GetTrials(everything, None) and after != first, "a change is in the next answer"
+
+
 def _listening(port: int) -> int:
     """Sockets listening on ``port`` (each proxy process has its own)."""
     n = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -140,6 +141,39 @@ def test_a_claim_on_an_empty_queue_makes_no_trial_and_the_budget_stays_exact(
     assert claims.claim_trial(study, config) is None
     trials = study.get_trials()
     assert len(trials) == 2 and claims.budget_used(trials) == 2
+
+
+def test_a_claim_waits_for_budget_slots_still_to_be_queued_and_not_when_none_are(
+    folder_root: Path, sqlite_url: str
+) -> None:
+    """More workers than the queue holds (a cluster's cold start): a claim that finds the queue empty while the
+    owner of an earlier chunk is still queuing the next one gets a trial seconds later, not None (on which a
+    worker would sleep a whole poll interval, saying the budget was spent)."""
+    from sft_optuna.coordination import claims
+    from sft_optuna.study_file import parse_study
+
+    n = claims.QUEUE_CHUNK + 8
+    config = parse_study(study_dict(folder_root, budget={"n_trials": n}, train={"epochs": 1}))
+    study = optuna.create_study(storage=open_storage(sqlite_url).optuna, study_name="t", direction="maximize")
+    study.set_user_attr(attrs.STUDY_CONFIG, config.to_dict())
+    claims._queue_chunk(study, config, 1)  # slots 32..39 queued; 0..31 still to be queued
+    for _ in range(8):
+        trial = claims.claim_trial(study, config)
+        assert trial is not None
+        study.tell(trial, 0.5)
+    assert claims.slots_to_queue(study.get_trials(), config) == claims.QUEUE_CHUNK
+    threading.Timer(1.0, claims._queue_chunk, (study, config, 0)).start()  # the owner, a moment later
+    t0 = time.monotonic()
+    trial = claims.claim_trial(study, config)
+    assert trial is not None, "the claim gave up while budget slots were still to be queued"
+    assert trial.user_attrs[attrs.SLOT] in range(claims.QUEUE_CHUNK) and time.monotonic() - t0 >= 0.9
+    study.tell(trial, 0.5)
+    while (trial := claims.claim_trial(study, config)) is not None:
+        study.tell(trial, 0.5)
+    t0 = time.monotonic()
+    assert claims.claim_trial(study, config) is None and time.monotonic() - t0 < 1.0, "nothing to wait for"
+    trials = study.get_trials()
+    assert sorted(t.user_attrs[attrs.SLOT] for t in trials) == list(range(n)) and claims.budget_used(trials) == n
 
 
 def _frozen(number: int, state: TrialState, **user_attrs: object) -> optuna.trial.FrozenTrial:

@@ -6,7 +6,7 @@ and Optuna's gRPC proxy, and no claim waits for another:
 - **The budget is a queue.** Each of the ``n_trials`` budget slots is a WAITING trial (user attr ``slot``);
   a claim takes one with the WAITING -> RUNNING change Optuna's own ``ask()`` uses, which has one winner on
   every storage (a guarded ``UPDATE`` on SQL: see ``RetryingStorage.set_trial_state_values``); retries first,
-  then the lowest slot, and after losing that one the next slots in a random order (no herd). The queue is
+  then the lowest slot, and after losing that one others in a random order (no herd). The queue is
   kept a couple of chunks ahead of the workers, not materialised whole: whoever takes the first slot of chunk
   ``c`` queues chunk ``c + 2`` (10,000 WAITING trials would be re-read by every claim). A grid queues its
   points, once, when the study is created.
@@ -48,6 +48,7 @@ __all__ = [
     "raced",
     "recover_trials",
     "retries_due",
+    "slots_to_queue",
     "study_done",
 ]
 
@@ -56,6 +57,11 @@ log = logging.getLogger(__name__)
 QUEUE_CHUNK = 32
 """Budget slots queued at a time; the queue holds up to two chunks ahead of the workers (every claim re-reads
 the queued trials: more costs every claim, fewer makes concurrent claims find it empty)."""
+REFILL_PATIENCE_S = 30.0
+"""How long a claim that finds no queued trial it can take, while budget slots are still to be queued (whoever
+took the first slot of a chunk is queuing the next one), keeps trying before it returns None; its tries back off
+from 0.1 s to 2 s with jitter (each reads the study). At a cold start of more workers than the queue holds, the
+rest get their trials seconds later, not a poll interval later."""
 PROMOTION_SETTLE_S = 0.2
 """A new promotion waits this long before checking it is the only one of its paused trial (the earlier wins),
 so that a promotion created by another worker in the same instant has committed."""
@@ -202,12 +208,15 @@ def _drop(study: optuna.Study, trial: optuna.Trial, why: str) -> None:
 
 def claim_trial(study: optuna.Study, config: StudyConfig) -> optuna.Trial | None:
     """Start the next trial of the study: an ASHA promotion that is due, else a queued trial (a retry or a
-    budget slot); None when there is neither.
+    budget slot); None when there is neither (having waited up to :data:`REFILL_PATIENCE_S` for budget slots
+    still to be queued).
 
     No lock: Optuna pops each queued trial for one worker. The sampler then suggests the slot's parameters
     (a retry or a grid point has them fixed); a concurrent TPE with ``constant_liar`` sees running trials.
     """
     epochs = study_rungs(config)
+    patience = time.monotonic() + REFILL_PATIENCE_S
+    delay = 0.1
     while True:
         left = None
         if epochs or config.budget.epochs is not None:
@@ -221,10 +230,14 @@ def claim_trial(study: optuna.Study, config: StudyConfig) -> optuna.Trial | None
                 continue
         if left is not None and left < _next_stop(config, -1):
             return None  # the epoch budget cannot pay for another configuration
-        popped = _pop(study)
-        if popped is None:
-            return None
-        trial, read = popped
+        trial, read = _pop(study)
+        if trial is None:
+            coming = slots_to_queue(read, config) or any(t.state == TrialState.WAITING for t in read)
+            if not coming or time.monotonic() + delay > patience:
+                return None
+            time.sleep(delay * random.uniform(0.5, 1.5))  # the queue is being refilled, or others took this read's
+            delay = min(delay * 2, 2.0)
+            continue
         fresh: Sequence[FrozenTrial] = ()
         if attrs.RETRY_OF in trial.user_attrs:  # retries are rare: a fresh read to drop a duplicate one
             fresh = study.get_trials(deepcopy=False)
@@ -247,13 +260,9 @@ def claim_trial(study: optuna.Study, config: StudyConfig) -> optuna.Trial | None
         return trial
 
 
-POP_WINDOW = 16
-"""Concurrent claimers who lost the lowest queued trial try the next ones in a random order, not in a herd."""
-
-
-def _pop(study: optuna.Study) -> tuple[optuna.Trial, list[FrozenTrial]] | None:
-    """Take one queued trial (retries first) and return it with the read of the study it was chosen from, or
-    None if the queue is empty.
+def _pop(study: optuna.Study) -> tuple[optuna.Trial | None, list[FrozenTrial]]:
+    """Take one queued trial (retries first) and return it (None if the queue is empty or every queued trial of
+    the read was taken by others) with the read of the study it was chosen from.
 
     What Optuna's ``ask()`` does with a queue, minus its two habits that hurt many workers: every claimer
     walking the queue in the same order (at a cold start, claimer k loses k state changes before it wins),
@@ -262,18 +271,28 @@ def _pop(study: optuna.Study) -> tuple[optuna.Trial, list[FrozenTrial]] | None:
     storage = study._storage
     trials = storage.get_all_trials(study._study_id, deepcopy=False)
     waiting = [t for t in trials if t.state == TrialState.WAITING]
-    # The lowest first (so one worker alone takes them in order, reproducibly), then, having lost it to
-    # another claimer, the rest of the window in a random order.
+    # The lowest first (so one worker alone takes them in order, reproducibly), then, having lost it to another
+    # claimer, the others in a random order (claimers that share a read spread over the queue, not in a herd),
+    # retries still first.
     order = sorted(waiting, key=lambda t: (attrs.RETRY_OF not in t.user_attrs, t.number))
-    head = order[1:POP_WINDOW]
-    random.shuffle(head)
-    for t in [*order[:1], *head, *order[POP_WINDOW:]]:
+    rest = order[1:]
+    random.shuffle(rest)
+    rest.sort(key=lambda t: attrs.RETRY_OF not in t.user_attrs)
+    for t in [*order[:1], *rest]:
         try:
             if storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
                 return optuna.Trial(study, t._trial_id), trials
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
-    return None
+    return None, trials
+
+
+def slots_to_queue(trials: Sequence[FrozenTrial], config: StudyConfig) -> int:
+    """Budget slots not queued yet: the owners of earlier chunks will queue them (0 for a grid: queued whole)."""
+    if is_grid(config):
+        return 0
+    present = {t.user_attrs[attrs.SLOT] for t in trials if attrs.SLOT in t.user_attrs}
+    return max(config.budget.n_trials - len(present), 0)
 
 
 def _fitting_promotion(trials: Sequence[FrozenTrial], config: StudyConfig, left: int | None) -> FrozenTrial | None:

@@ -3,7 +3,8 @@
 Workers point at ``grpc://HOST:PORT`` instead of the database: the proxy holds a fixed pool of database
 connections (one per server thread) whatever the number of workers, and serves the storage with sft-optuna's
 guarded state changes, one-statement writes and two-statement reads (``RetryingStorage``), so claims stay exact
-through it; requests for a study's trials that arrive together share one read (``SharedReadsStorage``). One
+through it; requests for a study's trials that arrive together share one read (``SharedReadsStorage``), and
+each trial of a read is turned into its gRPC message once, not once per request (``MessageCachingService``). One
 proxy process is one Python interpreter: past ~1 core of work it is its GIL that limits it, so ``processes`` > 1
 runs that many on one port (the kernel spreads the workers' connections over them, ``SO_REUSEPORT``), each with
 its own pool; every guard runs in the database, so claims stay exact across them.
@@ -21,15 +22,19 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
+from optuna.storages._grpc.auto_generated import api_pb2, api_pb2_grpc
+from optuna.storages._grpc.servicer import OptunaStorageProxyService, _to_proto_trial
+from optuna.trial import FrozenTrial
 
 from sft_optuna.coordination.retrying import OUTAGE_S
 from sft_optuna.coordination.shared_reads import SharedReadsStorage
 from sft_optuna.coordination.storage import Storage, open_storage
 from sft_optuna.errors import UserError
 
-__all__ = ["DEFAULT_PORT", "DEFAULT_THREADS", "serve", "serve_processes"]
+__all__ = ["DEFAULT_PORT", "DEFAULT_THREADS", "MessageCachingService", "serve", "serve_processes"]
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +47,12 @@ def serve(storage: Storage, host: str, port: int, threads: int = DEFAULT_THREADS
     """Serve ``storage`` over gRPC on ``host:port`` until interrupted. ``shared``: other processes of the same
     proxy serve the same port (gRPC would share any port by default: a second proxy started on a port in use,
     maybe for another database, would silently take half of the workers — without ``shared`` that fails)."""
-    from optuna.storages._grpc.auto_generated import api_pb2_grpc
-    from optuna.storages._grpc.servicer import OptunaStorageProxyService
-
     if storage.backend.name == "grpc":
         raise UserError(f"{storage.masked} is itself a proxy: point the proxy at the database (--storage URL)")
     # what Optuna's make_server does, with the port's sharing stated
     server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", int(shared))])
     # requests for a study's trials that arrive together share one read of the database
-    service = OptunaStorageProxyService(SharedReadsStorage(storage.optuna))
+    service = MessageCachingService(SharedReadsStorage(storage.optuna))
     api_pb2_grpc.add_StorageServiceServicer_to_server(service, server)
     try:
         server.add_insecure_port(f"{host}:{port}")
@@ -62,6 +64,41 @@ def serve(storage: Storage, host: str, port: int, threads: int = DEFAULT_THREADS
         server.wait_for_termination()
     finally:
         server.stop(grace=5)
+
+
+class MessageCachingService(OptunaStorageProxyService):
+    """Optuna's gRPC servicer whose ``GetTrials`` turns each trial into its message once.
+
+    Every claim asks for its study's unfinished trials and anything new, and Optuna's servicer builds a message
+    for each trial of each answer: at 256 workers ~300 running trials per request, a fifth of the proxy's time.
+    The messages are kept by trial *object*: Optuna's cache never changes a trial object (a finished trial is
+    read once, an unfinished one is re-read as a new object every time, shared by the requests a shared read
+    answers), so a kept message is exactly as fresh as the object it was made from."""
+
+    def __init__(self, backend: Any) -> None:
+        super().__init__(backend)
+        self._messages: dict[int, tuple[FrozenTrial, Any]] = {}  # id(trial) -> (trial: kept alive, its message)
+
+    def GetTrials(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 (gRPC's name)
+        included = set(request.included_trial_ids)
+        after = request.trial_id_greater_than
+        try:
+            trials = self._backend.get_all_trials(request.study_id, deepcopy=False)
+        except KeyError as e:
+            context.abort(code=grpc.StatusCode.NOT_FOUND, details=str(e))
+        kept = self._messages  # single dict operations are atomic under the GIL; no lock needed
+        messages = []
+        for t in trials:
+            if t._trial_id > after or t._trial_id in included:
+                hit = kept.get(id(t))
+                if hit is None or hit[0] is not t:
+                    hit = (t, _to_proto_trial(t))
+                    kept[id(t)] = hit
+                messages.append(hit[1])
+        if len(kept) > 2 * len(trials) + 1024:  # forget the messages of objects no read returns any more
+            live = {id(t) for t in trials}
+            self._messages = {k: v for k, v in list(kept.items()) if k in live}
+        return api_pb2.GetTrialsReply(trials=messages)
 
 
 def serve_processes(url: str, storage: Storage, host: str, port: int, threads: int, processes: int) -> None:
