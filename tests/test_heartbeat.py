@@ -14,7 +14,7 @@ from sft_optuna import attrs
 from sft_optuna.cli import main
 from sft_optuna.config import parse_config
 from sft_optuna.coordination.claims import recover_trials, study_done
-from sft_optuna.coordination.heartbeat import BEAT_ATTR
+from sft_optuna.coordination.heartbeat import BEAT_ATTR, MAX_STRETCH, Watcher
 from sft_optuna.coordination.storage import open_storage
 from sft_optuna.study import create_study
 
@@ -38,7 +38,12 @@ def test_an_old_heartbeat_is_failed_and_retried_while_fresh_and_own_trials_are_n
     stale = [line for line in out.splitlines() if "no heartbeat for" in line]
     assert len(stale) == 2 and stale[0].startswith("running: trial 0") and stale[1].startswith("running: trial 2")
 
-    recover_trials(study, config, alive={own.number})
+    reads = []
+    read = study._storage.get_all_trials
+    study._storage.get_all_trials = lambda *a, **k: reads.append(1) or read(*a, **k)  # type: ignore[method-assign]
+    assert recover_trials(study, config, alive={own.number}) == 3, "the running trials it saw"
+    assert len(reads) == 1, "a watcher's pass reads the study once"
+    del study._storage.get_all_trials
     trials = study.get_trials()
     assert [t.state for t in trials[:3]] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING]
     (retry,) = trials[3:]
@@ -63,3 +68,15 @@ def test_a_study_is_done_only_when_nothing_runs_waits_or_is_due_for_a_retry(tmp_
     retry = study.ask()
     study.tell(retry, 0.5)
     assert study_done(study.get_trials(), config)
+
+
+def test_with_many_workers_each_watches_less_often_and_the_cluster_about_8_times_per_interval() -> None:
+    watcher = Watcher(10.0, lambda: None, "w")
+    for running, stretch in [(None, 1), (0, 1), (8, 1), (16, 2), (24, 3), (32, 4), (512, MAX_STRETCH)]:
+        waits = [watcher.next_wait(running) for _ in range(200)]
+        assert 7.5 * stretch <= min(waits) and max(waits) <= 12.5 * stretch, (running, min(waits), max(waits))
+    # the timer follows it: seeing 32 running trials, a 0.1 s watcher waits 0.3-0.5 s between its checks
+    calls: list[float] = []
+    with Watcher(0.1, lambda: calls.append(time.monotonic()) or 32, "w"):
+        time.sleep(1.3)
+    assert 1 <= len(calls) <= 5, calls

@@ -377,18 +377,22 @@ def queue_retry(study: optuna.Study, config: StudyConfig, failed: FrozenTrial) -
     study.enqueue_trial(failed.params, user_attrs=user_attrs, skip_if_exists=False)
 
 
-def recover_trials(study: optuna.Study, config: StudyConfig, alive: Collection[int] = ()) -> None:
+def recover_trials(study: optuna.Study, config: StudyConfig, alive: Collection[int] = ()) -> int:
     """Fail the trials of dead workers and queue the retries of those this call failed; ``alive``: our own.
+    Returns the number of running trials seen (the watcher spaces its checks by it). One read of the study.
 
     Also queues the retry of a failed trial whose worker died between failing it and queuing its retry, once
     a grace period has passed since it failed (a duplicate this might make is dropped when claimed).
     """
     grace = config.heartbeat.grace_period
-    for failed in fail_stale_trials(study, grace, alive):
+    trials = study.get_trials(deepcopy=False)
+    for failed in fail_stale_trials(study, grace, alive, trials):
         queue_retry(study, config, failed)
     cutoff = time.time() - grace
-    for t in retries_due(study.get_trials(deepcopy=False), config.budget.max_retries):
+    # the trials failed above were RUNNING in this read, so not due: their retries are queued
+    for t in retries_due(trials, config.budget.max_retries):
         # .timestamp(): SQL storages keep local naive times, journal files aware UTC ones; both compare right
         if t.datetime_complete is not None and t.datetime_complete.timestamp() < cutoff:
             log.warning("trial %d failed %s without a retry queued; queuing it", t.number, t.datetime_complete)
             queue_retry(study, config, t)
+    return sum(t.state == TrialState.RUNNING for t in trials)

@@ -12,13 +12,22 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-__all__ = ["BEAT_ATTR", "Heartbeat", "Watcher", "fail_stale_trials", "last_beat", "watch_interval"]
+__all__ = [
+    "BEAT_ATTR",
+    "MAX_STRETCH",
+    "WATCHES_PER_INTERVAL",
+    "Heartbeat",
+    "Watcher",
+    "fail_stale_trials",
+    "last_beat",
+    "watch_interval",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +43,25 @@ def last_beat(trial: optuna.trial.FrozenTrial) -> float:
 
 
 def fail_stale_trials(
-    study: optuna.Study, grace_period: float, alive: Collection[int] = ()
+    study: optuna.Study,
+    grace_period: float,
+    alive: Collection[int] = (),
+    trials: Sequence[optuna.trial.FrozenTrial] | None = None,
 ) -> list[optuna.trial.FrozenTrial]:
     """Fail RUNNING trials that have not beaten for ``grace_period`` seconds; returns those this call failed.
 
     ``alive``: trial numbers this process is running itself (after a storage outage their beats are old, but
-    their worker is not dead). Of several workers failing one trial at once, one wins the change to FAIL
-    (the others get Optuna's UpdateFinishedTrialError), so the caller can queue exactly one retry per win.
+    their worker is not dead). ``trials``: a read of the study made a moment ago (default: read it now). Of
+    several workers failing one trial at once, one wins the change to FAIL (the others get Optuna's
+    UpdateFinishedTrialError), so the caller can queue exactly one retry per win.
     """
     now = time.time()
     failed = []
     storage = study._storage
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.number not in alive and now - last_beat(t) > grace_period:
+    if trials is None:
+        trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in trials:
+        if t.state == TrialState.RUNNING and t.number not in alive and now - last_beat(t) > grace_period:
             # Lost: another watcher failed it, or its worker came back and finished it. Either is fine.
             try:
                 storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
@@ -60,7 +75,7 @@ def fail_stale_trials(
 class _Periodic:
     """Calls ``fn`` every ``interval`` seconds in a daemon thread while the context is open."""
 
-    def __init__(self, interval: float, fn: Callable[[], None], name: str, first_after: float = 0.0) -> None:
+    def __init__(self, interval: float, fn: Callable[[], Any], name: str, first_after: float = 0.0) -> None:
         self.interval = interval
         self.fn = fn
         self.name = name
@@ -72,12 +87,17 @@ class _Periodic:
         if self.first_after and self._stop.wait(self.first_after):
             return
         while not self._stop.is_set():
+            result = None
             try:
-                self.fn()
+                result = self.fn()
             except Exception as exc:  # noqa: BLE001 - a storage outage must not kill the trial
                 log.warning("%s failed: %s", self.name, exc)
-            if self._stop.wait(self.interval):
+            if self._stop.wait(self.next_wait(result)):
                 return
+
+    def next_wait(self, result: Any) -> float:
+        """Seconds until the next call, given what this one returned."""
+        return self.interval
 
     def __enter__(self) -> _Periodic:
         if self.interval > 0:
@@ -102,16 +122,33 @@ def watch_interval(interval: float, grace_period: float) -> float:
     """How often each worker looks for silent trials: every half grace period (or every beat, if slower).
 
     Every worker reads every running trial when it looks: with hundreds of workers, looking at each beat
-    would be most of the storage's load. A dead worker's trial is still failed within 1.5 grace periods."""
+    would be most of the storage's load (and :class:`Watcher` stretches this with the number of workers). A
+    dead worker's trial is still failed within about 1.5 grace periods."""
     return max(interval, grace_period / 2)
+
+
+WATCHES_PER_INTERVAL = 8
+"""With many workers, the study is looked at about this many times per watch interval in all, not once per
+worker: each worker's interval stretches with the running trials it saw (up to :data:`MAX_STRETCH` times)."""
+MAX_STRETCH = 4.0
+"""The most a worker's watch interval stretches: when most of a large cluster dies at once, the survivors (their
+intervals stretched for the cluster it was) still look within this many intervals."""
 
 
 class Watcher(_Periodic):
     """Runs the stale-trial check on a timer, so a dead worker's trial is retried within about one grace
     period even while every other worker is busy with a long trial (Optuna only checks when a trial starts).
 
-    The first check comes after a random half to whole interval: workers started together (a cluster's cold
-    start) neither read every trial at once nor stay in step afterwards."""
+    ``fn`` returns the number of running trials it saw (or None). Each check reads every running trial, so
+    with N workers each checking every interval the study would be read N times per interval (at 256
+    workers through the proxy, as often as all the claims together); a worker that saw R running trials waits
+    ``interval × min(max(1, R / 8), 4)``, jittered, so that the cluster still checks about 8 times per
+    interval. The first check comes after a random half to whole interval: workers started together (a
+    cluster's cold start) neither read every trial at once nor stay in step afterwards."""
 
-    def __init__(self, interval: float, fn: Callable[[], None], name: str) -> None:
+    def __init__(self, interval: float, fn: Callable[[], int | None], name: str) -> None:
         super().__init__(interval, fn, name, first_after=interval * random.uniform(0.5, 1.0))
+
+    def next_wait(self, result: Any) -> float:
+        stretch = min(max(1.0, (result or 0) / WATCHES_PER_INTERVAL), MAX_STRETCH)
+        return self.interval * stretch * random.uniform(0.75, 1.25)
