@@ -406,7 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=13000)
     p.add_argument(
-        "--threads", type=_positive_int, default=16, help="server threads = database connections held (default 16)"
+        "--threads",
+        type=_positive_int,
+        default=16,
+        help="database connections held (default 16); it serves 4 requests at once per connection",
     )
     p.add_argument(
         "--processes",
