@@ -222,7 +222,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    from sft_optuna.coordination.proxy import serve, serve_processes
+    from sft_optuna.coordination.proxy import HANDLERS_PER_CONNECTION, serve, serve_processes
     from sft_optuna.results.dashboard import is_loopback
 
     url = resolve_url(args.storage)
@@ -238,7 +238,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     n = args.processes
     print(
         f"proxy for {storage.masked} on grpc://{args.host}:{args.port} ({n} process{'es' if n > 1 else ''} × "
-        f"{args.threads} threads, at most {n * args.threads} database connections)",
+        f"{args.threads} database connections, {HANDLERS_PER_CONNECTION * args.threads} requests at once)",
         flush=True,
     )
     if n > 1:

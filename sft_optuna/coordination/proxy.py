@@ -1,13 +1,14 @@
 """``sft-optuna proxy``: Optuna's gRPC storage proxy in front of one storage, for studies with many workers.
 
 Workers point at ``grpc://HOST:PORT`` instead of the database: the proxy holds a fixed pool of database
-connections (one per server thread) whatever the number of workers, and serves the storage with sft-optuna's
-guarded state changes, one-statement writes and two-statement reads (``RetryingStorage``), so claims stay exact
-through it; requests for a study's trials that arrive together share one read (``SharedReadsStorage``), and
-each trial of a read is turned into its gRPC message once, not once per request (``MessageCachingService``). One
-proxy process is one Python interpreter: past ~1 core of work it is its GIL that limits it, so ``processes`` > 1
-runs that many on one port (the kernel spreads the workers' connections over them, ``SO_REUSEPORT``), each with
-its own pool; every guard runs in the database, so claims stay exact across them.
+connections (``threads`` per process, each serving ``HANDLERS_PER_CONNECTION`` requests at once) whatever the
+number of workers, and serves the storage with sft-optuna's guarded state changes, one-statement writes and
+two-statement reads (``RetryingStorage``), so claims stay exact through it; requests for a study's trials that
+arrive together share one read (``SharedReadsStorage``), and each trial of a read is turned into its gRPC
+message once, not once per request (``MessageCachingService``). One proxy process is one Python interpreter:
+past ~1 core of work it is its GIL that limits it, so ``processes`` > 1 runs that many on one port (the kernel
+spreads the workers' connections over them, ``SO_REUSEPORT``), each with its own pool; every guard runs in the
+database, so claims stay exact across them.
 The proxy has no authentication: keep it on a private network (it binds to 127.0.0.1 unless told otherwise).
 """
 
