@@ -196,7 +196,7 @@ def _worker_thread(
     out: dict[str, list[Any]],
 ) -> None:
     """One simulated worker: its own storage client; claims and runs trials until the budget is spent."""
-    from sft_optuna.coordination.claims import claim_trial, recover_trials, slots_to_queue
+    from sft_optuna.coordination.claims import claim_trial, more_to_claim, recover_trials
     from sft_optuna.coordination.heartbeat import Heartbeat, Watcher, watch_interval
     from sft_optuna.coordination.storage import open_storage
     from sft_optuna.objective import HistoryWriter
@@ -242,8 +242,7 @@ def _worker_thread(
                     suggest(trial, config.search_space)
             if trial is None:
                 # as a worker does: wait for the slots still to be queued, leave when nothing is left to claim
-                trials = study.get_trials(deepcopy=False) if ours else []
-                if ours and (slots_to_queue(trials, config) or any(t.state == TrialState.WAITING for t in trials)):
+                if ours and more_to_claim(study.get_trials(deepcopy=False), config):
                     continue
                 out["exits"].append(time.time())
                 break

@@ -43,6 +43,7 @@ __all__ = [
     "budget_used",
     "claim_trial",
     "epochs_used",
+    "more_to_claim",
     "queue_budget",
     "queue_retry",
     "raced",
@@ -232,8 +233,7 @@ def claim_trial(study: optuna.Study, config: StudyConfig) -> optuna.Trial | None
             return None  # the epoch budget cannot pay for another configuration
         trial, read = _pop(study)
         if trial is None:
-            coming = slots_to_queue(read, config) or any(t.state == TrialState.WAITING for t in read)
-            if not coming or time.monotonic() + delay > patience:
+            if not more_to_claim(read, config) or time.monotonic() + delay > patience:
                 return None
             time.sleep(delay * random.uniform(0.5, 1.5))  # the queue is being refilled, or others took this read's
             delay = min(delay * 2, 2.0)
@@ -285,6 +285,12 @@ def _pop(study: optuna.Study) -> tuple[optuna.Trial | None, list[FrozenTrial]]:
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
     return None, trials
+
+
+def more_to_claim(trials: Sequence[FrozenTrial], config: StudyConfig) -> bool:
+    """Will a claim find a queued trial soon: one is queued (others may have taken it a moment ago; this read
+    says), or budget slots are still to be queued?"""
+    return bool(slots_to_queue(trials, config)) or any(t.state == TrialState.WAITING for t in trials)
 
 
 def slots_to_queue(trials: Sequence[FrozenTrial], config: StudyConfig) -> int:
@@ -386,7 +392,7 @@ def recover_trials(study: optuna.Study, config: StudyConfig, alive: Collection[i
     """
     grace = config.heartbeat.grace_period
     trials = study.get_trials(deepcopy=False)
-    for failed in fail_stale_trials(study, grace, alive, trials):
+    for failed in fail_stale_trials(study, trials, grace, alive):
         queue_retry(study, config, failed)
     cutoff = time.time() - grace
     # the trials failed above were RUNNING in this read, so not due: their retries are queued

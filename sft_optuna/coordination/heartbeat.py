@@ -44,22 +44,20 @@ def last_beat(trial: optuna.trial.FrozenTrial) -> float:
 
 def fail_stale_trials(
     study: optuna.Study,
+    trials: Sequence[optuna.trial.FrozenTrial],
     grace_period: float,
     alive: Collection[int] = (),
-    trials: Sequence[optuna.trial.FrozenTrial] | None = None,
 ) -> list[optuna.trial.FrozenTrial]:
-    """Fail RUNNING trials that have not beaten for ``grace_period`` seconds; returns those this call failed.
+    """Fail the RUNNING trials among ``trials`` (a read of ``study`` made a moment ago) that have not beaten for
+    ``grace_period`` seconds; returns those this call failed.
 
     ``alive``: trial numbers this process is running itself (after a storage outage their beats are old, but
-    their worker is not dead). ``trials``: a read of the study made a moment ago (default: read it now). Of
-    several workers failing one trial at once, one wins the change to FAIL (the others get Optuna's
-    UpdateFinishedTrialError), so the caller can queue exactly one retry per win.
+    their worker is not dead). Of several workers failing one trial at once, one wins the change to FAIL (the
+    others get Optuna's UpdateFinishedTrialError), so the caller can queue exactly one retry per win.
     """
     now = time.time()
     failed = []
     storage = study._storage
-    if trials is None:
-        trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for t in trials:
         if t.state == TrialState.RUNNING and t.number not in alive and now - last_beat(t) > grace_period:
             # Lost: another watcher failed it, or its worker came back and finished it. Either is fine.
