@@ -73,7 +73,7 @@ def serve(storage: Storage, host: str, port: int, threads: int = DEFAULT_THREADS
         server.start()
     except RuntimeError:  # gRPC says only "Failed to bind"
         raise UserError(f"cannot serve on {host}:{port}: the address is in use or cannot be bound here") from None
-    log.info("serving %s on grpc://%s:%d with %d threads", storage.masked, host, port, threads)
+    log.info("serving %s on grpc://%s:%d with %d database connections", storage.masked, host, port, threads)
     try:
         server.wait_for_termination()
     finally:
