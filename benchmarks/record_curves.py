@@ -10,6 +10,9 @@ configuration in progress.
 
     tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C data/      # once
     python benchmarks/record_curves.py --data data/cifar10-jpeg --out benchmarks/curves/cifar10-2k.csv
+
+On a GPU: ``--device cuda --precision bf16``, several recorders sharing it (``--shard K/N``) and
+``--time-limit-s`` to end inside a lease; ``benchmarks/record_curves_gpu.sh`` does all of that.
 """
 
 from __future__ import annotations
@@ -43,10 +46,17 @@ def done_configs(path: Path) -> set[int]:
 
 
 def record_one(
-    number: int, params: dict[str, Any], config: StudyConfig, splits: Any, model: ModelConfig, epochs: int
+    number: int,
+    params: dict[str, Any],
+    config: StudyConfig,
+    splits: Any,
+    model: ModelConfig,
+    epochs: int,
+    device: torch.device,
+    precision: str,
 ) -> list[dict[str, Any]]:
-    train_cfg = dataclasses.replace(train_config_for(config, params), epochs=epochs, precision="fp32")
-    trainer = Trainer(splits, model, train_cfg, torch.device("cpu"), seed=train_cfg.seed + number)
+    train_cfg = dataclasses.replace(train_config_for(config, params), epochs=epochs, precision=precision)
+    trainer = Trainer(splits, model, train_cfg, device, seed=train_cfg.seed + number)
     rows: list[dict[str, Any]] = []
     base = {"config": number, **params}
     for _ in range(epochs):
@@ -92,6 +102,14 @@ def main() -> None:
     p.add_argument("--stem", default="imagenet", choices=["imagenet", "cifar"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast (CUDA)")
+    p.add_argument(
+        "--time-limit-s",
+        type=float,
+        default=None,
+        help="start no configuration that would end past this many seconds (judged by the last one's time)",
+    )
     p.add_argument(
         "--shard",
         default="0/1",
@@ -116,13 +134,19 @@ def main() -> None:
     points = random_points(config.search_space, args.configs, args.seed)
     done = done_configs(out)
     names = list(config.search_space)
+    began, last_s = time.perf_counter(), 0.0
     with out.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS[:1] + names + FIELDS[1:])
         for number, params in enumerate(points):
             if number in done or number % shards != shard:
                 continue
             start = time.perf_counter()
-            rows = record_one(number, params, config, splits, model, args.epochs)
+            if args.time_limit_s is not None and start - began + last_s > args.time_limit_s:
+                print(f"time limit: {args.time_limit_s:.0f} s would be passed; stopping before config {number}")
+                break
+            rows = record_one(
+                number, params, config, splits, model, args.epochs, torch.device(args.device), args.precision
+            )
             fcntl.flock(f, fcntl.LOCK_EX)  # another shard may be appending to the same file
             try:
                 if out.stat().st_size == 0:
@@ -131,10 +155,9 @@ def main() -> None:
                 f.flush()
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
-            last = rows[-1]
+            last, last_s = rows[-1], time.perf_counter() - start
             print(
-                f"config {number}: {last['status']} val_acc {last['val_acc']} after {len(rows)} epochs, "
-                f"{time.perf_counter() - start:.0f} s",
+                f"config {number}: {last['status']} val_acc {last['val_acc']} after {len(rows)} epochs, {last_s:.0f} s",
                 flush=True,
             )
 
