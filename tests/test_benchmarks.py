@@ -58,6 +58,43 @@ def test_the_prepared_gpu_script_parses_and_passes_only_options_the_benchmark_ha
     assert used and used <= set(re.findall(r"(--[a-z][a-z-]+)", helped.stdout)), used
 
 
+def _record(tarball: Path, out: Path, limit_s: int, configs: int) -> str:
+    """``record_curves_gpu.sh`` on the CPU, as small as it goes; its log."""
+    env = worker_env(
+        TARBALL=str(tarball), OUT=str(out), LIMIT_S=str(limit_s), SHARDS="2", TRAIN="24", VAL="16", EPOCHS="2",
+        CONFIGS=str(configs), DEVICE="cpu", PRECISION="fp32", PYTHON=PYTHON,
+    )  # fmt: skip
+    script = REPO / "benchmarks" / "record_curves_gpu.sh"
+    proc = subprocess.run(["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return (out / "curves.log").read_text()
+
+
+def test_the_gpu_curve_recorder_shards_resumes_and_stops_at_its_time_limit(tmp_path: Path) -> None:
+    import csv
+    import tarfile
+
+    from conftest import write_imagefolder
+
+    folder = write_imagefolder(tmp_path / "folder", n_train=40, n_test=8)
+    tarball = tmp_path / "images.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(folder / "train", arcname="train")
+        tar.add(folder / "test", arcname="test")
+    out = tmp_path / "out"
+
+    def configs() -> list[int]:
+        with (out / "cifar10-10k-gpu.csv").open(newline="") as f:
+            return sorted(int(row["config"]) for row in csv.DictReader(f) if row["epoch"] == "2")
+
+    _record(tarball, out, limit_s=600, configs=3)
+    assert configs() == [0, 1, 2]  # two shards, every configuration once, each with both epochs
+    log = _record(tarball, out, limit_s=0, configs=5)  # a limit already passed: nothing new starts
+    assert configs() == [0, 1, 2] and log.count("time limit") == 2
+    _record(tarball, out, limit_s=600, configs=5)  # resumed: only the missing ones
+    assert configs() == [0, 1, 2, 3, 4]
+
+
 def test_storage_benchmark_runs_both_variants_and_writes_its_figures(tmp_path: Path) -> None:
     out = tmp_path / "storage.json"
     args = ["--storages", "sqlite,journal", "--workers", "1", "--sizes", "5", "--trials-per-worker", "1"]
