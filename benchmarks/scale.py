@@ -54,6 +54,8 @@ class Load(NamedTuple):
     epoch_s: float
     epochs: int
     sampler_ms: float
+    epoch_jitter: float = 0.0
+    """Each epoch sleeps ``epoch_s`` times a uniform factor in [1 - jitter, 1 + jitter] (real epochs differ)."""
 
 
 def study_config(name: str, claims: int, heartbeat_s: float, epochs: int, sampler_ms: float = 0.0) -> dict[str, Any]:
@@ -204,7 +206,7 @@ def _worker_thread(
     from sft_optuna.study import load_study
     from sft_optuna.study_file import parse_study
 
-    epoch_s, epochs, sampler_ms = load
+    epoch_s, epochs, sampler_ms, jitter = load
     config = parse_study(study_config(name, budget, 5.0, epochs, sampler_ms))
     if ours:
         study, config = load_study(name, open_storage(url))
@@ -249,6 +251,7 @@ def _worker_thread(
             out["claim_s"].append(time.perf_counter() - t0)
             out["claim_cpu_s"].append(time.thread_time() - c0)
             out["trials"].append(trial.number)
+            out["claimed_at"].append(time.time())
             current.add(trial.number)
             state = TrialState.COMPLETE
             beat = Heartbeat(study._storage, trial._trial_id, config.heartbeat.interval) if ours else _Null()
@@ -257,7 +260,7 @@ def _worker_thread(
             history = HistoryWriter(trial) if ours else _Inline(trial)
             with beat, history:
                 for epoch in range(1, epochs + 1):
-                    time.sleep(epoch_s)
+                    time.sleep(epoch_s * random.uniform(1 - jitter, 1 + jitter))
                     t1 = time.perf_counter()
                     trial.report(random.random(), epoch)
                     t2 = time.perf_counter()
@@ -266,6 +269,7 @@ def _worker_thread(
                     pruned = trial.should_prune()
                     t4 = time.perf_counter()
                     out["epoch_s"].append(t4 - t1)
+                    out["epoch_at"].append((time.time(), t4 - t1))  # one append: threads share the lists
                     out["epoch_parts_s"].append((t2 - t1, t3 - t2, t4 - t3))
                     if pruned:
                         state = TrialState.PRUNED
@@ -320,6 +324,8 @@ def _process(url: str, name: str, ours: bool, budget: int, threads: int, load: L
         "epoch_s": [],
         "epoch_parts_s": [],
         "trials": [],
+        "claimed_at": [],
+        "epoch_at": [],
         "errors": [],
         "ready": [],
         "last_trial_end": [],
@@ -397,6 +403,10 @@ def run_row(kind: str, workers: int, size: int, claims: int, load: Load, procs: 
         numbers = [x for r in results for x in r["trials"]]
         errors = [x for r in results for x in r["errors"]]
         wall = max(r["end"][0] for r in results) - start_at
+        claimed_at = sorted(x for r in results for x in r["claimed_at"])
+        last_claim = claimed_at[-1] if claimed_at else start_at
+        cold_end = claimed_at[min(workers, len(claimed_at)) - 1] if claimed_at else start_at
+        steady = [d for r in results for at, d in r["epoch_at"] if at > cold_end]
         from sft_optuna.coordination.claims import budget_used
         from sft_optuna.coordination.storage import open_storage
 
@@ -416,6 +426,7 @@ def run_row(kind: str, workers: int, size: int, claims: int, load: Load, procs: 
             "workers": workers,
             "trials": size,
             "sampler": f"random, waits {load.sampler_ms:g} ms" if load.sampler_ms else "tpe",
+            "epoch_jitter": load.epoch_jitter,
             "claims": len(claim_s),
             "claims_per_s": round(len(claim_s) / wall, 2),
             "claim_p50_ms": _pct(claim_s, 0.5),
@@ -427,6 +438,14 @@ def run_row(kind: str, workers: int, size: int, claims: int, load: Load, procs: 
             "epoch_parts_p50_ms": {
                 k: _pct(list(v), 0.5) for k, v in zip(("report", "history", "prune"), parts, strict=True)
             },
+            "epoch_parts_p95_ms": {
+                k: _pct(list(v), 0.95) for k, v in zip(("report", "history", "prune"), parts, strict=True)
+            },
+            # the cold start: until every worker holds its first trial (all claim at the same instant); the
+            # epochs after it are the steady state a running cluster sees
+            "cold_start_s": round(cold_end - start_at, 1),
+            "epoch_p50_ms_after_cold_start": _pct(steady, 0.5),
+            "epoch_p95_ms_after_cold_start": _pct(steady, 0.95),
             "db_connections": max(c for c, _ in conns) if conns else None,
             "lock_waits_max": max(w for _, w in conns) if conns else None,
             "lock_wait_samples": f"{sum(w > 0 for _, w in conns)}/{len(conns)}",
@@ -440,12 +459,10 @@ def run_row(kind: str, workers: int, size: int, claims: int, load: Load, procs: 
             # the last trial ended (the rest of wall_s is workers finding the queue empty and exiting)
             "late_workers": sum(t > start_at for r in results for t in r["ready"]),
             "last_ready_s": round(max(t for r in results for t in r["ready"]) - start_at, 1),
-            # workers that found no queued trial and left while others still had trials to claim
-            "early_exits": sum(
-                t < max((e for r in results for e in r["last_trial_end"]), default=start_at) - 1.0
-                for r in results
-                for t in r["exits"]
-            ),
+            # workers that found no queued trial and left while trials were still being claimed (session 10
+            # and the rows before session 11's lock-ceiling run: before the last trial *ended*, which also
+            # counted workers leaving once every slot was taken)
+            "early_exits": sum(t < last_claim - 1.0 for r in results for t in r["exits"]),
             "last_trial_end_s": round(
                 max((t for r in results for t in r["last_trial_end"]), default=start_at) - start_at, 1
             ),
@@ -464,6 +481,12 @@ def main() -> None:
     p.add_argument("--trials", default="100,2000")
     p.add_argument("--epoch-s", type=float, default=1.0, help="seconds an epoch sleeps")
     p.add_argument("--epochs", type=int, default=EPOCHS, help="epochs per trial")
+    p.add_argument(
+        "--epoch-jitter",
+        type=float,
+        default=0.0,
+        help="each epoch sleeps --epoch-s x U(1-J, 1+J): workers drift apart as real ones do (0: in lockstep)",
+    )
     p.add_argument("--procs", type=int, default=8, help="processes the simulated workers are spread over")
     p.add_argument("--claims", type=int, default=0, help="trials claimed per row (default: max(64, workers))")
     p.add_argument(
@@ -475,6 +498,8 @@ def main() -> None:
     p.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True, help="plain Optuna rows too")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    if not 0 <= args.epoch_jitter < 1:
+        p.error(f"--epoch-jitter {args.epoch_jitter}: expected 0 <= J < 1")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore")
     limit = max_connections()
@@ -503,7 +528,13 @@ def main() -> None:
                         )
                         continue
                     row = run_row(
-                        kind, workers, size, claims, Load(args.epoch_s, args.epochs, args.sampler_ms), args.procs, ours
+                        kind,
+                        workers,
+                        size,
+                        claims,
+                        Load(args.epoch_s, args.epochs, args.sampler_ms, args.epoch_jitter),
+                        args.procs,
+                        ours,
                     )
                     rows.append(row)
                     print(
@@ -524,6 +555,7 @@ def main() -> None:
                 "epochs": args.epochs,
                 "epoch_s": args.epoch_s,
                 "sampler_ms": args.sampler_ms,
+                "epoch_jitter": args.epoch_jitter,
             }
             json.dump({"rows": rows, **meta}, fh, indent=1)
 
