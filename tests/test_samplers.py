@@ -15,6 +15,7 @@ from sft_optuna.search.samplers import (
     CachedCompletedPruner,
     make_pruner,
     make_sampler,
+    refresh_stretch,
     sampler_for_trial,
     trial_seed,
 )
@@ -107,6 +108,47 @@ def test_cached_pruner_reads_completed_trials_once_per_refresh(monkeypatch: pyte
     pruner.refresh_s = 0.0
     pruner.prune(study, study._storage.get_trial(trial._trial_id))
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("running", [0, 40])
+def test_in_a_large_cluster_the_cached_pruner_refreshes_less_often_and_not_per_own_trial(
+    running: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 40 running trials: each worker's view lives refresh_s x 4 (jittered 3..5x), so 256 workers read the
+    # study for pruning ~8 times per refresh_s, not 256; a worker's own completion does not force a read.
+    # No running trials (a small cluster): every refresh_s, and at once after the worker's own completion.
+    assert [refresh_stretch(r) for r in (0, 8, 16, 40, 256)] == [1.0, 1.0, 2.0, 4.0, 4.0]
+    study = _study_with_curves(8)
+    dist = {"lr": FloatDistribution(1e-4, 1.0, log=True)}
+    for _ in range(running):
+        study.ask(dist)
+    trial = study.ask(dist)
+    trial.report(0.9, 2)
+    reads = []
+    real = optuna.Study.get_trials
+
+    def counting(self: optuna.Study, deepcopy: bool = True, states: object = None) -> list:  # type: ignore[type-arg]
+        reads.append(states)
+        return real(self, deepcopy=deepcopy, states=states)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(optuna.Study, "get_trials", counting)
+    pruner = CachedCompletedPruner(optuna.pruners.MedianPruner(n_startup_trials=2), refresh_s=10.0)
+    frozen = study._storage.get_trial(trial._trial_id)
+
+    def aged(seconds: float) -> int:  # the view made ``seconds`` ago; how many reads after one more check
+        key = study._study_id
+        pruner._cache[key] = pruner._cache[key]._replace(fetched_at=pruner._cache[key].fetched_at - seconds)
+        pruner.prune(study, frozen)
+        return len(reads)
+
+    pruner.prune(study, frozen)
+    assert len(reads) == 1
+    assert aged(11.0) == (1 if running else 2)  # past refresh_s: a small cluster reads again
+    assert aged(20.0) == (1 if running else 3)  # 31 s: still inside a large cluster's 30-50 s
+    assert aged(20.0) == (2 if running else 4)  # 51 s: past it
+    pruner.invalidate()  # the worker finished a trial of its own
+    pruner.prune(study, frozen)
+    assert len(reads) == (2 if running else 5)
 
 
 def test_cached_pruner_refreshes_below_the_startup_count_when_other_workers_complete_trials(tmp_path: Path) -> None:

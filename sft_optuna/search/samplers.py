@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import optuna
 from optuna.samplers._lazy_random_state import LazyRandomState
@@ -37,6 +38,7 @@ __all__ = [
     "check_sampler",
     "make_pruner",
     "make_sampler",
+    "refresh_stretch",
     "sampler_for_trial",
     "trial_seed",
 ]
@@ -183,6 +185,12 @@ def sampler_for_trial(
 
 
 COMPLETED_REFRESH_S = 60.0  # how stale the pruner's view of *completed* trials may be (trials take minutes)
+VIEWS_PER_REFRESH = 8
+"""With many workers, the study's completed trials are read for pruning about this many times per
+:data:`COMPLETED_REFRESH_S` in all, not once per worker: each worker's refresh interval stretches with the
+running trials it saw (up to :data:`MAX_REFRESH_STRETCH` times)."""
+MAX_REFRESH_STRETCH = 4.0
+"""The most a worker's refresh interval stretches: its median comes from a view at most 4 minutes old."""
 
 
 class _StudyView:
@@ -201,35 +209,57 @@ class _StudyView:
         return self._study.get_trials(deepcopy=deepcopy, states=states)
 
 
+class _View(NamedTuple):
+    fetched_at: float
+    completed: list[FrozenTrial]
+    stretch: float
+    """The refresh interval's factor: ``min(max(1, running / VIEWS_PER_REFRESH), MAX_REFRESH_STRETCH)``,
+    jittered by U(0.75, 1.25) where it is above 1 so that a cluster's refreshes do not fall in step."""
+
+
+def refresh_stretch(running: int) -> float:
+    """The factor a worker's refresh interval is stretched by when it saw ``running`` trials (not jittered)."""
+    return min(max(1.0, running / VIEWS_PER_REFRESH), MAX_REFRESH_STRETCH)
+
+
 class CachedCompletedPruner(optuna.pruners.BasePruner):
     """Wraps a pruner that compares against the study's completed trials (median, percentile) and serves
-    those from a cache refreshed at most every ``refresh_s`` seconds.
+    those from a cache refreshed at most every ``refresh_s`` seconds — stretched up to 4× in a large cluster.
 
     Optuna's percentile pruner re-reads the study on every ``should_prune``: on PostgreSQL that is ~9 queries,
     ~11 ms per epoch even with 100 trials (measured, benchmarks/storage.py). Completed trials never change, so
     a view up to a minute old prunes the same way for trials that take minutes, at a fraction of the cost.
+    With R trials running, each worker refreshes every ``refresh_s × min(max(1, R/8), 4)``: 256 workers read
+    the study for pruning about 8 times a minute in all, not 256 (through the gRPC proxy every such read
+    carries every running trial: at 256 workers they were most of the proxy's reads, benchmarks/scale.py).
+    A median over hundreds of completed trials moves little in four minutes.
     """
 
     def __init__(self, inner: optuna.pruners.BasePruner, refresh_s: float = COMPLETED_REFRESH_S) -> None:
         self.inner = inner
         self.refresh_s = refresh_s
-        self._cache: dict[int, tuple[float, list[FrozenTrial]]] = {}
+        self._cache: dict[int, _View] = {}
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         now = time.monotonic()
         key = study._study_id
-        fetched = self._cache.get(key)
+        view = self._cache.get(key)
         # Below the startup count the pruner is idle and the study small: keep the view fresh, so that the
         # pruning starts as soon as enough trials have completed.
         startup = int(getattr(self.inner, "_n_startup_trials", 0))
-        if fetched is None or now - fetched[0] > self.refresh_s or len(fetched[1]) < startup:
-            fetched = (now, study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-            self._cache[key] = fetched
-        return self.inner.prune(_StudyView(study, fetched[1]), trial)  # type: ignore[arg-type]
+        if view is None or now - view.fetched_at > self.refresh_s * view.stretch or len(view.completed) < startup:
+            trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+            completed = [t for t in trials if t.state == TrialState.COMPLETE]
+            stretch = refresh_stretch(len(trials) - len(completed))
+            view = _View(now, completed, stretch * random.uniform(0.75, 1.25) if stretch > 1 else 1.0)
+            self._cache[key] = view
+        return self.inner.prune(_StudyView(study, view.completed), trial)  # type: ignore[arg-type]
 
     def invalidate(self) -> None:
-        """Forget the cached view (a worker calls this after finishing a trial of its own)."""
-        self._cache.clear()
+        """Forget the cached view (a worker calls this after finishing a trial of its own) where the cluster
+        is small; among more than :data:`VIEWS_PER_REFRESH` running trials one more completion hardly moves
+        the median, and a read per finished trial is what the stretched interval saves."""
+        self._cache = {k: v for k, v in self._cache.items() if v.stretch > 1}
 
 
 def make_pruner(cfg: PrunerConfig) -> optuna.pruners.BasePruner:
