@@ -89,9 +89,9 @@ def test_cached_median_pruner_decides_like_optunas(value: float) -> None:
     assert ours.prune(study, frozen) == plain.prune(study, frozen)
 
 
-def test_cached_pruner_reads_completed_trials_once_per_refresh(monkeypatch: pytest.MonkeyPatch) -> None:
-    study = _study_with_curves(8)
-    calls = []
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every ``Study.get_trials`` call from now on, by the states it asked for."""
+    calls: list[object] = []
     real = optuna.Study.get_trials
 
     def counting(self: optuna.Study, deepcopy: bool = True, states: object = None) -> list:  # type: ignore[type-arg]
@@ -99,6 +99,12 @@ def test_cached_pruner_reads_completed_trials_once_per_refresh(monkeypatch: pyte
         return real(self, deepcopy=deepcopy, states=states)  # type: ignore[arg-type]
 
     monkeypatch.setattr(optuna.Study, "get_trials", counting)
+    return calls
+
+
+def test_cached_pruner_reads_completed_trials_once_per_refresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    study = _study_with_curves(8)
+    calls = _count_reads(monkeypatch)
     pruner = CachedCompletedPruner(optuna.pruners.MedianPruner(n_startup_trials=2), refresh_s=3600)
     trial = study.ask({"lr": FloatDistribution(1e-4, 1.0, log=True)})
     for step in range(1, 6):
@@ -124,14 +130,7 @@ def test_in_a_large_cluster_the_cached_pruner_refreshes_less_often_and_not_per_o
         study.ask(dist)
     trial = study.ask(dist)
     trial.report(0.9, 2)
-    reads = []
-    real = optuna.Study.get_trials
-
-    def counting(self: optuna.Study, deepcopy: bool = True, states: object = None) -> list:  # type: ignore[type-arg]
-        reads.append(states)
-        return real(self, deepcopy=deepcopy, states=states)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(optuna.Study, "get_trials", counting)
+    reads = _count_reads(monkeypatch)
     pruner = CachedCompletedPruner(optuna.pruners.MedianPruner(n_startup_trials=2), refresh_s=10.0)
     frozen = study._storage.get_trial(trial._trial_id)
 
