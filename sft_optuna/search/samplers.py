@@ -214,7 +214,8 @@ class _View(NamedTuple):
     completed: list[FrozenTrial]
     stretch: float
     """The refresh interval's factor: ``min(max(1, running / VIEWS_PER_REFRESH), MAX_REFRESH_STRETCH)``,
-    jittered by U(0.75, 1.25) where it is above 1 so that a cluster's refreshes do not fall in step."""
+    jittered by U(0.75, 1.25) where it is above 1 (never below 1) so that a cluster's refreshes do not fall in
+    step."""
 
 
 def refresh_stretch(running: int) -> float:
@@ -251,7 +252,7 @@ class CachedCompletedPruner(optuna.pruners.BasePruner):
             trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
             completed = [t for t in trials if t.state == TrialState.COMPLETE]
             stretch = refresh_stretch(len(trials) - len(completed))
-            view = _View(now, completed, stretch * random.uniform(0.75, 1.25) if stretch > 1 else 1.0)
+            view = _View(now, completed, max(1.0, stretch * random.uniform(0.75, 1.25)) if stretch > 1 else 1.0)
             self._cache[key] = view
         return self.inner.prune(_StudyView(study, view.completed), trial)  # type: ignore[arg-type]
 
