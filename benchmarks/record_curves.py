@@ -134,6 +134,7 @@ def main() -> None:
     points = random_points(config.search_space, args.configs, args.seed)
     done = done_configs(out)
     names = list(config.search_space)
+    device = torch.device(args.device)
     began, last_s = time.perf_counter(), 0.0
     with out.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS[:1] + names + FIELDS[1:])
@@ -144,9 +145,7 @@ def main() -> None:
             if args.time_limit_s is not None and start - began + last_s > args.time_limit_s:
                 print(f"time limit: {args.time_limit_s:.0f} s would be passed; stopping before config {number}")
                 break
-            rows = record_one(
-                number, params, config, splits, model, args.epochs, torch.device(args.device), args.precision
-            )
+            rows = record_one(number, params, config, splits, model, args.epochs, device, args.precision)
             fcntl.flock(f, fcntl.LOCK_EX)  # another shard may be appending to the same file
             try:
                 if out.stat().st_size == 0:

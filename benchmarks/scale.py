@@ -268,8 +268,7 @@ def _worker_thread(
                     t3 = time.perf_counter()
                     pruned = trial.should_prune()
                     t4 = time.perf_counter()
-                    out["epoch_s"].append(t4 - t1)
-                    out["epoch_at"].append((time.time(), t4 - t1))  # one append: threads share the lists
+                    out["epoch_at"].append((time.time(), t4 - t1))  # when, how long: one append (threads share it)
                     out["epoch_parts_s"].append((t2 - t1, t3 - t2, t4 - t3))
                     if pruned:
                         state = TrialState.PRUNED
@@ -321,7 +320,6 @@ def _process(url: str, name: str, ours: bool, budget: int, threads: int, load: L
     out: dict[str, list[Any]] = {
         "claim_s": [],
         "claim_cpu_s": [],
-        "epoch_s": [],
         "epoch_parts_s": [],
         "trials": [],
         "claimed_at": [],
@@ -398,7 +396,7 @@ def run_row(kind: str, workers: int, size: int, claims: int, load: Load, procs: 
             p.join()
         claim_s = [x for r in results for x in r["claim_s"]]
         claim_cpu = [x for r in results for x in r["claim_cpu_s"]]
-        epoch_s_all = [x for r in results for x in r["epoch_s"]]
+        epoch_s_all = [d for r in results for _, d in r["epoch_at"]]
         parts = list(zip(*[x for r in results for x in r["epoch_parts_s"]], strict=True)) or [(), (), ()]
         numbers = [x for r in results for x in r["trials"]]
         errors = [x for r in results for x in r["errors"]]
