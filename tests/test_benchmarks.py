@@ -288,3 +288,27 @@ def test_replay_methods_are_named_sampler_plus_pruner_with_ashas_rungs_in_the_na
     for bad in ("tpe+ashax", "tpe", "cma+median", "tpe+asha3x"):
         with pytest.raises(SystemExit, match=re.escape(repr(bad))):
             parse(bad)
+
+
+def test_the_replay_ratio_interval_says_met_not_met_or_undecided_from_the_seeds() -> None:
+    replay = _replay_module()
+    inf = math.inf
+    # every seed the same: the interval is the ratio itself
+    clear = replay.ratio_interval([100.0] * 20, [300.0] * 20)
+    assert clear["ratio"] == pytest.approx(1 / 3, abs=1e-3) and clear["interval"] == [clear["ratio"]] * 2
+    assert replay.verdict(clear, 0.5) == "met" and replay.verdict(clear, 0.3) == "not met"
+    # seeds spread over 3x: a ratio of medians near the goal cannot be decided from 20 of them
+    rng = random.Random(1)
+    spread = replay.ratio_interval(
+        [rng.uniform(100, 300) for _ in range(20)], [rng.uniform(200, 600) for _ in range(20)]
+    )
+    lo, hi = spread["interval"]
+    assert lo < spread["ratio"] < hi and lo < 0.5 < hi and replay.verdict(spread, 0.5) == "undecided"
+    below = replay.ratio_interval([200.0] * 20, [rng.uniform(200, 600) for _ in range(20)])  # each side resampled
+    assert below["interval"][0] < below["ratio"] < below["interval"][1]
+    # a side that misses the target in most seeds: never met (beyond any ratio), and no ratio when both do
+    missing = replay.ratio_interval([inf] * 15 + [50.0] * 5, [200.0] * 20)
+    assert missing["ratio"] is None and missing["interval"] == [None, None]
+    assert replay.verdict(missing, 0.5) == "not met"
+    both = replay.ratio_interval([inf] * 20, [inf] * 20)
+    assert both["undefined_share"] == 1.0 and replay.verdict(both, 0.5) == "undecided"
