@@ -447,6 +447,7 @@ def main() -> None:
         "top_target": top,
         "budget_epochs": budget,
         "horizon_epochs": horizon,
+        "train_epochs": epochs,
         "neighbours": args.neighbours,
         "surrogate": "smooth" if args.smooth else "nearest",
     }
@@ -554,6 +555,15 @@ def verdict(interval: dict[str, Any], goal: float) -> str:
     return "undecided"
 
 
+def critical_path_bound(one_worker: float, epochs: int, workers: int) -> float:
+    """The least K-worker / 1-worker ratio of epochs to a target for a search that proposes its winner after
+    the same results at any K: the winner's ``epochs`` run one after another while the other K − 1 workers
+    keep training, ``(one_worker − epochs + K·epochs) / one_worker``. A 1-worker study that reaches the target
+    early cannot be matched by 8 workers: 1.25 needs ``one_worker ≥ 4·7·epochs`` (560 epochs of 20-epoch
+    trials). Below it, a K-worker study got lucky, or searched differently (8 random proposals at once)."""
+    return round(1 + (workers - 1) * epochs / one_worker, 3)
+
+
 def _summary(out: dict[str, Any]) -> None:
     """The goals' ratios, where both sides were run, with bootstrap intervals and a verdict."""
     m = out["methods"]
@@ -574,6 +584,8 @@ def _summary(out: dict[str, Any]) -> None:
             target = out["target"] if which == "epochs_to_target" else out["top_target"]
             interval = ratio_interval(per_seed(top, target), per_seed(bottom, target))
             interval["goal"], interval["verdict"] = goal, "–" if goal is None else verdict(interval, goal)
+            if top.endswith("K=8") and bottom.endswith("K=1") and base and "train_epochs" in out:
+                interval["critical_path_bound"] = critical_path_bound(base, out["train_epochs"], 8)
             out.setdefault("ratio_intervals", {})[name] = interval
 
     for which, label in (("epochs_to_target", "target"), ("epochs_to_top", "top")):
@@ -589,7 +601,9 @@ def _summary(out: dict[str, Any]) -> None:
         print(
             f"{name}: {interval['ratio'] if interval['ratio'] is not None else '–'} "
             f"({interval['level']:.0%} bootstrap {lo}–{hi}"
-            + (f"; goal ≤ {interval['goal']}: {interval['verdict']})" if interval["goal"] is not None else ")"),
+            + (f"; goal ≤ {interval['goal']}: {interval['verdict']}" if interval["goal"] is not None else "")
+            + (f"; critical path ≥ {interval['critical_path_bound']}" if "critical_path_bound" in interval else "")
+            + ")",
             flush=True,
         )
 

@@ -312,3 +312,9 @@ def test_the_replay_ratio_interval_says_met_not_met_or_undecided_from_the_seeds(
     assert replay.verdict(missing, 0.5) == "not met"
     both = replay.ratio_interval([inf] * 20, [inf] * 20)
     assert both["undefined_share"] == 1.0 and replay.verdict(both, 0.5) == "undecided"
+
+
+def test_the_replay_critical_path_bound_charges_the_winners_epochs_to_every_other_worker() -> None:
+    bound = _replay_module().critical_path_bound
+    # 8 workers: while the winner's 20 epochs run one after another, 7 others train 140 epochs more
+    assert bound(560, 20, 8) == 1.25 and bound(280, 20, 8) == 1.5 and bound(400, 20, 1) == 1.0
