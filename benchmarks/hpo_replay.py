@@ -509,34 +509,49 @@ GOALS = {"asha_vs_median": 0.5, "k8_vs_k1": 1.25}
 """The issue's goals on the ratios of epochs to a target: TPE+asha's over TPE+median's, 8 workers' over 1's."""
 
 
+def ratio_bounds(top: list[float], bottom: list[float], horizon: float) -> tuple[float, float]:
+    """What the ratio of two medians of epochs to a target over seeds (a miss: ``math.inf``) can be: exact
+    where both reach it; where a median is a miss, the target came later than the horizon, if ever, which
+    bounds the ratio on one side: ``(0, top/horizon)`` or ``(horizon/bottom, inf)``; both misses: nan."""
+    x, y = statistics.median(top), statistics.median(bottom)
+    if math.isinf(x) and math.isinf(y):
+        return math.nan, math.nan
+    if math.isinf(y):
+        return 0.0, x / horizon
+    if math.isinf(x):
+        return horizon / y, math.inf
+    return x / y, x / y
+
+
 def ratio_interval(
-    top: list[float], bottom: list[float], draws: int = 2000, level: float = 0.9, seed: int = 0
+    top: list[float], bottom: list[float], horizon: float, draws: int = 2000, level: float = 0.9, seed: int = 0
 ) -> dict[str, Any]:
-    """The ratio of two medians of epochs to a target over seeds (a miss: ``math.inf``) and its bootstrap
-    interval: each side's seeds resampled with replacement, ``draws`` times. Resamples where both medians are
-    misses have no ratio; their share is reported, and they count as neither side of a goal.
+    """The ratio of two medians of epochs to a target over seeds (:func:`ratio_bounds`) and its bootstrap
+    interval: each side's seeds resampled with replacement, ``draws`` times; the interval runs from the low
+    quantile of the resamples' lower bounds to the high quantile of their upper bounds. Resamples where both
+    medians are misses have no ratio; their share is reported.
 
     20 seeds decide few of the goals: a median of epochs to the top 1% moves by half when a few seeds miss.
     """
-
-    def median_ratio(a: list[float], b: list[float]) -> float:
-        x, y = statistics.median(a), statistics.median(b)
-        if math.isinf(x) and math.isinf(y):
-            return math.nan
-        return math.inf if math.isinf(x) else x / y
-
     rng = random.Random(seed)
-    ratios = [median_ratio(rng.choices(top, k=len(top)), rng.choices(bottom, k=len(bottom))) for _ in range(draws)]
-    defined = sorted(r for r in ratios if not math.isnan(r))
+    pairs = [
+        ratio_bounds(rng.choices(top, k=len(top)), rng.choices(bottom, k=len(bottom)), horizon) for _ in range(draws)
+    ]
+    defined = [p for p in pairs if not math.isnan(p[0])]
 
-    def at(q: float) -> float | None:
-        value = defined[min(len(defined) - 1, int(q * len(defined)))] if defined else math.nan
+    def at(values: list[float], q: float) -> float | None:
+        value = sorted(values)[min(len(values) - 1, int(q * len(values)))] if values else math.nan
         return None if math.isnan(value) or math.isinf(value) else round(value, 3)
 
-    ratio = median_ratio(top, bottom)
+    lo, hi = ratio_bounds(top, bottom, horizon)
+
+    def rounded(v: float) -> float | None:
+        return None if math.isnan(v) or math.isinf(v) else round(v, 3)
+
     return {
-        "ratio": None if math.isnan(ratio) or math.isinf(ratio) else round(ratio, 3),
-        "interval": [at((1 - level) / 2), at((1 + level) / 2)],  # None above: beyond any ratio (misses)
+        "ratio": rounded(lo) if lo == hi else None,
+        "bounds": [rounded(lo), rounded(hi)],  # [x, x]: exact; [0, x]: at most x; [x, None]: at least x
+        "interval": [at([p[0] for p in defined], (1 - level) / 2), at([p[1] for p in defined], (1 + level) / 2)],
         "level": level,
         "undefined_share": round(1 - len(defined) / draws, 3),
     }
@@ -564,6 +579,16 @@ def critical_path_bound(one_worker: float, epochs: int, workers: int) -> float:
     return round(1 + (workers - 1) * epochs / one_worker, 3)
 
 
+def _shown(interval: dict[str, Any]) -> str:
+    """A ratio as printed: exact, ``≤ x`` (the bottom side missed), ``≥ x`` (the top side missed) or ``–``."""
+    lo, hi = interval["bounds"]
+    if interval["ratio"] is not None:
+        return str(interval["ratio"])
+    if lo == 0.0 and hi is not None:
+        return f"≤ {hi}"
+    return f"≥ {lo}" if lo is not None else "–"
+
+
 def _summary(out: dict[str, Any]) -> None:
     """The goals' ratios, where both sides were run, with bootstrap intervals and a verdict."""
     m = out["methods"]
@@ -582,7 +607,7 @@ def _summary(out: dict[str, Any]) -> None:
             out.setdefault("ratios", {})[name] = round(asked / base, 3)
         if top in m and bottom in m:
             target = out["target"] if which == "epochs_to_target" else out["top_target"]
-            interval = ratio_interval(per_seed(top, target), per_seed(bottom, target))
+            interval = ratio_interval(per_seed(top, target), per_seed(bottom, target), out["horizon_epochs"])
             interval["goal"], interval["verdict"] = goal, "–" if goal is None else verdict(interval, goal)
             if top.endswith("K=8") and bottom.endswith("K=1") and base and "train_epochs" in out:
                 interval["critical_path_bound"] = critical_path_bound(base, out["train_epochs"], 8)
@@ -599,7 +624,7 @@ def _summary(out: dict[str, Any]) -> None:
     for name, interval in out.get("ratio_intervals", {}).items():
         lo, hi = ("beyond" if v is None else v for v in interval["interval"])
         print(
-            f"{name}: {interval['ratio'] if interval['ratio'] is not None else '–'} "
+            f"{name}: {_shown(interval)} "
             f"({interval['level']:.0%} bootstrap {lo}–{hi}"
             + (f"; goal ≤ {interval['goal']}: {interval['verdict']}" if interval["goal"] is not None else "")
             + (f"; critical path ≥ {interval['critical_path_bound']}" if "critical_path_bound" in interval else "")

@@ -292,25 +292,29 @@ def test_replay_methods_are_named_sampler_plus_pruner_with_ashas_rungs_in_the_na
 
 def test_the_replay_ratio_interval_says_met_not_met_or_undecided_from_the_seeds() -> None:
     replay = _replay_module()
-    inf = math.inf
+    inf, horizon = math.inf, 1200
     # every seed the same: the interval is the ratio itself
-    clear = replay.ratio_interval([100.0] * 20, [300.0] * 20)
+    clear = replay.ratio_interval([100.0] * 20, [300.0] * 20, horizon)
     assert clear["ratio"] == pytest.approx(1 / 3, abs=1e-3) and clear["interval"] == [clear["ratio"]] * 2
     assert replay.verdict(clear, 0.5) == "met" and replay.verdict(clear, 0.3) == "not met"
     # seeds spread over 3x: a ratio of medians near the goal cannot be decided from 20 of them
     rng = random.Random(1)
     spread = replay.ratio_interval(
-        [rng.uniform(100, 300) for _ in range(20)], [rng.uniform(200, 600) for _ in range(20)]
+        [rng.uniform(100, 300) for _ in range(20)], [rng.uniform(200, 600) for _ in range(20)], horizon
     )
     lo, hi = spread["interval"]
     assert lo < spread["ratio"] < hi and lo < 0.5 < hi and replay.verdict(spread, 0.5) == "undecided"
-    below = replay.ratio_interval([200.0] * 20, [rng.uniform(200, 600) for _ in range(20)])  # each side resampled
-    assert below["interval"][0] < below["ratio"] < below["interval"][1]
-    # a side that misses the target in most seeds: never met (beyond any ratio), and no ratio when both do
-    missing = replay.ratio_interval([inf] * 15 + [50.0] * 5, [200.0] * 20)
-    assert missing["ratio"] is None and missing["interval"] == [None, None]
-    assert replay.verdict(missing, 0.5) == "not met"
-    both = replay.ratio_interval([inf] * 20, [inf] * 20)
+    below = replay.ratio_interval([200.0] * 20, [rng.uniform(200, 600) for _ in range(20)], horizon)
+    assert below["interval"][0] < below["ratio"] < below["interval"][1], "each side is resampled"
+    # a side that misses in most seeds reached the target beyond the horizon, if ever: a bound, not a ratio
+    late = replay.ratio_interval([inf] * 15 + [50.0] * 5, [200.0] * 20, horizon)
+    assert late["ratio"] is None and late["bounds"] == [6.0, None] and late["interval"] == [6.0, None]
+    assert replay.verdict(late, 0.5) == "not met"
+    early = replay.ratio_interval([100.0] * 20, [inf] * 20, horizon)  # at most 100/1200
+    assert early["bounds"] == [0.0, pytest.approx(0.083, abs=1e-3)] and replay.verdict(early, 0.5) == "met"
+    unknown = replay.ratio_interval([700.0] * 20, [inf] * 20, horizon)  # at most 0.58: maybe above 0.5
+    assert replay.verdict(unknown, 0.5) == "undecided"
+    both = replay.ratio_interval([inf] * 20, [inf] * 20, horizon)
     assert both["undefined_share"] == 1.0 and replay.verdict(both, 0.5) == "undecided"
 
 
