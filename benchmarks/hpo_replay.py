@@ -570,6 +570,26 @@ def verdict(interval: dict[str, Any], goal: float) -> str:
     return "undecided"
 
 
+def difference_interval(
+    top: list[float], bottom: list[float], draws: int = 2000, level: float = 0.9, seed: int = 0
+) -> dict[str, Any]:
+    """The difference of two means over seeds (``top`` − ``bottom``: bests found at the fixed budget), its
+    bootstrap interval and a verdict on "top ≥ bottom": ``met`` (the interval at or above 0), ``not met``
+    (below 0) or ``tie`` (it holds 0: no difference the seeds can tell)."""
+    rng = random.Random(seed)
+    diffs = sorted(
+        statistics.mean(rng.choices(top, k=len(top))) - statistics.mean(rng.choices(bottom, k=len(bottom)))
+        for _ in range(draws)
+    )
+    lo, hi = diffs[int((1 - level) / 2 * draws)], diffs[min(draws - 1, int((1 + level) / 2 * draws))]
+    return {
+        "difference": round(statistics.mean(top) - statistics.mean(bottom), 4),
+        "interval": [round(lo, 4), round(hi, 4)],
+        "level": level,
+        "verdict": "met" if lo >= 0 else "not met" if hi < 0 else "tie",
+    }
+
+
 def critical_path_bound(one_worker: float, epochs: int, workers: int) -> float:
     """The least K-worker / 1-worker ratio of epochs to a target for a search that proposes its winner after
     the same results at any K: the winner's ``epochs`` run one after another while the other K − 1 workers
@@ -613,6 +633,22 @@ def _summary(out: dict[str, Any]) -> None:
                 interval["critical_path_bound"] = critical_path_bound(base, out["train_epochs"], 8)
             out.setdefault("ratio_intervals", {})[name] = interval
 
+    def at_budget(key: str) -> list[float]:
+        return [best_at(run, out["budget_epochs"]) for run in m[key]["anytime_runs"]]
+
+    for k in sorted({key.rsplit("K=", 1)[1] for key in m}):
+        for variant in sorted({key.rsplit(" K=", 1)[0] for key in m if key.startswith("tpe+asha")}):
+            if f"tpe+median K={k}" in m:
+                name = f"{variant} − tpe+median best at {out['budget_epochs']} epochs, K={k}"
+                interval = difference_interval(at_budget(f"{variant} K={k}"), at_budget(f"tpe+median K={k}"))
+                out.setdefault("difference_intervals", {})[name] = interval
+    for name, interval in out.get("difference_intervals", {}).items():
+        lo, hi = interval["interval"]
+        print(
+            f"{name}: {interval['difference']:+.4f} ({interval['level']:.0%} bootstrap {lo:+.4f}–{hi:+.4f}; "
+            f"goal ≥ 0: {interval['verdict']})",
+            flush=True,
+        )
     for which, label in (("epochs_to_target", "target"), ("epochs_to_top", "top")):
         for k in sorted({key.rsplit("K=", 1)[1] for key in m}):
             for variant in sorted({key.rsplit(" K=", 1)[0] for key in m if key.startswith("tpe+asha")}):

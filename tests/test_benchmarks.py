@@ -322,3 +322,20 @@ def test_the_replay_critical_path_bound_charges_the_winners_epochs_to_every_othe
     bound = _replay_module().critical_path_bound
     # 8 workers: while the winner's 20 epochs run one after another, 7 others train 140 epochs more
     assert bound(560, 20, 8) == 1.25 and bound(280, 20, 8) == 1.5 and bound(400, 20, 1) == 1.0
+
+
+def test_the_replay_difference_interval_tells_ahead_behind_and_a_tie() -> None:
+    replay = _replay_module()
+    ahead = replay.difference_interval([0.70] * 20, [0.65] * 20)
+    assert ahead["difference"] == pytest.approx(0.05) and ahead["verdict"] == "met"
+    assert replay.difference_interval([0.65] * 20, [0.70] * 20)["verdict"] == "not met"
+    rng = random.Random(2)
+    noisy = replay.difference_interval(
+        [rng.gauss(0.70, 0.03) for _ in range(20)], [rng.gauss(0.70, 0.03) for _ in range(20)]
+    )
+    lo, hi = noisy["interval"]
+    assert lo < noisy["difference"] < hi and lo < 0 < hi and noisy["verdict"] == "tie"
+    one = replay.difference_interval([rng.gauss(0.70, 0.03) for _ in range(20)], [0.70] * 20)
+    other = replay.difference_interval([0.70] * 20, [rng.gauss(0.70, 0.03) for _ in range(20)])
+    for each in (one, other):
+        assert each["interval"][0] < each["difference"] < each["interval"][1], "each side is resampled"
