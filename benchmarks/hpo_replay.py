@@ -239,8 +239,14 @@ def _memory_storage() -> Storage:
     return Storage("memory://replay", BACKENDS["grpc"], RetryingStorage(optuna.storages.InMemoryStorage()))
 
 
-def replay(config_raw: dict[str, Any], surrogate: Surrogate, workers: int) -> dict[str, Any]:
-    """One study with ``workers`` asynchronous workers in virtual time; its anytime curve and counts."""
+PROPOSAL_WINDOWS = ((0, 10), (10, 30), (30, 60), (60, 100), (100, 200))
+"""Ranges of new configurations, in the order a study proposed them, whose hits on the top target are counted."""
+
+
+def replay(config_raw: dict[str, Any], surrogate: Surrogate, workers: int, top: float = math.inf) -> dict[str, Any]:
+    """One study with ``workers`` asynchronous workers in virtual time; its anytime curve and counts, and per
+    :data:`PROPOSAL_WINDOWS` how many of the new configurations it proposed there have a final accuracy at or
+    above ``top`` (what the sampler learnt, whatever the pruner made of them)."""
     config = parse_study(config_raw)
     storage = _memory_storage()
     study, _ = create_study(config, storage)
@@ -302,6 +308,8 @@ def replay(config_raw: dict[str, Any], surrogate: Surrogate, workers: int) -> di
         heapq.heappush(events, (now, w, seq))
     trials = study.get_trials(deepcopy=False)
     ran = [t for t in trials if t.state != TrialState.WAITING]  # not the budget's unclaimed queue
+    proposed = [t for t in ran if attrs.lineage(t) == t.number]  # a lineage's first trial: a new configuration
+    hits = [surrogate(t.params).values[-1] >= top for t in proposed]
     return {
         "anytime": anytime,
         "epochs": epochs_used(trials, config),
@@ -312,6 +320,7 @@ def replay(config_raw: dict[str, Any], surrogate: Surrogate, workers: int) -> di
         # proposes points near its best gets the same few curves again on a surrogate over a finite table
         "configurations": len({attrs.lineage(t) for t in ran}),
         "distinct_curves": len({surrogate.nearest(t.params)[0][0] for t in ran}),
+        "proposal_hits": [[sum(hits[a:b]), len(hits[a:b])] for a, b in PROPOSAL_WINDOWS],
     }
 
 
@@ -473,7 +482,7 @@ def main() -> None:
                 )
                 raw["train"] = {**raw["train"], "epochs": epochs}
                 raw["model"] = {**raw["model"], "weights": "none"}
-                runs.append(replay(raw, surrogate, k))
+                runs.append(replay(raw, surrogate, k, top))
             at_budget = [best_at(r["anytime"], budget) for r in runs]
             false, stopped = (sum(r["false_prunes"][i] for r in runs) for i in (0, 1))
             key = f"{method} K={k}"
@@ -484,6 +493,14 @@ def main() -> None:
                 "false_prune_rate": round(false / stopped, 4) if stopped else None,
                 "configurations": statistics.mean(r["configurations"] for r in runs),
                 "distinct_curves": statistics.mean(r["distinct_curves"] for r in runs),
+                # the share of new configurations in the top 1%, by when they were proposed (0-10: the start-up),
+                # and how many were proposed there over all seeds
+                "proposals_in_top": {
+                    f"{a}-{b}": round(sum(r["proposal_hits"][i][0] for r in runs) / n, 3)
+                    for i, (a, b) in enumerate(PROPOSAL_WINDOWS)
+                    if (n := sum(r["proposal_hits"][i][1] for r in runs))
+                },
+                "proposals_counted": sum(n for r in runs for _, n in r["proposal_hits"]),
                 "anytime": anytime_band([r["anytime"] for r in runs], horizon),
                 "anytime_runs": [r["anytime"] for r in runs],
             }
@@ -493,7 +510,8 @@ def main() -> None:
                 f"{key:22} epochs to target {t['median']} ({t['reached']}), to top {u['median']} ({u['reached']}), "
                 f"best at {budget} epochs {m['best_at_budget']['mean']:.4f} ± {m['best_at_budget']['std']:.4f}, "
                 f"false-prune rate {m['false_prune_rate']}, {m['configurations']:.0f} configurations on "
-                f"{m['distinct_curves']:.0f} recorded curves",
+                f"{m['distinct_curves']:.0f} recorded curves; new configurations in the top: "
+                + ", ".join(f"{w} {share:.2f}" for w, share in m["proposals_in_top"].items()),
                 flush=True,
             )
             if args.json:  # after every row: a long run (GP fits a model per claim) keeps what it has

@@ -200,6 +200,12 @@ def test_replay_runs_methods_through_the_real_claims_and_writes_its_figures(tmp_
     assert figures["methods"]["random+none K=1"]["false_prune_rate"] is None, "nothing is stopped without a pruner"
     # without a pruner every configuration runs to the end: 240 epochs of 4-epoch curves are 60 configurations
     assert figures["methods"]["random+none K=1"]["configurations"] == 60
+    # the share of those 60 new configurations in the top 1%, by when they were proposed: no window past the 60th
+    shares = figures["methods"]["random+none K=1"]["proposals_in_top"]
+    assert list(shares) == ["0-10", "10-30", "30-60"] and all(0 <= v <= 1 for v in shares.values())
+    # under ASHA a promotion continues a configuration: it is not a new one (fewer than 200 per study here)
+    asha = figures["methods"]["tpe+asha K=1"]
+    assert asha["configurations"] < 200 and asha["proposals_counted"] == round(2 * asha["configurations"])
     assert "epochs to target" in proc.stdout
 
 
