@@ -557,15 +557,13 @@ def ratio_interval(
     ]
     defined = [p for p in pairs if not math.isnan(p[0])]
 
-    def at(values: list[float], q: float) -> float | None:
-        value = sorted(values)[min(len(values) - 1, int(q * len(values)))] if values else math.nan
-        return None if math.isnan(value) or math.isinf(value) else round(value, 3)
-
-    lo, hi = ratio_bounds(top, bottom, horizon)
-
     def rounded(v: float) -> float | None:
         return None if math.isnan(v) or math.isinf(v) else round(v, 3)
 
+    def at(values: list[float], q: float) -> float | None:
+        return rounded(quantile(sorted(values), q)) if values else None
+
+    lo, hi = ratio_bounds(top, bottom, horizon)
     return {
         "ratio": rounded(lo) if lo == hi else None,
         "bounds": [rounded(lo), rounded(hi)],  # [x, x]: exact; [0, x]: at most x; [x, None]: at least x
@@ -599,7 +597,7 @@ def difference_interval(
         statistics.mean(rng.choices(top, k=len(top))) - statistics.mean(rng.choices(bottom, k=len(bottom)))
         for _ in range(draws)
     )
-    lo, hi = diffs[int((1 - level) / 2 * draws)], diffs[min(draws - 1, int((1 + level) / 2 * draws))]
+    lo, hi = quantile(diffs, (1 - level) / 2), quantile(diffs, (1 + level) / 2)
     return {
         "difference": round(statistics.mean(top) - statistics.mean(bottom), 4),
         "interval": [round(lo, 4), round(hi, 4)],
