@@ -435,7 +435,14 @@ def main() -> None:
     claims.PROMOTION_SETTLE_S = 0.0
     base = load_study_file(args.study)
     space = base.search_space
-    curves = load_table(Path(args.table), space)
+    try:
+        curves = load_table(Path(args.table), space)
+    except OSError as exc:
+        raise SystemExit(f"error: --table {args.table}: {exc.strerror or exc}") from None
+    except (KeyError, ValueError) as exc:
+        raise SystemExit(f"error: --table {args.table}: not a table of learning curves ({exc!s})") from None
+    if not curves:
+        raise SystemExit(f"error: --table {args.table}: no learning curves in it")
     epochs = len(curves[0].values)
     surrogate = SmoothSurrogate(curves, space) if args.smooth else Surrogate(curves, space, args.neighbours)
     finals = surrogate_finals(surrogate, space)

@@ -345,3 +345,34 @@ def test_the_replay_difference_interval_tells_ahead_behind_and_a_tie() -> None:
     other = replay.difference_interval([0.70] * 20, [rng.gauss(0.70, 0.03) for _ in range(20)])
     for each in (one, other):
         assert each["interval"][0] < each["difference"] < each["interval"][1], "each side is resampled"
+
+
+def test_the_replay_names_a_bad_table_in_one_line(tmp_path: Path) -> None:
+    headless = tmp_path / "headless.csv"
+    headless.write_text("a,b\n1,2\n")
+    empty = tmp_path / "empty.csv"
+    lines = _tiny_curves(tmp_path / "tiny.csv").read_text().splitlines()
+    empty.write_text(lines[0] + "\n")
+    garbled = tmp_path / "garbled.csv"  # an epoch that is not a number
+    row = lines[1].split(",")
+    row[lines[0].split(",").index("epoch")] = "three"
+    garbled.write_text("\n".join([lines[0], ",".join(row), *lines[2:]]) + "\n")
+    for table, why in (
+        (tmp_path / "nope.csv", "No such file"),
+        (headless, "not a table of learning curves"),
+        (empty, "no learning curves"),
+        (garbled, "not a table of learning curves"),
+    ):
+        proc = subprocess.run(
+            [PYTHON, str(REPO / "benchmarks" / "hpo_replay.py"), "--table", str(table), "--seeds", "1"],
+            env=worker_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert (
+            proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+            and str(table) in proc.stderr
+            and why in proc.stderr
+        )
