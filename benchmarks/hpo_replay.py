@@ -40,6 +40,7 @@ from sft_optuna.coordination import claims
 from sft_optuna.coordination.claims import claim_trial, epochs_used, study_done
 from sft_optuna.coordination.retrying import RetryingStorage
 from sft_optuna.coordination.storage import BACKENDS, Storage
+from sft_optuna.errors import UserError
 from sft_optuna.search.asha import pause_epochs
 from sft_optuna.search.space import random_points
 from sft_optuna.study import create_study
@@ -693,4 +694,7 @@ def _summary(out: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as exc:  # a bad --study: one line, as the CLI prints it
+        raise SystemExit(f"error: {exc}") from None

@@ -30,6 +30,8 @@ import optuna
 import torch
 
 from sft_optuna.config import DataConfig, ModelConfig, StudyConfig, train_config_for
+from sft_optuna.errors import UserError
+from sft_optuna.node import resolve_device
 from sft_optuna.search.space import random_points
 from sft_optuna.study_file import load_study_file
 from sft_optuna.training.data import load_splits
@@ -123,6 +125,7 @@ def main() -> None:
     except ValueError:
         p.error(f"--shard {args.shard!r}: expected K/N with 0 <= K < N")
 
+    device = resolve_device(args.device)  # before the data: the cheap check first
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = load_study_file(args.study)
@@ -134,7 +137,6 @@ def main() -> None:
     points = random_points(config.search_space, args.configs, args.seed)
     done = done_configs(out)
     names = list(config.search_space)
-    device = torch.device(args.device)
     began, last_s = time.perf_counter(), 0.0
     with out.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS[:1] + names + FIELDS[1:])
@@ -162,4 +164,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as exc:  # a missing study file, data folder or device: one line, as the CLI prints it
+        raise SystemExit(f"error: {exc}") from None

@@ -376,3 +376,29 @@ def test_the_replay_names_a_bad_table_in_one_line(tmp_path: Path) -> None:
             and str(table) in proc.stderr
             and why in proc.stderr
         )
+
+
+def test_the_replay_names_a_missing_study_file_in_one_line(tmp_path: Path) -> None:
+    study = tmp_path / "nope.yaml"
+    proc = subprocess.run(
+        [PYTHON, str(REPO / "benchmarks" / "hpo_replay.py"), "--study", str(study)],
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and str(study) in proc.stderr, proc.stderr
+
+
+def test_the_curve_recorder_names_a_missing_data_folder_or_device_in_one_line(tmp_path: Path) -> None:
+    base = [PYTHON, str(REPO / "benchmarks" / "record_curves.py"), "--out", str(tmp_path / "c.csv"), "--configs", "1"]
+    for extra, named in (
+        (["--data", str(tmp_path / "nowhere")], str(tmp_path / "nowhere")),
+        (["--device", "cuda:99", "--data", str(tmp_path)], "--device cuda:99"),
+        (["--study", str(tmp_path / "nope.yaml")], "nope.yaml"),
+    ):
+        proc = subprocess.run([*base, *extra], env=worker_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and named in proc.stderr, proc.stderr
+    assert not (tmp_path / "c.csv").exists(), "nothing recorded"
