@@ -636,32 +636,33 @@ def _shown(interval: dict[str, Any]) -> str:
 def _summary(out: dict[str, Any]) -> None:
     """The goals' ratios, where both sides were run, with bootstrap intervals and a verdict."""
     m = out["methods"]
-
-    def to(key: str, which: str) -> float | None:
-        # the median over all seeds (a miss counts as beyond the horizon): the mean of the seeds that reached
-        # the target alone favours a method that reaches it rarely but early
-        return m[key][which]["median"] if key in m else None
+    ks = sorted({key.rsplit("K=", 1)[1] for key in m})
+    methods = sorted({key.rsplit(" K=", 1)[0] for key in m})
+    variants = [method for method in methods if method.startswith("tpe+asha")]
 
     def per_seed(key: str, target: float) -> list[float]:
         return [e if (e := epochs_to(run, target)) is not None else math.inf for run in m[key]["anytime_runs"]]
 
     def add(name: str, top: str, bottom: str, which: str, goal: float | None) -> None:
-        asked, base = to(top, which), to(bottom, which)
-        if asked and base:
-            out.setdefault("ratios", {})[name] = round(asked / base, 3)
-        if top in m and bottom in m:
-            target = out["target"] if which == "epochs_to_target" else out["top_target"]
-            interval = ratio_interval(per_seed(top, target), per_seed(bottom, target), out["horizon_epochs"])
-            interval["goal"], interval["verdict"] = goal, "–" if goal is None else verdict(interval, goal)
-            if top.endswith("K=8") and bottom.endswith("K=1") and base and "train_epochs" in out:
-                interval["critical_path_bound"] = critical_path_bound(base, out["train_epochs"], 8)
-            out.setdefault("ratio_intervals", {})[name] = interval
+        if top not in m or bottom not in m:
+            return
+        target = out["target"] if which == "epochs_to_target" else out["top_target"]
+        interval = ratio_interval(per_seed(top, target), per_seed(bottom, target), out["horizon_epochs"])
+        interval["goal"], interval["verdict"] = goal, "–" if goal is None else verdict(interval, goal)
+        # the median over all seeds (a miss counts as beyond the horizon): the mean of the seeds that reached
+        # the target alone favours a method that reaches it rarely but early
+        base = m[bottom][which]["median"]
+        if top.endswith("K=8") and bottom.endswith("K=1") and base and "train_epochs" in out:
+            interval["critical_path_bound"] = critical_path_bound(base, out["train_epochs"], 8)
+        out.setdefault("ratio_intervals", {})[name] = interval
+        if interval["ratio"] is not None:  # both medians reached the target
+            out.setdefault("ratios", {})[name] = interval["ratio"]
 
     def at_budget(key: str) -> list[float]:
         return [best_at(run, out["budget_epochs"]) for run in m[key]["anytime_runs"]]
 
-    for k in sorted({key.rsplit("K=", 1)[1] for key in m}):
-        for variant in sorted({key.rsplit(" K=", 1)[0] for key in m if key.startswith("tpe+asha")}):
+    for k in ks:
+        for variant in variants:
             if f"tpe+median K={k}" in m:
                 name = f"{variant} − tpe+median best at {out['budget_epochs']} epochs, K={k}"
                 interval = difference_interval(at_budget(f"{variant} K={k}"), at_budget(f"tpe+median K={k}"))
@@ -674,11 +675,11 @@ def _summary(out: dict[str, Any]) -> None:
             flush=True,
         )
     for which, label in (("epochs_to_target", "target"), ("epochs_to_top", "top")):
-        for k in sorted({key.rsplit("K=", 1)[1] for key in m}):
-            for variant in sorted({key.rsplit(" K=", 1)[0] for key in m if key.startswith("tpe+asha")}):
+        for k in ks:
+            for variant in variants:
                 name = f"{variant} / tpe+median epochs to {label}, K={k}"
                 add(name, f"{variant} K={k}", f"tpe+median K={k}", which, GOALS["asha_vs_median"])
-        for method in sorted({key.rsplit(" K=", 1)[0] for key in m}):
+        for method in methods:
             goal = GOALS["k8_vs_k1"] if "asha" in method else None  # the goal is ASHA's; the others for comparison
             add(f"{method} epochs to {label}, K=8 / K=1", f"{method} K=8", f"{method} K=1", which, goal)
     for name, interval in out.get("ratio_intervals", {}).items():
