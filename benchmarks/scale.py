@@ -199,7 +199,7 @@ def _worker_thread(
 ) -> None:
     """One simulated worker: its own storage client; claims and runs trials until the budget is spent."""
     from sft_optuna.coordination.claims import claim_trial, more_to_claim, recover_trials
-    from sft_optuna.coordination.heartbeat import Heartbeat, Watcher, watch_interval
+    from sft_optuna.coordination.heartbeat import Heartbeat, StaleTrials, Watcher, watch_interval
     from sft_optuna.coordination.storage import open_storage
     from sft_optuna.objective import HistoryWriter
     from sft_optuna.search.space import suggest
@@ -227,7 +227,8 @@ def _worker_thread(
         time.sleep(0.005)
     current: set[int] = set()
     every = watch_interval(config.heartbeat.interval, config.heartbeat.grace_period)
-    watcher = Watcher(every, lambda: recover_trials(study, config, set(current)), "watcher")
+    evidence = StaleTrials(config.heartbeat.grace_period, getattr(study._storage, "health", None))
+    watcher = Watcher(every, lambda: recover_trials(study, config, evidence, set(current)), "watcher")
     with watcher if ours else _Null():
         while True:
             t0, c0 = time.perf_counter(), time.thread_time()

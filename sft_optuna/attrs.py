@@ -57,8 +57,21 @@ NODE_FAULT = "node fault"
 gone): given back, retried by another worker, not counted against the budget."""
 NODE_FAULT_DETAIL = "node_fault"
 """Trial: what the node's fault was (with ``reason`` = ``node fault``)."""
-RETRYABLE_REASONS = ("interrupted", NODE_FAULT)
+INTERRUPTED = "interrupted"
+"""Reason of a trial its worker was told to stop (SIGTERM, Ctrl-C): an operator's stop, retried, never counted
+against ``max_retries``."""
+OUTAGE = "storage outage"
+"""Reason of a trial its worker gave back after the storage stayed away past the outage window: retried from
+its checkpoint, never counted against ``max_retries``."""
+RETRYABLE_REASONS = (INTERRUPTED, NODE_FAULT, OUTAGE)
 """Reasons whose trials are retried; a trial failed by a stale heartbeat has no reason and is retried too."""
+UNCOUNTED_REASONS = (INTERRUPTED, OUTAGE, CLAIM_RACED)
+"""Failures that are not the trial's: they never use up one of ``max_retries``. Counted: a worker that died
+(stale heartbeat, no reason) — unless its worker turns out alive (:data:`WRONG_VERDICT`) — and a node fault."""
+WRONG_VERDICT = "sft_optuna:wrong_verdict:"
+"""Study system attribute prefix (+ trial number): that trial was failed as stale while its worker was alive
+(the worker found out at its next storage call and said so); its failure does not count against
+``max_retries``. On the study, because a finished trial cannot be written to."""
 
 
 def lineage(trial: _HasUserAttrs) -> int:

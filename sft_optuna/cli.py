@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
 from sft_optuna.config import StudyConfig
+from sft_optuna.coordination.retrying import is_storage_error
 from sft_optuna.coordination.storage import OUTAGE_S, Storage, error_reason, open_storage, resolve_url
-from sft_optuna.errors import NodeFault, UserError
+from sft_optuna.errors import NodeFault, StorageUnavailable, UserError
 from sft_optuna.node import DEFAULT_CHECKPOINT_DIR, DEFAULT_DEVICE
 from sft_optuna.study import create_study, load_study
 from sft_optuna.study_file import load_study_file
@@ -70,11 +70,13 @@ def _work(
     except NodeFault as exc:
         print(f"sft-optuna: error: this node cannot run trials: {exc}; worker stopped", file=sys.stderr)
         return 1
-    except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
+    except Exception as exc:
+        if not (isinstance(exc, (StorageUnavailable, OSError)) or is_storage_error(exc)):
+            raise
         reason = error_reason(exc)
         print(
             f"sft-optuna: error: storage {storage.masked} failed ({reason}); worker stopped, "
-            "its trial will be retried by the next worker",
+            "its trial will be retried from its checkpoint",
             file=sys.stderr,
         )
         return 3
@@ -449,6 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"sft-optuna: error: {exc}", file=sys.stderr)
         return 2
+    except StorageUnavailable as exc:  # a command other than a worker's: one line, the outage code
+        print(f"sft-optuna: error: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         # Ctrl-C twice in a worker (the trial was already marked interrupted and resumes from its checkpoint),
         # or Ctrl-C in any other command: a person's decision, not a crash.

@@ -32,3 +32,12 @@ class NodeFault(Exception):  # noqa: N818 - named for what it is, like Optuna's 
     Raised inside a trial, the trial is given back (failed as retryable, not counted) and the worker stops:
     a broken node must not burn the study's budget trial after trial.
     """
+
+
+class StorageUnavailable(Exception):  # noqa: N818 - named for what it is
+    """The storage (database, journal file, gRPC proxy) failed, or gave no successful answer for ``OUTAGE_S``.
+
+    Never a trial's error, whatever call it surfaced from (a report, a prune check, an attribute, a claim): the
+    worker stops with exit code 3 and its trial stays resumable (RUNNING for a watcher to find, its checkpoint
+    kept). ``__cause__`` is the driver's or transport's own exception.
+    """

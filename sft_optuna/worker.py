@@ -19,16 +19,23 @@ from types import FrameType
 from typing import Any
 
 import optuna
-import sqlalchemy
 import torch
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
 from sft_optuna.coordination.checkpoints import CheckpointStore
-from sft_optuna.coordination.claims import claim_trial, queue_retry, recover_trials, slots_to_queue, study_done
-from sft_optuna.coordination.heartbeat import Heartbeat, Watcher, watch_interval
-from sft_optuna.errors import DataError, ModelError, NodeFault
+from sft_optuna.coordination.claims import (
+    claim_trial,
+    queue_retry,
+    raced,
+    recover_trials,
+    slots_to_queue,
+    study_done,
+)
+from sft_optuna.coordination.heartbeat import Heartbeat, StaleTrials, Watcher, watch_interval
+from sft_optuna.coordination.retrying import error_reason, is_storage_error
+from sft_optuna.errors import DataError, ModelError, NodeFault, StorageUnavailable
 from sft_optuna.node import (
     DEFAULT_CHECKPOINT_DIR,
     DEFAULT_DEVICE,
@@ -135,14 +142,67 @@ def _log_epoch(number: int, r: EpochResult) -> None:
     )
 
 
-def _safe_tell(study: optuna.Study, trial: optuna.Trial, **kwargs: Any) -> bool:
+def _safe_tell(study: optuna.Study, config: StudyConfig, trial: optuna.Trial, **kwargs: Any) -> bool:
     try:
         study.tell(trial, **kwargs)
         return True
     except (RuntimeError, ValueError, optuna.exceptions.UpdateFinishedTrialError) as exc:
         # Another worker already failed this trial (we were frozen past the grace period) and retried it.
         log.warning("trial %d was finished elsewhere (%s); dropping it", trial.number, exc)
+        _wrong_verdict(study, config, trial)
         return False
+
+
+def _wrong_verdict(study: optuna.Study, config: StudyConfig, trial: optuna.Trial) -> None:
+    """Our trial was failed as stale while we ran it: say so on the study, so that the failure does not use up
+    one of the lineage's ``max_retries``; and if the watcher that failed it found no retries left (it counted
+    the failure), queue the retry now. A duplicate this may make (the watcher queued one too) is dropped when
+    claimed."""
+    storage = study._storage
+    if storage.get_trial(trial._trial_id).state != TrialState.FAIL:
+        return  # finished some other way (not by a watcher)
+    storage.set_study_system_attr(study._study_id, f"{attrs.WRONG_VERDICT}{trial.number}", True)
+    trials = study.get_trials(deepcopy=False)
+    retried = any(
+        t.user_attrs.get(attrs.RETRY_OF) == trial.number and not raced(trials, t.number)
+        for t in trials
+        if t.user_attrs.get(attrs.REASON) != attrs.CLAIM_RACED
+    )
+    log.warning(
+        "trial %d was failed as stale while this worker ran it: the verdict was wrong (not counted against "
+        "max_retries)%s",
+        trial.number,
+        "" if retried else "; queuing its retry",
+    )
+    if not retried:
+        queue_retry(study, config, storage.get_trial(trial._trial_id), trials)
+
+
+def _outage(exc: BaseException) -> bool:
+    """A storage or transport failure (not the trial's own error), however it surfaced: through our storage
+    wrapper, or raw from a driver or gRPC inside Optuna. A bare OSError inside a trial is the trial's (or its
+    node's): a journal file's I/O errors reach us wrapped."""
+    return isinstance(exc, StorageUnavailable) or (is_storage_error(exc) and type(exc) is not OSError)
+
+
+def _give_back_after_outage(study: optuna.Study, config: StudyConfig, trial: optuna.Trial, exc: BaseException) -> None:
+    """The storage stayed away past the outage window: once it answers again (within one more window), fail
+    the trial as ``storage outage`` — retried from its checkpoint, not counted — and queue its retry. If it
+    does not answer, the trial stays RUNNING and a watcher retries it later."""
+    log.error(
+        "trial %d: the storage stayed away (%s); giving the trial back once it answers",
+        trial.number,
+        error_reason(exc),
+    )
+    try:
+        trial.set_user_attr(attrs.REASON, attrs.OUTAGE)
+        _fail_and_retry(study, config, trial)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        _wrong_verdict(study, config, trial)
+    except Exception as again:
+        if not _outage(again):
+            raise
+        log.error("trial %d: the storage is still away; it stays RUNNING for a watcher to retry", trial.number)
 
 
 def _set_reason(trial: optuna.Trial, reason: str) -> None:
@@ -203,9 +263,10 @@ def run_worker(study: optuna.Study, config: StudyConfig, options: WorkerOptions,
     done = failures = 0
     waiting = False
     current: set[int] = set()  # the trial this worker runs: alive, whatever its beats look like after an outage
+    evidence = StaleTrials(config.heartbeat.grace_period, getattr(study._storage, "health", None))
     watcher = Watcher(
         watch_interval(config.heartbeat.interval, config.heartbeat.grace_period),
-        lambda: recover_trials(study, config, set(current)),
+        lambda: recover_trials(study, config, evidence, set(current)),
         "stale-trial watcher",
     )
     with stop.installed(), watcher:
@@ -265,7 +326,7 @@ def _run_one(
         _set_reason(trial, str(exc))
         trial.set_user_attr(attrs.RUNG, exc.rung)
         log.info("trial %d: %s; its checkpoint is kept for a promotion", trial.number, exc)
-        return TrialState.PRUNED if _safe_tell(study, trial, state=TrialState.PRUNED) else None  # checkpoint kept
+        return TrialState.PRUNED if _safe_tell(study, config, trial, state=TrialState.PRUNED) else None
     except optuna.TrialPruned as exc:
         log.info("trial %d: %s", trial.number, exc)
         state = TrialState.PRUNED
@@ -274,7 +335,7 @@ def _run_one(
         log.warning("trial %d diverged: %s", trial.number, exc)
         state = TrialState.PRUNED
     except (Interrupted, KeyboardInterrupt) as exc:
-        _set_reason(trial, "interrupted")
+        _set_reason(trial, attrs.INTERRUPTED)
         log.warning("trial %d interrupted (%s); it will be retried from its checkpoint", trial.number, exc or "now")
         _fail_and_retry(study, config, trial)
         if isinstance(exc, KeyboardInterrupt):
@@ -294,12 +355,14 @@ def _run_one(
         state = TrialState.FAIL
     except optuna.exceptions.UpdateFinishedTrialError as exc:
         log.warning("trial %d was finished elsewhere (%s); dropping it", trial.number, exc)
+        _wrong_verdict(study, config, trial)
         return None
-    except sqlalchemy.exc.SQLAlchemyError:
-        # The storage stayed away longer than the retries wait: stop this worker. The trial stays RUNNING
-        # until its heartbeat goes stale, then another worker retries it from its checkpoint.
-        raise
-    except Exception as exc:  # noqa: BLE001 - a trial's bug must not take the worker down
+    except Exception as exc:
+        if _outage(exc):
+            # The storage stayed away longer than the outage window: never the trial's error. Give it back
+            # (uncounted) if the storage answers again, and stop this worker (exit 3).
+            _give_back_after_outage(study, config, trial, exc)
+            raise StorageUnavailable(str(exc) if isinstance(exc, StorageUnavailable) else error_reason(exc)) from exc
         if isinstance(exc, RuntimeError) and _is_device_fault(exc):
             reason = str(exc).strip().splitlines()[0]
             _give_back(study, config, trial, reason)
@@ -312,17 +375,17 @@ def _run_one(
     except BaseException as exc:
         # SystemExit from user code, a second Ctrl-C already handled above, ...: never leave it RUNNING.
         _set_reason(trial, f"error: {type(exc).__name__}: {exc}")
-        _safe_tell(study, trial, state=TrialState.FAIL)
+        _safe_tell(study, config, trial, state=TrialState.FAIL)
         raise
     else:
-        if not _safe_tell(study, trial, values=value):
+        if not _safe_tell(study, config, trial, values=value):
             return None
         if isinstance(study.pruner, CachedCompletedPruner):
             study.pruner.invalidate()  # our own completion counts at once, not after the cache's refresh
         log.info("trial %d: value %.4f", trial.number, value)
         _keep_best_checkpoint(study, trial.number, lineage, checkpoints)
         return TrialState.COMPLETE
-    if not _safe_tell(study, trial, state=state):
+    if not _safe_tell(study, config, trial, state=state):
         return None
     if checkpoints is not None:
         checkpoints.remove(lineage)
@@ -338,7 +401,7 @@ def _is_device_fault(exc: RuntimeError) -> bool:
 def _fail_and_retry(study: optuna.Study, config: StudyConfig, trial: optuna.Trial) -> None:
     """Fail our own trial with a retryable reason and queue its retry (unless a watcher failed it first: then
     the watcher queued the retry)."""
-    if _safe_tell(study, trial, state=TrialState.FAIL):
+    if _safe_tell(study, config, trial, state=TrialState.FAIL):
         queue_retry(study, config, study._storage.get_trial(trial._trial_id))
 
 

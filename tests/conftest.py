@@ -140,12 +140,14 @@ def worker_env(**extra: str) -> dict[str, str]:
 PYTHON = sys.executable
 
 
-def spawn_worker(url: str, name: str, ckpt: Path, *extra: str, stdout: Any = subprocess.PIPE) -> subprocess.Popen[str]:
+def spawn_worker(
+    url: str, name: str, ckpt: Path, *extra: str, stdout: Any = subprocess.PIPE, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     """``sft-optuna worker NAME`` as its own process on the CPU (one torch thread), output to ``stdout``."""
     cli = [PYTHON, "-m", "sft_optuna", "--storage", url, "worker", name]
     return subprocess.Popen(
         [*cli, "--device", "cpu", "--checkpoint-dir", str(ckpt), *extra],
-        env=worker_env(),
+        env=env or worker_env(),
         stdout=stdout,
         stderr=subprocess.STDOUT,
         text=True,

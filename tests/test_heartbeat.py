@@ -14,7 +14,7 @@ from sft_optuna import attrs
 from sft_optuna.cli import main
 from sft_optuna.config import parse_config
 from sft_optuna.coordination.claims import recover_trials, study_done
-from sft_optuna.coordination.heartbeat import BEAT_ATTR, MAX_STRETCH, Watcher
+from sft_optuna.coordination.heartbeat import BEAT_ATTR, MAX_STRETCH, StaleTrials, Watcher
 from sft_optuna.coordination.storage import open_storage
 from sft_optuna.study import create_study
 
@@ -41,9 +41,15 @@ def test_an_old_heartbeat_is_failed_and_retried_while_fresh_and_own_trials_are_n
     reads = []
     read = study._storage.get_all_trials
     study._storage.get_all_trials = lambda *a, **k: reads.append(1) or read(*a, **k)  # type: ignore[method-assign]
-    assert recover_trials(study, config, alive={own.number}) == 3, "the running trials it saw"
+    evidence = StaleTrials(config.heartbeat.grace_period, study._storage.health)
+    assert recover_trials(study, config, evidence, alive={own.number}) == 3, "the running trials it saw"
     assert len(reads) == 1, "a watcher's pass reads the study once"
     del study._storage.get_all_trials
+    assert all(t.state == TrialState.RUNNING for t in study.get_trials()), "an old beat by the clock proves nothing"
+    beats.set_trial_system_attr(fresh._trial_id, BEAT_ATTR, time.time())  # the live worker beats on
+    time.sleep(config.heartbeat.grace_period + 0.2)
+    beats.set_trial_system_attr(fresh._trial_id, BEAT_ATTR, time.time())
+    recover_trials(study, config, evidence, alive={own.number})
     trials = study.get_trials()
     assert [t.state for t in trials[:3]] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING]
     (retry,) = trials[3:]
@@ -51,7 +57,7 @@ def test_an_old_heartbeat_is_failed_and_retried_while_fresh_and_own_trials_are_n
     assert retry.user_attrs[attrs.RETRY_OF] == 0 and retry.user_attrs[attrs.LINEAGE] == 0
     assert retry.user_attrs[attrs.RETRY] == 1
     # a second pass changes nothing: the dead trial is retried once
-    recover_trials(study, config, alive={own.number})
+    recover_trials(study, config, evidence, alive={own.number})
     assert len(study.get_trials()) == 4
 
 

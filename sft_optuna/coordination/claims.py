@@ -32,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
-from sft_optuna.coordination.heartbeat import fail_stale_trials
+from sft_optuna.coordination.heartbeat import StaleTrials, fail_stale_trials
 from sft_optuna.coordination.retrying import RetryingStorage
 from sft_optuna.search.asha import due_promotion, pause_epochs, reduction_factor, sampler_view, study_rungs
 from sft_optuna.search.samplers import sampler_for_trial
@@ -49,8 +49,10 @@ __all__ = [
     "raced",
     "recover_trials",
     "retries_due",
+    "retries_used",
     "slots_to_queue",
     "study_done",
+    "wrong_verdicts",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,33 @@ def _counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     ]
 
 
-def retries_due(trials: Sequence[FrozenTrial], max_retries: int) -> list[FrozenTrial]:
+def _counts(t: FrozenTrial, wrong: Collection[int]) -> bool:
+    """Does failed trial ``t`` use up one of its lineage's retries? Only a failure of the trial: its worker
+    died while the storage was reachable (a stale heartbeat, no reason; unless the worker turned out alive) or
+    its node failed. An operator's stop, a storage outage, a dropped duplicate never count."""
+    return t.user_attrs.get(attrs.REASON) not in attrs.UNCOUNTED_REASONS and t.number not in wrong
+
+
+def retries_used(trials: Sequence[FrozenTrial], lineage: int, wrong: Collection[int] = ()) -> int:
+    """The failures of lineage ``lineage`` that count against ``max_retries`` (see :func:`_counts`)."""
+    return sum(
+        1
+        for t in trials
+        if t.state == TrialState.FAIL
+        and attrs.lineage(t) == lineage
+        and t.user_attrs.get(attrs.REASON) in (None, *attrs.RETRYABLE_REASONS)
+        and _counts(t, wrong)
+    )
+
+
+def wrong_verdicts(study: optuna.Study) -> set[int]:
+    """Trials failed as stale whose live workers said the verdict was wrong (:data:`attrs.WRONG_VERDICT`)."""
+    prefix = attrs.WRONG_VERDICT
+    notes = study._storage.get_study_system_attrs(study._study_id)
+    return {int(k[len(prefix) :]) for k in notes if k.startswith(prefix)}
+
+
+def retries_due(trials: Sequence[FrozenTrial], max_retries: int, wrong: Collection[int] = ()) -> list[FrozenTrial]:
     """Failed trials still without their retry: their worker died (no reason recorded) or was preempted, and
     retries remain. Normally the winner of the failure queues the retry at once (see :func:`queue_retry`)."""
     retried = _retried_numbers(trials)
@@ -108,7 +136,7 @@ def retries_due(trials: Sequence[FrozenTrial], max_retries: int) -> list[FrozenT
         if t.state == TrialState.FAIL
         and t.number not in retried
         and t.user_attrs.get(attrs.REASON) in (None, *attrs.RETRYABLE_REASONS)
-        and int(t.user_attrs.get(attrs.RETRY, 0)) < max_retries
+        and retries_used(trials, attrs.lineage(t), wrong) <= max_retries
     ]
 
 
@@ -367,15 +395,41 @@ def raced(trials: Sequence[FrozenTrial], number: int) -> bool:
     return False
 
 
-def queue_retry(study: optuna.Study, config: StudyConfig, failed: FrozenTrial) -> None:
-    """Queue the retry of ``failed`` (same parameters, lineage and slot) if it has retries left. Call it only
-    after winning the trial's change to FAIL, so that each failure is retried once."""
-    retry = int(failed.user_attrs.get(attrs.RETRY, 0)) + 1
-    if retry > config.budget.max_retries:
-        log.warning("trial %d failed; no retries left (%d)", failed.number, config.budget.max_retries)
-        return
+def queue_retry(
+    study: optuna.Study,
+    config: StudyConfig,
+    failed: FrozenTrial,
+    trials: Sequence[FrozenTrial] | None = None,
+    wrong: Collection[int] | None = None,
+) -> None:
+    """Queue the retry of ``failed`` (same parameters, lineage and slot) if its lineage has retries left. Call
+    it only after winning the trial's change to FAIL, so that each failure is retried once.
+
+    ``max_retries`` bounds the failures of the trial (:func:`retries_used`), not its attempts: an operator's
+    stop, an outage or a wrong verdict is retried whatever came before. ``trials``: a read of the study made
+    a moment ago (else one is made); ``failed`` counts as FAIL whatever state that read saw it in."""
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    wrong = wrong_verdicts(study) if wrong is None else wrong
     lineage = attrs.lineage(failed)
-    log.warning("retrying trial %d (lineage %d) with the same parameters", failed.number, lineage)
+    others = [t for t in trials if t.number != failed.number]
+    used = retries_used(others, lineage, wrong) + int(_counts(failed, wrong))
+    if used > config.budget.max_retries:
+        log.warning(
+            "trial %d failed; no retries left (lineage %d: %d failures of %d allowed)",
+            failed.number,
+            lineage,
+            used,
+            config.budget.max_retries,
+        )
+        return
+    retry = int(failed.user_attrs.get(attrs.RETRY, 0)) + 1
+    log.warning(
+        "retrying trial %d (lineage %d, retries used %d of %d) with the same parameters",
+        failed.number,
+        lineage,
+        used,
+        config.budget.max_retries,
+    )
     user_attrs = {attrs.LINEAGE: lineage, attrs.RETRY_OF: failed.number, attrs.RETRY: retry}
     for key in (attrs.SLOT, attrs.PROMOTED_FROM, attrs.FROM_RUNG):  # a retry is what it retries
         if key in failed.user_attrs:
@@ -383,22 +437,32 @@ def queue_retry(study: optuna.Study, config: StudyConfig, failed: FrozenTrial) -
     study.enqueue_trial(failed.params, user_attrs=user_attrs, skip_if_exists=False)
 
 
-def recover_trials(study: optuna.Study, config: StudyConfig, alive: Collection[int] = ()) -> int:
+def recover_trials(study: optuna.Study, config: StudyConfig, evidence: StaleTrials, alive: Collection[int] = ()) -> int:
     """Fail the trials of dead workers and queue the retries of those this call failed; ``alive``: our own.
     Returns the number of running trials seen (the watcher spaces its checks by it). One read of the study.
 
-    Also queues the retry of a failed trial whose worker died between failing it and queuing its retry, once
-    a grace period has passed since it failed (a duplicate this might make is dropped when claimed).
+    A worker is dead only on ``evidence`` (see :class:`StaleTrials`): its beat did not advance across this
+    watcher's own uninterrupted reads for a grace period. Also queues the retry of a failed trial whose worker
+    died between failing it and queuing its retry, once a grace period has passed since it failed (a duplicate
+    this might make is dropped when claimed).
     """
     grace = config.heartbeat.grace_period
-    trials = study.get_trials(deepcopy=False)
-    for failed in fail_stale_trials(study, trials, grace, alive):
-        queue_retry(study, config, failed)
+    started = time.monotonic()  # before the read: a slow read must not age anyone's beat
+    try:
+        trials = study.get_trials(deepcopy=False)
+    except Exception:
+        evidence.restart()  # this watcher's own outage: no verdict on anyone
+        raise
+    stale = evidence.observe(trials, started, time.monotonic())
+    for failed in fail_stale_trials(study, stale, grace, alive):
+        queue_retry(study, config, failed, trials)
     cutoff = time.time() - grace
     # the trials failed above were RUNNING in this read, so not due: their retries are queued
-    for t in retries_due(trials, config.budget.max_retries):
+    due = retries_due(trials, config.budget.max_retries)
+    wrong = wrong_verdicts(study) if due else set()
+    for t in retries_due(trials, config.budget.max_retries, wrong):
         # .timestamp(): SQL storages keep local naive times, journal files aware UTC ones; both compare right
         if t.datetime_complete is not None and t.datetime_complete.timestamp() < cutoff:
             log.warning("trial %d failed %s without a retry queued; queuing it", t.number, t.datetime_complete)
-            queue_retry(study, config, t)
+            queue_retry(study, config, t, trials, wrong)
     return sum(t.state == TrialState.RUNNING for t in trials)

@@ -23,6 +23,7 @@ __all__ = [
     "MAX_STRETCH",
     "WATCHES_PER_INTERVAL",
     "Heartbeat",
+    "StaleTrials",
     "Watcher",
     "fail_stale_trials",
     "last_beat",
@@ -42,31 +43,92 @@ def last_beat(trial: optuna.trial.FrozenTrial) -> float:
     return trial.datetime_start.timestamp() if trial.datetime_start else time.time()
 
 
+class StaleTrials:
+    """What one watcher has seen of other workers' beats: the evidence behind a verdict that a worker is gone.
+
+    A RUNNING trial is stale only when its beat did not advance across this watcher's own successful reads of
+    the study spanning at least ``grace_period`` seconds with no failed storage call of this process between
+    them (``health``: every thread's calls count). A beat's age by the clock proves nothing: during an outage
+    nobody's beats get through, and the first watcher back would fail every live worker's trial. So an outage
+    of this process (a failed call, a failed read) restarts every clock, and a watcher that just started has
+    seen nothing yet: a dead worker's trial is failed about one grace period (plus a watch interval) after the
+    storage became reachable to its watcher. Beat values are compared, never clocks: no skew between nodes
+    matters. Times are ``time.monotonic()``, taken before and after each read: a slow read does not age a beat.
+
+    >>> evidence = StaleTrials(grace_period=5.0)
+    >>> evidence.observe([], read_started=0.0, read_ended=0.1)
+    []
+    """
+
+    def __init__(self, grace_period: float, health: Any = None) -> None:
+        self.grace_period = grace_period
+        self.health = health
+        self._seen: dict[int, tuple[Any, float]] = {}  # trial id -> (its beat, end of the read that first saw it)
+        self._failures: int | None = None  # health.failures after the last good read; None: clocks restarted
+
+    def restart(self) -> None:
+        """Forget every clock (this process could not reach the storage)."""
+        self._seen.clear()
+        self._failures = None
+
+    def observe(
+        self, trials: Sequence[optuna.trial.FrozenTrial], read_started: float, read_ended: float
+    ) -> list[tuple[optuna.trial.FrozenTrial, float]]:
+        """Take one successful read of the study (``trials``, read between the two monotonic times); returns the
+        RUNNING trials that are stale by the rule above, each with the seconds its beat is known not to have
+        advanced while this watcher reached the storage."""
+        failures = int(getattr(self.health, "failures", 0))
+        if self._failures is None or failures != self._failures:
+            self._seen.clear()  # an outage (or the first read): what was seen before proves nothing
+        self._failures = failures
+        stale = []
+        running = set()
+        for t in trials:
+            if t.state != TrialState.RUNNING:
+                continue
+            running.add(t._trial_id)
+            beat = t.system_attrs.get(BEAT_ATTR)
+            seen = self._seen.get(t._trial_id)
+            if seen is None or seen[0] != beat:
+                self._seen[t._trial_id] = (beat, read_ended)
+            elif read_started - seen[1] >= self.grace_period:
+                stale.append((t, read_started - seen[1]))
+        for trial_id in list(self._seen):
+            if trial_id not in running:
+                del self._seen[trial_id]
+        return stale
+
+
 def fail_stale_trials(
     study: optuna.Study,
-    trials: Sequence[optuna.trial.FrozenTrial],
+    stale: Sequence[tuple[optuna.trial.FrozenTrial, float]],
     grace_period: float,
     alive: Collection[int] = (),
 ) -> list[optuna.trial.FrozenTrial]:
-    """Fail the RUNNING trials among ``trials`` (a read of ``study`` made a moment ago) that have not beaten for
-    ``grace_period`` seconds; returns those this call failed.
+    """Fail the ``stale`` trials (from :meth:`StaleTrials.observe`) except ``alive`` (trial numbers this process
+    runs itself); returns those this call failed.
 
-    ``alive``: trial numbers this process is running itself (after a storage outage their beats are old, but
-    their worker is not dead). Of several workers failing one trial at once, one wins the change to FAIL (the
-    others get Optuna's UpdateFinishedTrialError), so the caller can queue exactly one retry per win.
+    Of several workers failing one trial at once, one wins the change to FAIL (the others get Optuna's
+    UpdateFinishedTrialError), so the caller can queue exactly one retry per win.
     """
-    now = time.time()
     failed = []
     storage = study._storage
-    for t in trials:
-        if t.state == TrialState.RUNNING and t.number not in alive and now - last_beat(t) > grace_period:
-            # Lost: another watcher failed it, or its worker came back and finished it. Either is fine.
-            try:
-                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
-                continue
-            log.warning("trial %d: no heartbeat for %.0f s, failed (its worker is gone)", t.number, now - last_beat(t))
-            failed.append(t)
+    for t, silent in stale:
+        if t.number in alive:
+            continue
+        # Lost: another watcher failed it, or its worker came back and finished it. Either is fine.
+        try:
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+            continue
+        log.warning(
+            "trial %d: its heartbeat did not advance for %.0f s while this worker reached the storage throughout "
+            "(grace period %.0f s); failed (its worker is gone)",
+            t.number,
+            silent,
+            grace_period,
+        )
+        failed.append(t)
     return failed
 
 

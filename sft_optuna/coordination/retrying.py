@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
+import random
 import sys
 import threading
 import time
@@ -25,26 +27,92 @@ from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
 
 from sft_optuna.coordination.fast_writes import FastWrites
+from sft_optuna.errors import StorageUnavailable
 
-__all__ = ["OUTAGE_S", "RetryingStorage", "error_reason", "retry"]
+__all__ = ["OUTAGE_S", "Health", "RetryingStorage", "error_reason", "is_storage_error", "retry"]
 
 log = logging.getLogger(__name__)
 
-OUTAGE_S = 60.0  # how long a worker keeps retrying a storage that stopped answering (restarts, failovers)
+OUTAGE_ENV = "SFT_OPTUNA_OUTAGE_S"
+
+
+def _outage_s() -> float:
+    raw = os.environ.get(OUTAGE_ENV, "")
+    try:
+        value = float(raw) if raw else 60.0
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        print(
+            f"sft-optuna: warning: ${OUTAGE_ENV}={raw!r} is not a positive number of seconds; using 60", file=sys.stderr
+        )
+        return 60.0
+    return value
+
+
+OUTAGE_S = _outage_s()
+"""The outage window: how long a worker rides out a storage that gives no successful answer (restarts,
+failovers) before it stops with exit code 3, its trial resumable. 60 s, or ``$SFT_OPTUNA_OUTAGE_S``."""
 
 T = TypeVar("T")
 
 
+PERMANENT_GRPC_CODES = (
+    "INVALID_ARGUMENT",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "FAILED_PRECONDITION",
+    "UNIMPLEMENTED",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "OUT_OF_RANGE",
+)
+"""gRPC codes that are an answer, not an outage (Optuna's client turns most into KeyError/ValueError/...);
+every other code — UNAVAILABLE, DEADLINE_EXCEEDED, UNKNOWN (the proxy's own storage failed), ABORTED,
+RESOURCE_EXHAUSTED, INTERNAL — is the transport or the storage behind it, retried like a database outage."""
+MAX_DELAY_S = 1.0
+"""The longest pause between two tries of a failed call: a worker's beats resume within about this long (plus
+the gRPC reconnect, ``storage.GRPC_RECONNECT_MAX_S``) of the storage coming back, well inside a grace period,
+so no watcher back a moment earlier sees a live worker's beat stand still."""
+MAX_CALL_S = 4 * OUTAGE_S
+"""The most one call retries while other calls of this process succeed (so the outage window never closes)."""
+
+
+def _grpc_code(exc: BaseException) -> str | None:
+    """The status code's name of a gRPC error (grpc is only imported where a grpc:// storage loaded it)."""
+    grpc = sys.modules.get("grpc")
+    if grpc is None or not isinstance(exc, grpc.RpcError):
+        return None
+    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    return getattr(code, "name", None) or "UNKNOWN"
+
+
 def error_reason(exc: BaseException) -> str:
-    """The first line of what the database driver said (unwrapping Optuna's and SQLAlchemy's wrappers)."""
+    """The first line of what the database driver said (unwrapping Optuna's and SQLAlchemy's wrappers); for a
+    gRPC error its status code and details (its text alone is ``<_InactiveRpcError of RPC that terminated
+    with:>``)."""
+    if isinstance(exc, StorageUnavailable) and exc.__cause__ is not None:
+        exc = exc.__cause__
     if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
         exc = exc.__cause__
+    code = _grpc_code(exc)
+    if code is not None:
+        details = exc.details() if callable(getattr(exc, "details", None)) else ""  # type: ignore[attr-defined]
+        return f"gRPC {code}: {(details or '').strip().splitlines()[0] if details else 'no details'}"
     text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _auth_failure(text: str) -> bool:
+    """A wrong password or unknown role: an answer from the server, not an outage (retrying it only delays
+    the one-line error)."""
+    if "authentication failed" in text or ("password" in text and "fail" in text):
+        return True
+    return "role" in text and "does not exist" in text
+
+
 def _transient(exc: BaseException) -> bool:
-    """Is this a storage error worth retrying (server gone or busy), not a bug or a full disk?"""
+    """Is this a storage error worth retrying (server gone or busy), not a bug, a full disk or a wrong password?"""
     if isinstance(exc, optuna.exceptions.StorageInternalError):
         # Optuna's RDB storage wraps the driver's error; judge the error it wraps.
         cause = exc.__cause__ or exc.__context__
@@ -53,38 +121,73 @@ def _transient(exc: BaseException) -> bool:
         if exc.connection_invalidated:
             return True
         text = str(exc.orig).lower()
-        if "disk is full" in text or "no space" in text:
+        if "disk is full" in text or "no space" in text or _auth_failure(text):
             return False
         return isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError))
-    if _grpc_unavailable(exc):
-        return True
+    code = _grpc_code(exc)
+    if code is not None:
+        return code not in PERMANENT_GRPC_CODES
     # Optuna's RDB session helper can hit an UnboundLocalError when the connection dies mid-commit
     # (seen with Optuna 5.0 on a PostgreSQL restart); it is the same outage.
     return isinstance(exc, (sqlalchemy.exc.DisconnectionError, ConnectionError, UnboundLocalError))
 
 
-def _grpc_unavailable(exc: BaseException) -> bool:
-    """The gRPC proxy is down or restarting (grpc is only imported where a grpc:// storage loaded it)."""
-    grpc = sys.modules.get("grpc")
-    if grpc is None or not isinstance(exc, grpc.RpcError):
-        return False
-    code = exc.code() if callable(getattr(exc, "code", None)) else None
-    return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+def is_storage_error(exc: BaseException) -> bool:
+    """Did the storage or its transport fail (not the caller's request)? Any SQLAlchemy or driver error, any
+    gRPC error, an I/O error of a journal file — and what :func:`_transient` retries."""
+    if isinstance(exc, StorageUnavailable):
+        return True
+    if _transient(exc) or _grpc_code(exc) is not None:
+        return True
+    return isinstance(exc, (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, OSError))
 
 
-def retry(fn: Callable[[], T], what: str, max_wait: float = OUTAGE_S) -> T:
-    """``fn()``, retried with backoff (0.25 s doubling to 5 s) while it fails transiently, for ``max_wait`` s."""
-    deadline = time.monotonic() + max_wait
+class Health:
+    """This process's record of reaching its storage: when a call last succeeded, and how many have failed.
+
+    The evidence a watcher needs before it calls another worker dead (``heartbeat.StaleTrials``): a beat that
+    did not advance means nothing across an interval in which this process could not reach the storage
+    either. Shared by every thread of the process (heartbeats, the watcher, the training loop)."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+        """Storage calls that failed (each failed attempt of a retried call counts)."""
+        self.last_success = time.monotonic()
+        """``time.monotonic()`` of the last successful call (or of the storage's opening)."""
+
+    def succeeded(self) -> None:
+        self.last_success = time.monotonic()
+
+    def failed(self) -> None:
+        self.failures += 1
+
+
+def retry(fn: Callable[[], T], what: str, max_wait: float = OUTAGE_S, health: Health | None = None) -> T:
+    """``fn()``, retried with backoff (0.25 s doubling to :data:`MAX_DELAY_S`, jittered) while it fails transiently.
+
+    It gives up when the outage window closes: no successful storage call for ``max_wait`` seconds — counted
+    from the last success of *any* call of this process (``health``), or from this call's start, whichever is
+    later, so the seconds a reconnect takes after the server is back do not eat into a later call's window —
+    or after :data:`MAX_CALL_S` of this call alone."""
+    start = time.monotonic()
     delay = 0.25
     while True:
         try:
-            return fn()
+            result = fn()
         except Exception as exc:
-            if not _transient(exc) or time.monotonic() + delay > deadline:
+            if health is not None and is_storage_error(exc):
+                health.failed()
+            now = time.monotonic()
+            since = max(start, health.last_success) if health is not None else start
+            if not _transient(exc) or now + delay - since > max_wait or now + delay - start > MAX_CALL_S:
                 raise
             log.warning("storage %s failed (%s); retrying in %.1f s", what, error_reason(exc)[:200], delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            time.sleep(delay * random.uniform(0.75, 1.0))
+            delay = min(delay * 2, MAX_DELAY_S)
+        else:
+            if health is not None:
+                health.succeeded()
+            return result
 
 
 class RetryingStorage(optuna.storages.BaseStorage):
@@ -95,10 +198,26 @@ class RetryingStorage(optuna.storages.BaseStorage):
     trial) goes to Optuna's method, which raises Optuna's error.
     """
 
-    def __init__(self, inner: optuna.storages.BaseStorage, fast: FastWrites | None = None) -> None:
+    def __init__(self, inner: optuna.storages.BaseStorage, fast: FastWrites | None = None, label: str = "") -> None:
         self.inner = inner
         self.fast = fast
+        self.label = label
+        """Where the storage is (the URL without its password), for messages."""
+        self.health = Health()
         self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A user's joblib/spawned process gets the storage without this process's thread-locals and engine-bound
+        # fast paths (Optuna's own methods serve it; Optuna's RDB storage drops its engine the same way).
+        state = self.__dict__.copy()
+        state["_local"] = None
+        state["fast"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+        self.health = Health()
 
     @contextlib.contextmanager
     def serving(self, study_id: int, trials: list[FrozenTrial]) -> Iterator[None]:
@@ -112,12 +231,23 @@ class RetryingStorage(optuna.storages.BaseStorage):
         finally:
             self._local.served = None
 
+    def _retry(self, fn: Callable[[], T], name: str) -> T:
+        """``fn()`` retried through an outage; a storage error that outlasts it is :class:`StorageUnavailable`
+        (never mistaken for the caller's own error), naming the call, the storage and the status."""
+        try:
+            return retry(fn, f"{name} on {self.label}" if self.label else name, health=self.health)
+        except Exception as exc:
+            if isinstance(exc, StorageUnavailable) or not is_storage_error(exc):
+                raise
+            where = f" {self.label}" if self.label else ""
+            raise StorageUnavailable(f"storage{where}: {name} failed ({error_reason(exc)[:300]})") from exc
+
     def _call(self, name: str, *args: Any) -> Any:
-        return retry(lambda: getattr(self.inner, name)(*args), name)
+        return self._retry(lambda: getattr(self.inner, name)(*args), name)
 
     def _write(self, name: str, fast_name: str, *args: Any) -> None:
         fast = self.fast
-        if fast is not None and retry(lambda: getattr(fast, fast_name)(*args), name):
+        if fast is not None and self._retry(lambda: getattr(fast, fast_name)(*args), name):
             return
         self._call(name, *args)
 
@@ -176,9 +306,16 @@ class RetryingStorage(optuna.storages.BaseStorage):
         fast = self.fast
         if fast is not None and values is None and state in (TrialState.RUNNING, TrialState.FAIL):
             change = fast.start if state == TrialState.RUNNING else fast.fail
-            if retry(lambda: change(trial_id), "set_trial_state_values"):
+            if self._retry(lambda: change(trial_id), "set_trial_state_values"):
                 return True
             if state == TrialState.RUNNING:
+                # Lost the pop: raise as Optuna does for a trial that is no longer WAITING (finished, or unknown:
+                # KeyError); a trial another claimer just took (RUNNING) is the plain lost race.
+                current = self.get_trial(trial_id)
+                if current.state.is_finished():
+                    raise optuna.exceptions.UpdateFinishedTrialError(
+                        f"Trial#{current.number} has already finished and can not be updated."
+                    )
                 return False
         return bool(self._call("set_trial_state_values", trial_id, state, values))
 
@@ -202,5 +339,32 @@ class RetryingStorage(optuna.storages.BaseStorage):
         trial: FrozenTrial = self._call("get_best_trial", study_id)
         return trial
 
+    # Methods Optuna's base class implements itself: the inner storage's own (cached, gRPC) versions, retried.
+    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
+        return int(self._call("get_trial_id_from_study_id_trial_number", study_id, trial_number))
+
+    def get_trial_number_from_id(self, trial_id: int) -> int:
+        return int(self._call("get_trial_number_from_id", trial_id))
+
+    def get_trial_param(self, trial_id: int, param_name: str) -> float:
+        return float(self._call("get_trial_param", trial_id, param_name))
+
+    def get_trial_params(self, trial_id: int) -> dict[str, Any]:
+        return dict(self._call("get_trial_params", trial_id))
+
+    def get_trial_user_attrs(self, trial_id: int) -> dict[str, Any]:
+        return dict(self._call("get_trial_user_attrs", trial_id))
+
+    def get_trial_system_attrs(self, trial_id: int) -> dict[str, Any]:
+        return dict(self._call("get_trial_system_attrs", trial_id))
+
+    def remove_session(self) -> None:
+        self.inner.remove_session()
+
+    def check_trial_is_updatable(self, trial_id: int, trial_state: TrialState) -> None:
+        self.inner.check_trial_is_updatable(trial_id, trial_state)
+
     def __getattr__(self, name: str) -> Any:  # anything not in BaseStorage (e.g. Optuna's heartbeat API): as is
+        if name.startswith("__") or name in ("inner", "fast", "label", "health", "_local"):
+            raise AttributeError(name)  # copy/pickle probe before __init__ ran: no recursion through self.inner
         return getattr(self.inner, name)

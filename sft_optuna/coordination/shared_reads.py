@@ -39,7 +39,7 @@ class SharedReadsStorage(RetryingStorage):
     module docstring); everything else as the storage it is built from."""
 
     def __init__(self, storage: RetryingStorage) -> None:
-        super().__init__(storage.inner, storage.fast)
+        super().__init__(storage.inner, storage.fast, storage.label)
         self._cond = threading.Condition()
         self._studies: dict[int, _Study] = {}
 

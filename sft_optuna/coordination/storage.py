@@ -173,7 +173,7 @@ def _open_journal(url: str, patience: float, connections: int = 1) -> RetryingSt
         raise StorageError(f"{url}: {path} is not an Optuna journal file ({type(exc).__name__})") from None
     except OSError as exc:
         raise StorageError(f"{url}: cannot open {path} ({exc.strerror or exc})") from None
-    return RetryingStorage(journal)
+    return RetryingStorage(journal, label=url)
 
 
 def _open_sql(
@@ -214,7 +214,7 @@ def _open_sql(
             # Optuna's schema creation and check nest a second connection inside a session (the locked open
             # only); after that its calls take one connection at a time: from here on, the pool is fixed.
             pool._max_overflow = overflow_once_open
-        return RetryingStorage(optuna.storages.get_storage(rdb), fast)
+        return RetryingStorage(optuna.storages.get_storage(rdb), fast, label=mask_url(url))
     except (sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
         raise StorageError(f"cannot open storage {mask_url(url)}: {error_reason(exc)}") from None
 
@@ -248,6 +248,35 @@ def _open_postgresql(url: str, patience: float, connections: int = 1) -> Retryin
 
 
 GRPC_DEFAULT_PORT = 13000
+GRPC_RECONNECT_MAX_S = 1.0
+"""The most a worker's gRPC channel waits between two tries to reach a proxy that went away. gRPC's default
+backoff grows to 120 s (measured here: workers reconnected 7-19 s after a restarted proxy listened again, each
+at its own time); capped, a worker is back within about a second of its proxy."""
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),  # as Optuna's client: a study's trials in one message
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", int(GRPC_RECONNECT_MAX_S * 1000)),
+]
+
+
+def _grpc_client(host: str, port: int) -> Any:
+    """Optuna's gRPC client whose channel reconnects with a capped backoff (:data:`GRPC_RECONNECT_MAX_S`)."""
+    import grpc
+    from optuna.storages import GrpcStorageProxy
+    from optuna.storages._grpc.auto_generated import api_pb2_grpc
+    from optuna.storages._grpc.client import GrpcClientCache
+
+    class _Client(GrpcStorageProxy):
+        def _setup(self) -> None:  # Optuna's own, with the channel options above
+            self._channel = grpc.insecure_channel(f"{self._host}:{self._port}", options=CHANNEL_OPTIONS)
+            self._stub = api_pb2_grpc.StorageServiceStub(self._channel)
+            self._cache = GrpcClientCache(self._stub)
+
+        def __reduce__(self) -> Any:  # a local class does not pickle: rebuild through the module function
+            return (_grpc_client, (self._host, self._port))
+
+    return _Client(host=host, port=port)
 
 
 def _grpc_address(url: str) -> tuple[str, int]:
@@ -262,10 +291,8 @@ def _grpc_address(url: str) -> tuple[str, int]:
 
 def _open_grpc(url: str, patience: float, connections: int = 1) -> RetryingStorage:
     """Optuna's gRPC client, retried through proxy restarts like a database outage."""
-    from optuna.storages import GrpcStorageProxy
-
     host, port = _grpc_address(url)
-    proxy = GrpcStorageProxy(host=host, port=port)
+    proxy = _grpc_client(host, port)
     try:
         proxy.wait_server_ready(timeout=min(patience, OUTAGE_S))
     except ConnectionError:
@@ -273,7 +300,7 @@ def _open_grpc(url: str, patience: float, connections: int = 1) -> RetryingStora
         raise StorageError(
             f"no sft-optuna proxy answers at {url} (start one: sft-optuna proxy --storage URL --port {port})"
         ) from None
-    return RetryingStorage(proxy)
+    return RetryingStorage(proxy, label=url)
 
 
 @contextlib.contextmanager
