@@ -15,6 +15,8 @@ class _HasUserAttrs(Protocol):
 
 STUDY_CONFIG = "sft_optuna.config"
 """Study: the full validated config (JSON-able dict); workers read it, nothing else."""
+STUDY_UID = "sft_optuna.study_id"
+"""Study: a random id made when it is created; its checkpoints are bound to it (not to its name)."""
 STUDY_FILE = "sft_optuna.study_file"
 """Study: the path of the study file it was created from."""
 RETRAIN = "sft_optuna.retrain"

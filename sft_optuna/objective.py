@@ -17,7 +17,7 @@ import torch
 
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig, TrainConfig, train_config_for
-from sft_optuna.coordination.checkpoints import CheckpointStore
+from sft_optuna.coordination.checkpoints import CheckpointStore, owner
 from sft_optuna.errors import ConfigError
 from sft_optuna.search.asha import pause_epochs
 from sft_optuna.search.audit import audit_rate, is_audited
@@ -143,11 +143,14 @@ class Objective:
         self.on_epoch = on_epoch
         self.on_step = on_step
         """``on_step(trial number, epoch, step, steps per epoch)``: progress for a person at a terminal."""
+        self.study_identity: str | None = None
+        """The study's identity (``study.identity``): checkpoints are bound to it and to the trial's parameters."""
 
     def __call__(self, trial: optuna.Trial) -> float:
         train_cfg = _train_config(self.config, trial.params)
         lineage = attrs.lineage(trial)
         trainer = Trainer(self.splits, self.config.model, train_cfg, self.device, seed=train_cfg.seed + lineage)
+        self._owner = owner(self.study_identity, trial.params) if self.study_identity is not None else None
         self._resume(trial, trainer, lineage)
         if self.on_step is not None:
             report_step = self.on_step
@@ -178,7 +181,7 @@ class Objective:
                 trial.set_user_attr(attrs.REASON, f"pruned at epoch {result.epoch}")
                 raise optuna.TrialPruned(f"pruned at epoch {result.epoch} (val acc {result.val_acc:.4f})")
             if self.checkpoints is not None:
-                self.checkpoints.save(lineage, trainer.state_dict())
+                self.checkpoints.save(lineage, trainer.state_dict(), self._owner)
             if trainer.epoch in pause_at and trainer.epoch < train_cfg.epochs:
                 if not self._audit(trial, lineage, trainer.epoch):
                     raise Paused(pause_at[trainer.epoch], trainer.epoch)
@@ -203,14 +206,17 @@ class Objective:
         return True
 
     def _resume(self, trial: optuna.Trial, trainer: Trainer, lineage: int) -> None:
-        state = self.checkpoints.load(lineage, self.device) if self.checkpoints is not None else None
+        store = self.checkpoints
+        state = store.load(lineage, self.device, self._owner) if store is not None else None
         if state is None:
             trial.set_user_attr(attrs.RESUMED_FROM_EPOCH, 0)
             return
         trainer.load_state_dict(state)
+        # Recorded before the re-reports below: a worker frozen or killed between the two leaves a trial that
+        # says where it resumed from (the epochs it re-reported are not counted as trained).
+        trial.set_user_attr(attrs.RESUMED_FROM_EPOCH, trainer.epoch)
         # Continue the learning curve: the retry carries the earlier epochs' values under the same steps.
         for r in trainer.history:
             trial.report(r.val_acc, r.epoch)
         trial.set_user_attr(attrs.HISTORY, [r.to_dict() for r in trainer.history])
-        trial.set_user_attr(attrs.RESUMED_FROM_EPOCH, trainer.epoch)
         log.info("trial %d resumes lineage %d after epoch %d", trial.number, lineage, trainer.epoch)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
+import uuid
 
 import optuna
 
@@ -16,7 +19,7 @@ from sft_optuna.results.notes import write_study_note
 from sft_optuna.search.samplers import make_pruner, make_sampler
 from sft_optuna.study_file import parse_study
 
-__all__ = ["create_study", "load_study"]
+__all__ = ["create_study", "identity", "load_study"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ def create_study(config: StudyConfig, storage: Storage, study_file: str | None =
             )
         except optuna.exceptions.DuplicatedStudyError:  # created a moment ago through a lock-less proxy
             return _existing(config, storage), False
+        study.set_user_attr(attrs.STUDY_UID, uuid.uuid4().hex)  # before the config: workers wait for that
         study.set_user_attr(attrs.STUDY_CONFIG, config.to_dict())
         if study_file is not None:
             study.set_user_attr(attrs.STUDY_FILE, study_file)
@@ -91,3 +95,14 @@ def load_study(name: str, storage: Storage, trial_number: int = 0) -> tuple[optu
         pruner=make_pruner(config.pruner),
     )
     return study, config
+
+
+def identity(study: optuna.Study, config: StudyConfig) -> str:
+    """The study's identity, which its checkpoints are bound to: the random id stored when it was created (a
+    same-name study in a fresh database, or created again after a delete, is another study). A study created
+    before ids were stored is known by its name and a digest of its config."""
+    uid = study.user_attrs.get(attrs.STUDY_UID)
+    if isinstance(uid, str) and uid:
+        return uid
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{config.name}:{digest}"

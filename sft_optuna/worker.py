@@ -46,6 +46,7 @@ from sft_optuna.node import (
 from sft_optuna.objective import Interrupted, InvalidValueError, Objective, Paused
 from sft_optuna.results.notes import write_best_figure, write_progress, write_trial_note
 from sft_optuna.search.samplers import CachedCompletedPruner
+from sft_optuna.study import identity
 from sft_optuna.training.data import Splits, load_splits
 from sft_optuna.training.model import build_model
 from sft_optuna.training.trainer import DivergedError, EpochResult
@@ -258,6 +259,7 @@ def run_worker(study: optuna.Study, config: StudyConfig, options: WorkerOptions,
 
     checkpoints = node.checkpoints
     objective = Objective(config, node.splits, node.device, checkpoints, stop.event.is_set, on_epoch, progress.step)
+    objective.study_identity = identity(study, config)
     host = f"{socket.gethostname()}:{os.getpid()} {node.device}"
     poll_s = options.poll_s or config.heartbeat.interval
     done = failures = 0

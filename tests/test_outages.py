@@ -103,7 +103,9 @@ def test_a_watcher_whose_own_reads_failed_fails_no_one(tmp_path: Path, sqlite_ur
     of uninterrupted reads does."""
     proxy = Proxy(sqlite_url)
     try:
-        config = parse_config(study_dict(tmp_path, budget={"n_trials": 1}, heartbeat={"interval": 0.5, "grace_period": 3}))
+        config = parse_config(
+            study_dict(tmp_path, budget={"n_trials": 1}, heartbeat={"interval": 0.5, "grace_period": 3})
+        )
         storage = open_storage(proxy.url)
         study, _ = create_study(config, storage)
         trial = study.ask()

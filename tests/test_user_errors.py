@@ -59,6 +59,21 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
         lambda d: ["--storage", "journal://" + str(_file(d, "notes.txt", b"my notes")), "studies"],
         "notes.txt is not an Optuna journal file",
     ),
+    "a sampler option of the wrong type": (
+        lambda d: [
+            "--storage",
+            f"sqlite:///{d}/s.db",
+            "create",
+            str(
+                _file(
+                    d,
+                    "s.yaml",
+                    yaml.safe_dump(study_dict(d, sampler={"name": "tpe", "n_startup_trials": "two"})).encode(),
+                )
+            ),
+        ],
+        "s.yaml: sampler.n_startup_trials: 'two' is not int",
+    ),
     "export --out is a file": (
         lambda d: ["--storage", f"sqlite:///{d}/s.db", "export", "t", "--out", str(_file(d, "f", b""))],
         "is a file, not a directory",

@@ -79,9 +79,10 @@ def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.parametrize("n_trials", [2, 1])
+@pytest.mark.parametrize("n_trials, max_retries", [(2, 2), (1, 2), (1, 0)])
 def test_ctrl_c_fails_the_trial_and_the_next_worker_resumes_it_from_its_checkpoint(
     n_trials: int,
+    max_retries: int,
     folder_root: Path,
     write_study: Callable[..., Path],
     sqlite_url: str,
@@ -89,7 +90,8 @@ def test_ctrl_c_fails_the_trial_and_the_next_worker_resumes_it_from_its_checkpoi
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # n_trials 1: the interrupted trial is the last of the budget (before: "budget already spent", never resumed)
-    cfg = study_dict(folder_root, budget={"n_trials": n_trials}, train={"epochs": 4})
+    # max_retries 0: an operator's stop is not a failure of the trial and uses up no retry
+    cfg = study_dict(folder_root, budget={"n_trials": n_trials, "max_retries": max_retries}, train={"epochs": 4})
     assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
     ckpt = tmp_path / "ck"
     proc = spawn_worker(sqlite_url, "t", ckpt)

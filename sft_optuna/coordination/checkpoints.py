@@ -2,6 +2,10 @@
 
 A trial and its retries form a *lineage* (named by the first trial's number); they share one checkpoint
 file, so a retry resumes where the dead worker's last finished epoch left off.
+
+A checkpoint is bound to what produced it: the study's identity (a random id stored with the study when it
+is created, not its name: a same-name study in a fresh database is another study) and the trial's parameters.
+One that does not match is never restored: a log line says it was ignored, and the trial starts fresh.
 """
 
 from __future__ import annotations
@@ -16,9 +20,24 @@ import torch
 
 from sft_optuna.errors import NodeFault
 
-__all__ = ["CheckpointStore"]
+__all__ = ["OWNER_KEY", "CheckpointStore", "owner"]
 
 log = logging.getLogger(__name__)
+
+
+OWNER_KEY = "sft_optuna.owner"
+"""Key of a checkpoint's owner (study identity and trial parameters) in the saved dict."""
+
+
+def owner(study_identity: str, params: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint is bound to: the study (its identity) and the trial's parameters."""
+    return {"study": study_identity, "params": dict(sorted(params.items()))}
+
+
+def _describe(found: Any) -> str:
+    if not isinstance(found, dict):
+        return "an unknown study (no owner recorded)"
+    return f"study {found.get('study')} with parameters {found.get('params')}"
 
 
 class CheckpointStore:
@@ -32,22 +51,27 @@ class CheckpointStore:
         """Where lineage ``lineage`` keeps its checkpoint."""
         return self.dir / f"trial-{lineage}.pt"
 
-    def save(self, lineage: int, state: dict[str, Any]) -> None:
-        """Write a checkpoint; a reader never sees a half-written file."""
+    def save(self, lineage: int, state: dict[str, Any], owner: dict[str, Any] | None = None) -> None:
+        """Write a checkpoint bound to ``owner`` (see :func:`owner`); a reader never sees a half-written file.
+
+        Any failure to write it (a full disk: torch raises ``RuntimeError`` from its zip writer, not
+        ``OSError``) keeps the previous good checkpoint, removes the partial file and is a
+        :class:`NodeFault`: the node's disk, not the trial (see ``worker.py``)."""
         path = self.path(lineage)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            torch.save(state, tmp)
+            torch.save({**state, OWNER_KEY: owner}, tmp)
             tmp.replace(path)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever torch raises for a full disk, it is the node's
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            # The node's disk, not the trial: give the trial back (see ``worker.py``) instead of failing it.
-            raise NodeFault(f"cannot write checkpoint {path} ({exc.strerror or exc})") from None
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+            raise NodeFault(f"cannot write checkpoint {path} ({why or type(exc).__name__})") from None
 
-    def load(self, lineage: int, device: torch.device) -> dict[str, Any] | None:
-        """The lineage's last checkpoint, or None if there is none (or it cannot be read)."""
+    def load(self, lineage: int, device: torch.device, owner: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The lineage's last checkpoint, or None if there is none, it cannot be read, or it belongs to another
+        study or other parameters than ``owner`` (then it is ignored out loud, never used)."""
         path = self.path(lineage)
         if not path.is_file():
             return None
@@ -55,6 +79,15 @@ class CheckpointStore:
             state: dict[str, Any] = torch.load(path, map_location=device, weights_only=False)
         except Exception as exc:  # noqa: BLE001 - a corrupt checkpoint means starting over, not dying
             log.warning("cannot read checkpoint %s (%s); starting from epoch 1", path, exc)
+            return None
+        found = state.pop(OWNER_KEY, None)
+        if owner is not None and found != owner:
+            log.warning(
+                "checkpoint %s was written by %s, not by this trial (%s); ignored, starting from epoch 1",
+                path,
+                _describe(found),
+                _describe(owner),
+            )
             return None
         return state
 

@@ -33,7 +33,8 @@ from optuna.trial import FrozenTrial, TrialState
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
 from sft_optuna.coordination.heartbeat import StaleTrials, fail_stale_trials
-from sft_optuna.coordination.retrying import RetryingStorage
+from sft_optuna.coordination.retrying import RetryingStorage, is_storage_error
+from sft_optuna.errors import NodeFault
 from sft_optuna.search.asha import due_promotion, pause_epochs, reduction_factor, sampler_view, study_rungs
 from sft_optuna.search.samplers import sampler_for_trial
 from sft_optuna.search.space import grid_points, is_grid, suggest
@@ -284,8 +285,25 @@ def claim_trial(study: optuna.Study, config: StudyConfig) -> optuna.Trial | None
             else nullcontext()
         )
         with serving:
-            suggest(trial, config.search_space)
+            try:
+                suggest(trial, config.search_space)
+            except Exception as exc:
+                if is_storage_error(exc):
+                    raise  # RUNNING without beats: a watcher retries it
+                _give_back_unsuggested(study, config, trial, exc)
         return trial
+
+
+def _give_back_unsuggested(study: optuna.Study, config: StudyConfig, trial: optuna.Trial, exc: Exception) -> None:
+    """The sampler raised while suggesting a claimed trial: never leave it RUNNING. It is failed as this
+    node's fault (retryable: its slot is not lost) and the worker stops with one line."""
+    detail = f"the sampler failed suggesting trial {trial.number} ({type(exc).__name__}: {exc})"
+    log.error("%s; giving the trial back", detail)
+    trial.set_user_attr(attrs.REASON, attrs.NODE_FAULT)
+    trial.set_user_attr(attrs.NODE_FAULT_DETAIL, detail[:500])
+    study.tell(trial, state=TrialState.FAIL)
+    queue_retry(study, config, study._storage.get_trial(trial._trial_id))
+    raise NodeFault(f"{detail}; trial {trial.number} was given back") from None
 
 
 def _pop(study: optuna.Study) -> tuple[optuna.Trial | None, list[FrozenTrial]]:

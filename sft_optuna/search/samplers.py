@@ -108,11 +108,33 @@ def _check_options(where: str, ctor: Callable[..., Any], options: dict[str, Any]
             raise ConfigError(f"{where}.{key}: unknown option (allowed: {', '.join(allowed) or 'none'})")
 
 
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_types(where: str, ctor: Callable[..., Any], options: dict[str, Any]) -> None:
+    """Refuse an option whose value is not of the constructor's declared type (``n_startup_trials: "two"``):
+    Optuna's constructors store it and fail only at the first suggest, inside a claimed trial. Only plain
+    declared types (int, float, bool, str, None and their unions) are checked; the rest the constructor judges."""
+    params = inspect.signature(ctor).parameters
+    for key, value in options.items():
+        annotation = params[key].annotation if key in params else inspect.Parameter.empty
+        text = annotation if isinstance(annotation, str) else str(getattr(annotation, "__name__", ""))
+        parts = [p.strip() for p in text.split("|")]
+        if not parts or not all(p in _TYPES or p == "None" for p in parts):
+            continue
+        if value is None and "None" in parts:
+            continue
+        kinds = tuple(k for p in parts if p in _TYPES for k in _TYPES[p])
+        if (isinstance(value, bool) and "bool" not in parts) or not isinstance(value, kinds):
+            raise ConfigError(f"{where}.{key}: {value!r} is not {' or '.join(parts)}")
+
+
 def check_sampler(cfg: SamplerConfig, where: str = "sampler") -> None:
     """Refuse an unknown sampler name or option, and options the sampler rejects."""
     if cfg.name not in SAMPLERS:
         raise ConfigError(f"{where}.name: unknown sampler {cfg.name!r} (known: {', '.join(SAMPLERS)})")
     _check_options(where, SAMPLERS[cfg.name][1], cfg.options, {"seed"})
+    _check_types(where, SAMPLERS[cfg.name][1], cfg.options)
     try:
         make_sampler(cfg, 0)
     except (TypeError, ValueError) as exc:
@@ -127,6 +149,7 @@ def check_pruner(cfg: PrunerConfig, where: str = "pruner") -> None:
     if AUDIT in cfg.options and (cfg.name == "none" or not isinstance(rate, (int, float)) or not 0 <= rate <= 1):
         raise ConfigError(f"{where}.{AUDIT}: a share of stop decisions between 0 and 1 (and a pruner that stops)")
     _check_options(where, PRUNERS[cfg.name], {k: v for k, v in cfg.options.items() if k != AUDIT}, set())
+    _check_types(where, PRUNERS[cfg.name], {k: v for k, v in cfg.options.items() if k != AUDIT})
     try:
         make_pruner(cfg)
     except (TypeError, ValueError) as exc:
