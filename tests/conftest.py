@@ -296,3 +296,26 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "grpc":
         return str(request.getfixturevalue("grpc_url"))
     return str(request.getfixturevalue("postgres_url"))
+
+
+def explain(url: str, name: str, outputs: dict[str, str]) -> str:
+    """What a red run needs to be read without rerunning it: every trial, and the tail of every log."""
+    import optuna
+
+    from sft_optuna import attrs
+    from sft_optuna.coordination.storage import open_storage
+
+    lines = []
+    try:
+        study = optuna.load_study(study_name=name, storage=open_storage(url, 5).optuna)
+        for t in study.get_trials():
+            lines.append(
+                f"trial {t.number} {t.state.name} reason={t.user_attrs.get(attrs.REASON)!r} "
+                f"retry={t.user_attrs.get(attrs.RETRY, 0)} lineage={attrs.lineage(t)} "
+                f"epochs={sorted(t.intermediate_values)} params={t.params}"
+            )
+    except Exception as exc:  # the explanation must not hide the failure it explains
+        lines.append(f"(cannot read the study: {exc})")
+    for who, out in outputs.items():
+        lines.append(f"--- {who} (last 3000 characters) ---\n{out[-3000:]}")
+    return "\n".join(lines)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import PROXIES, PYTHON, restart_proxy, spawn_worker, study_dict, worker_env
+from conftest import PROXIES, PYTHON, explain, restart_proxy, spawn_worker, study_dict, worker_env
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
@@ -107,15 +107,19 @@ def test_killed_and_frozen_workers_lose_nothing_and_retries_resume(
     for p in workers:
         out, _ = p.communicate(timeout=240)
         outputs.append((p.returncode, out))
+    logs = {f"worker {i} (exit {code})": out for i, (code, out) in enumerate(outputs)}
+    if url.startswith("grpc"):
+        logs["proxy"] = "(the proxy's log is its own process's; see the proxy fixture)"
+    why = explain(url, "chaos", logs)
     crashed = [out[-2500:] for code, out in outputs if code not in (0, -signal.SIGKILL)]
-    assert not crashed, crashed
+    assert not crashed, why
 
     trials = _trials(url)
     states = [t.state for t in trials]
-    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
-    assert budget_used(trials) == len(GRID)
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states, why
+    assert budget_used(trials) == len(GRID), why
     final = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert sorted(t.params["lr"] for t in final) == GRID, "every grid point finished exactly once"
+    assert sorted(t.params["lr"] for t in final) == GRID, "every grid point finished exactly once\n" + why
     assert len(killed) == 3, "the chaos loop should have killed three workers mid-trial"
     for number, reported in killed.items():
         retries = [t for t in trials if t.user_attrs.get(attrs.RETRY_OF) == number]

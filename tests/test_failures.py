@@ -221,9 +221,12 @@ def test_a_full_disk_under_sqlite_stops_the_worker_cleanly(
     assert _run(sqlite_url, write_study(study_dict(folder_root))) == 3
     err = capsys.readouterr().err
     assert "disk is full" in err and "worker stopped" in err and "Traceback" not in err
-    (trial,) = started(optuna.load_study(study_name="t", storage=sqlite_url))
-    # left RUNNING on purpose: its heartbeat goes stale and the next worker retries it from the checkpoint
-    assert trial.state == TrialState.RUNNING and trial.intermediate_values == {1: trial.intermediate_values[1]}
+    study = optuna.load_study(study_name="t", storage=sqlite_url)
+    (trial,) = started(study)
+    # a storage error, not the trial's: given back (uncounted) once the storage answers, retried from its checkpoint
+    assert trial.state == TrialState.FAIL and trial.user_attrs[attrs.REASON] == attrs.OUTAGE
+    assert trial.intermediate_values == {1: trial.intermediate_values[1]}
+    assert [t.user_attrs.get(attrs.RETRY_OF) for t in study.get_trials(states=(TrialState.WAITING,))] == [None, 0]
 
 
 @pytest.mark.slow

@@ -124,3 +124,21 @@ def test_a_sampler_that_raises_while_suggesting_leaves_no_running_trial(
     assert TrialState.RUNNING not in [t.state for t in trials]
     assert trials[0].state == TrialState.FAIL and trials[0].user_attrs[attrs.REASON] == attrs.NODE_FAULT
     assert any(t.user_attrs.get(attrs.RETRY_OF) == 0 and t.state == TrialState.WAITING for t in trials)
+
+
+def test_the_storage_raises_as_optuna_does_on_a_finished_trial_and_pickles(storage_url: str) -> None:
+    """What Optuna's own storage suite found: a user's joblib or spawned process around ``optuna.load_study``
+    needs the storage to pickle; ``copy.copy`` must not recurse; RUNNING on a finished trial raises."""
+    import copy
+    import pickle
+
+    storage = open_storage(storage_url).optuna
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    study.tell(trial, 0.5)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING)
+    assert copy.copy(storage).get_trial(trial._trial_id).value == 0.5
+    clone = pickle.loads(pickle.dumps(storage))
+    assert clone.get_trial(trial._trial_id).value == 0.5
+    assert clone.get_trial_id_from_study_id_trial_number(study._study_id, 0) == trial._trial_id

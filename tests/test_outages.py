@@ -16,7 +16,7 @@ from typing import Any
 
 import optuna
 import pytest
-from conftest import free_port, spawn_worker, start_proxy, stop_proxy, study_dict, worker_env
+from conftest import explain, free_port, spawn_worker, start_proxy, stop_proxy, study_dict, worker_env
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
@@ -30,24 +30,6 @@ from sft_optuna.study import create_study
 pytestmark = pytest.mark.slow
 
 GRACE = 4.0
-
-
-def explain(url: str, name: str, outputs: dict[str, str]) -> str:
-    """What a red run needs to be read without rerunning it: every trial, and the tail of every log."""
-    lines = []
-    try:
-        study = optuna.load_study(study_name=name, storage=open_storage(url, 5).optuna)
-        for t in study.get_trials():
-            lines.append(
-                f"trial {t.number} {t.state.name} reason={t.user_attrs.get(attrs.REASON)!r} "
-                f"retry={t.user_attrs.get(attrs.RETRY, 0)} lineage={attrs.lineage(t)} "
-                f"epochs={sorted(t.intermediate_values)} params={t.params}"
-            )
-    except Exception as exc:  # the explanation must not hide the failure it explains
-        lines.append(f"(cannot read the study: {exc})")
-    for who, out in outputs.items():
-        lines.append(f"--- {who} (last 3000 characters) ---\n{out[-3000:]}")
-    return "\n".join(lines)
 
 
 class Proxy:

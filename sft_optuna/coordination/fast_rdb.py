@@ -9,6 +9,7 @@ the plain-SQL statements under every caller: our workers, the proxy, and plain O
 from __future__ import annotations
 
 from collections.abc import Container
+from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution, check_distribution_compatibility, distribution_to_json
@@ -33,6 +34,14 @@ class FastRDBStorage(optuna.storages.RDBStorage):
         self.fast_reads = FastReads.for_storage(self, version)
         self.fast_writes = FastWrites.for_storage(self, version)
         return self.fast_writes
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Optuna's RDB storage drops its engine to pickle and rebuilds it; the fast paths hold it too, so a
+        # copy (a user's joblib or spawned process) serves with Optuna's own statements.
+        state = super().__getstate__()
+        state["fast_reads"] = None
+        state["fast_writes"] = None
+        return state
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
         if self.fast_reads is None:

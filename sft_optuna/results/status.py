@@ -12,7 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from sft_optuna import attrs
 from sft_optuna.config import StudyConfig
-from sft_optuna.coordination.claims import budget_used, epochs_used
+from sft_optuna.coordination.claims import budget_used, epochs_used, retries_used, wrong_verdicts
 from sft_optuna.coordination.heartbeat import last_beat
 from sft_optuna.search.asha import occupancy, study_rungs
 from sft_optuna.search.audit import audit_summary
@@ -59,6 +59,15 @@ def status_lines(study: optuna.Study, config: StudyConfig) -> list[str]:
         + ", ".join(f"{s.name} {states.get(s.name, 0)}" for s in TrialState),
     ]
     lines += [f"{label}: {text}" for label, text in progress(trials, config)]
+    retried = sorted({attrs.lineage(t) for t in trials if attrs.RETRY_OF in t.user_attrs})
+    if retried:
+        wrong = wrong_verdicts(study)
+        attempts = Counter(attrs.lineage(t) for t in trials if attrs.RETRY_OF in t.user_attrs)
+        lines.append(
+            f"retries (max_retries {config.budget.max_retries} failures per lineage; stops, outages and wrong "
+            "verdicts not counted): "
+            + ", ".join(f"lineage {n}: {attempts[n]} retried, {retries_used(trials, n, wrong)} used" for n in retried)
+        )
     try:
         best = study.best_trial
         lines.append(f"best: trial {best.number} value {best.value:.4f} params {json.dumps(best.params)}")
