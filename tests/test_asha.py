@@ -274,6 +274,7 @@ def test_the_audit_decides_per_lineage_at_its_rate_and_counts_false_prunes() -> 
         "survivors_median": 0.6,
     }
     assert audit_summary(survivors) is None
+    assert audit_summary(audited) is None, "no trial the pruner let run yet: nothing to compare with"
 
 
 def test_an_audited_median_pruner_lets_would_be_pruned_trials_finish_and_status_reports_it(

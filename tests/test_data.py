@@ -163,3 +163,10 @@ def test_train_and_test_with_different_class_folders_are_refused(tmp_path: Path)
         load_imagefolder(root)
     with pytest.raises(DataError, match="train and test have different class folders"):
         load_splits(DataConfig(dataset="imagefolder", root=str(root), val_size=8, image_size=32))
+
+
+def test_a_corrupt_cifar10_archive_in_the_data_folder_is_named_with_its_checksum(tmp_path: Path) -> None:
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not the archive")
+    with pytest.raises(DataError, match=r"cifar-10-python.tar.gz: its checksum is wrong") as err:
+        load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path), download=True))
+    assert "\n" not in str(err.value)

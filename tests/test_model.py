@@ -88,3 +88,14 @@ def test_imagenet_weights_load_from_the_local_torch_cache(tmp_path: Path, monkey
     )
     model = build_model(10, ModelConfig(weights="imagenet"))
     assert torch.equal(model.layer3[0].conv2.weight, source.layer3[0].conv2.weight)
+
+
+def test_a_garbage_weights_file_is_one_line(tmp_path: Path) -> None:
+    from sft_optuna.errors import ModelError
+    from sft_optuna.training.model import load_state_dict_file
+
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(ModelError, match=r"model.weights: .*w.pt: not a torch state dict") as err:
+        load_state_dict_file(path)
+    assert "\n" not in str(err.value)

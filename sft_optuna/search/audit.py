@@ -39,13 +39,14 @@ def audit_summary(trials: Sequence[FrozenTrial]) -> dict[str, Any] | None:
     """Audited trials that finished, and how many would have been wrongly stopped: finished at or above the
     median final value of the trials the pruner let run (the survivors), or as the study's best.
 
-    None when no audited trial has finished yet."""
+    None when no audited trial has finished yet, or no trial the pruner let run has: there is nothing to
+    compare with (every audited trial would otherwise read as "at or above the median")."""
     done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
     audited = [t for t in done if attrs.AUDITED in t.user_attrs]
     survivors = [float(t.value) for t in done if attrs.AUDITED not in t.user_attrs and t.value is not None]
-    if not audited:
+    if not audited or not survivors:
         return None
-    bar = statistics.median(survivors) if survivors else float("-inf")
+    bar = statistics.median(survivors)
     best = max(float(t.value) for t in done if t.value is not None)
     false = [t for t in audited if t.value is not None and t.value >= bar]
     return {
@@ -53,5 +54,5 @@ def audit_summary(trials: Sequence[FrozenTrial]) -> dict[str, Any] | None:
         "false_prunes": len(false),
         "false_prune_rate": round(len(false) / len(audited), 4),
         "best_was_audited": any(t.value == best for t in audited),
-        "survivors_median": None if not survivors else round(bar, 4),
+        "survivors_median": round(bar, 4),
     }

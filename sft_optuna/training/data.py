@@ -110,6 +110,14 @@ def load_cifar10(root: str | Path, download: bool = False) -> Dataset:
 def _download_cifar10(root: Path) -> None:
     from torchvision.datasets.utils import download_url
 
+    from torchvision.datasets.utils import check_integrity
+
+    archive = root / "cifar-10-python.tar.gz"
+    if archive.is_file() and not check_integrity(str(archive), CIFAR10_MD5):
+        raise DataError(
+            f"{archive}: its checksum is wrong (not the official cifar-10-python.tar.gz, or a partial copy); "
+            f"copy it again from {CIFAR10_URL}, or delete it to download it"
+        )
     log.info("downloading CIFAR-10 from %s into %s", CIFAR10_URL, root)
     try:
         root.mkdir(parents=True, exist_ok=True)

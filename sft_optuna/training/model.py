@@ -48,7 +48,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file
-        raise ModelError(f"model.weights: {path}: not a torch state dict ({exc})") from None
+        # torch's own text runs to six lines ("Please file an issue..."): its first line is enough
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model.weights: {path}: not a torch state dict ({first[:200]})") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
