@@ -36,8 +36,9 @@ QUERY_PATIENCE_S = 5.0  # status/best/export/studies: a person waiting at a prom
 
 
 def _open(args: argparse.Namespace, patience: float = OUTAGE_S) -> Storage:
-    """The storage of ``--storage``; workers and other long-running commands wait out outages (60 s)."""
-    return open_storage(resolve_url(args.storage), patience)
+    """The storage of ``--storage``; workers and other long-running commands wait out outages (60 s). A look-up
+    command (it waits a person's few seconds) never creates a storage."""
+    return open_storage(resolve_url(args.storage), patience, create=patience > QUERY_PATIENCE_S)
 
 
 def _worker_options(args: argparse.Namespace) -> Any:

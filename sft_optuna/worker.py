@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,7 +48,7 @@ from sft_optuna.objective import Interrupted, InvalidValueError, Objective, Paus
 from sft_optuna.results.notes import write_best_figure, write_progress, write_trial_note
 from sft_optuna.search.samplers import CachedCompletedPruner
 from sft_optuna.study import identity
-from sft_optuna.training.data import Splits, load_splits
+from sft_optuna.training.data import PROGRESS_EVERY_S, Splits, load_splits
 from sft_optuna.training.model import build_model
 from sft_optuna.training.trainer import DivergedError, EpochResult
 
@@ -105,15 +106,20 @@ class _StopFlag:
 
 
 class _Progress:
-    """A tqdm bar per epoch when stderr is a terminal; silent otherwise (the per-epoch log lines remain)."""
+    """A tqdm bar per epoch when stderr is a terminal; in a log file a plain line every ~30 s of a long epoch
+    (``trial N epoch E: step S/T``), so that a log never goes quiet for a whole epoch."""
 
     def __init__(self) -> None:
         self.enabled = sys.stderr.isatty()
         self.bar: Any = None
         self.key: tuple[int, int] | None = None
+        self.last = time.monotonic()
 
     def step(self, number: int, epoch: int, step: int, total: int) -> None:
         if not self.enabled:
+            if time.monotonic() - self.last >= PROGRESS_EVERY_S:
+                log.info("trial %d epoch %d: step %d/%d", number, epoch, step, total)
+                self.last = time.monotonic()
             return
         from tqdm import tqdm
 
@@ -124,6 +130,7 @@ class _Progress:
         self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
+        self.last = time.monotonic()
         if self.bar is not None:
             self.bar.close()
             self.bar = None

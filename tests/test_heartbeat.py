@@ -37,6 +37,7 @@ def test_an_old_heartbeat_is_failed_and_retried_while_fresh_and_own_trials_are_n
     out = capsys.readouterr().out
     stale = [line for line in out.splitlines() if "no heartbeat for" in line]
     assert len(stale) == 2 and stale[0].startswith("running: trial 0") and stale[1].startswith("running: trial 2")
+    assert "running: trial 1 starting (0/2 epochs)" in out, "a trial that reported no epoch yet is starting"
 
     reads = []
     read = study._storage.get_all_trials

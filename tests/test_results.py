@@ -61,6 +61,8 @@ def test_export_writes_csv_best_yaml_and_every_figure(finished_study: tuple[str,
         assert row["state"] == t.state.name and float(row["value"]) == pytest.approx(t.value)
         assert float(row["param_lr"]) == pytest.approx(t.params["lr"])
         assert int(row["epochs"]) == len(t.intermediate_values)
+        assert int(row["lineage"]) == t.number and int(row["retry"]) == 0  # how each trial is chained
+        assert {"promoted_from", "rung", "resumed_from_epoch", "audit_stopped_at", "retry_of"} <= set(row)
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert best["train"]["lr"] == pytest.approx(study.best_trial.params["lr"])
     # best.yaml is a complete train block: it validates as a study file's train section

@@ -11,7 +11,7 @@ import yaml
 from conftest import study_dict
 
 from sft_optuna.cli import main
-from sft_optuna.coordination.storage import mask_url
+from sft_optuna.coordination.storage import mask_url, open_storage
 
 
 def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -74,6 +74,14 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
         ],
         "s.yaml: sampler.n_startup_trials: 'two' is not int",
     ),
+    "status on a mistyped SQLite path": (
+        lambda d: ["--storage", f"sqlite:///{d}/typo.db", "status", "t"],
+        "typo.db does not exist (nothing was created)",
+    ),
+    "studies on a missing journal file": (
+        lambda d: ["--storage", f"journal://{d}/typo.log", "studies"],
+        "typo.log does not exist (nothing was created)",
+    ),
     "export --out is a file": (
         lambda d: ["--storage", f"sqlite:///{d}/s.db", "export", "t", "--out", str(_file(d, "f", b""))],
         "is a file, not a directory",
@@ -107,6 +115,7 @@ def test_a_users_mistake_is_one_line_naming_it(case: str, tmp_path: Path, capsys
     assert code != 0
     assert expected in _one_line(err)
     assert "pw" not in err.replace("psycopg", "")
+    assert not (tmp_path / "typo.db").exists() and not (tmp_path / "typo.log").exists(), "a look-up created a storage"
 
 
 def test_a_file_that_is_not_a_journal_is_left_untouched(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -145,13 +154,14 @@ def test_every_value_a_search_space_can_produce_is_checked_at_create(
     url = f"sqlite:///{tmp_path}/s.db"
     code, _, err = _cli(["--storage", url, "create", str(study)], capsys)
     assert code == 2 and expected in _one_line(err)
-    assert _cli(["--storage", url, "studies"], capsys)[1].startswith("no studies"), "nothing was created"
+    assert not (tmp_path / "s.db").exists(), "nothing was created"
 
 
 def test_storage_and_log_level_are_accepted_after_the_command(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = f"sqlite:///{tmp_path}/after.db"
+    open_storage(url)  # an empty storage (a look-up command never creates one)
     code, out, _ = _cli(["studies", "--storage", url, "--log-level", "WARNING"], capsys)
     assert code == 0 and out == f"no studies in {url}\n"
     # before the command still works, and a value given before is not undone by the subcommand's default

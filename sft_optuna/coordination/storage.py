@@ -372,11 +372,17 @@ class Storage:
         return sorted(s.study_name for s in self.optuna.get_all_studies())
 
 
-def open_storage(url: str, patience: float = OUTAGE_S, connections: int = 1) -> Storage:
+def open_storage(url: str, patience: float = OUTAGE_S, connections: int = 1, create: bool = True) -> Storage:
     """The storage behind ``url``; every problem with the URL or the storage is a one-line StorageError.
 
     ``patience``: how long opening waits for a server that does not answer (a command a person types to look
-    at results passes a few seconds, so a wrong host fails fast).
+    at results passes a few seconds, so a wrong host fails fast). ``create=False`` (look-up commands): a SQLite
+    or journal file that does not exist is an error, not a new empty storage made from a mistyped path.
     """
     backend = backend_for(url)
+    if not create:
+        missing = _sqlite_path(_parse(url)) if backend.name == "sqlite" else None
+        missing = _journal_path(url) if backend.name == "journal" else missing
+        if missing is not None and not missing.exists():
+            raise StorageError(f"storage URL {mask_url(url)}: {missing} does not exist (nothing was created)")
     return Storage(url, backend, backend.open(url, patience, connections))

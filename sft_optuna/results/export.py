@@ -37,7 +37,9 @@ def best_train_block(study: optuna.Study, config: StudyConfig) -> dict[str, Any]
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """One row per trial: number, state, value, each parameter, epochs run, seconds, reason it ended."""
+    """One row per trial: number, state, value, each parameter, epochs run, seconds, reason it ended, and how it
+    is chained (lineage, retry, retry_of, promoted_from, rung, resumed_from_epoch, audit_stopped_at): an ASHA
+    chain or a retried lineage can be followed in the export."""
     trials = study.get_trials(deepcopy=False)
     names = sorted({p for t in trials for p in t.params})
     rows = []
@@ -55,7 +57,13 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "epochs": len(t.intermediate_values),
             "seconds": round(seconds, 3) if seconds is not None else None,
             "reason": t.user_attrs.get(attrs.REASON, ""),
+            "lineage": attrs.lineage(t),
+            "retry": t.user_attrs.get(attrs.RETRY, 0),
             "retry_of": t.user_attrs.get(attrs.RETRY_OF, ""),
+            "promoted_from": t.user_attrs.get(attrs.PROMOTED_FROM, ""),
+            "rung": t.user_attrs.get(attrs.RUNG, ""),
+            "resumed_from_epoch": t.user_attrs.get(attrs.RESUMED_FROM_EPOCH, ""),
+            "audit_stopped_at": t.user_attrs.get(attrs.AUDITED, ""),
         }
         rows.append(row)
     return rows

@@ -85,10 +85,13 @@ def status_lines(study: optuna.Study, config: StudyConfig) -> list[str]:
                 if silent > config.heartbeat.grace_period
                 else ""
             )
-            lines.append(
-                f"running: trial {t.number} epoch {last.get('epoch', 0)}/{t.params.get('epochs', config.train.epochs)}"
-                f" val_acc {last.get('val_acc', float('nan')):.4f} on {t.user_attrs.get(attrs.HOST, '?')}{gone}"
+            epochs = t.params.get("epochs", config.train.epochs)
+            progress_text = (
+                f"epoch {last['epoch']}/{epochs} val_acc {last['val_acc']:.4f}"
+                if "epoch" in last and "val_acc" in last
+                else f"starting (0/{epochs} epochs)"
             )
+            lines.append(f"running: trial {t.number} {progress_text} on {t.user_attrs.get(attrs.HOST, '?')}{gone}")
     retrain = study.user_attrs.get(attrs.RETRAIN)
     if retrain:
         lines.append(

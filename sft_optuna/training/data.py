@@ -11,7 +11,9 @@ import hashlib
 import logging
 import os
 import pickle
+import sys
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,9 +110,7 @@ def load_cifar10(root: str | Path, download: bool = False) -> Dataset:
 
 
 def _download_cifar10(root: Path) -> None:
-    from torchvision.datasets.utils import download_url
-
-    from torchvision.datasets.utils import check_integrity
+    from torchvision.datasets.utils import check_integrity, download_url
 
     archive = root / "cifar-10-python.tar.gz"
     if archive.is_file() and not check_integrity(str(archive), CIFAR10_MD5):
@@ -151,13 +151,24 @@ def _list_images(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, files
 
 
+PROGRESS_EVERY_S = 30.0
+"""How often a long decode or epoch says how far it got in a log file (no progress bar there)."""
+
+
 def _decode(files: list[tuple[Path, int]], size: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
     from tqdm import tqdm
 
     x = np.empty((len(files), size, size, 3), dtype=np.uint8)
     y = np.empty(len(files), dtype=np.int64)
-    for i, (path, label) in enumerate(tqdm(files, desc=desc, unit="img", mininterval=1.0, leave=False)):
+    # A bar at a terminal; in a log file (stderr not a terminal) plain lines every ~30 s, no carriage returns.
+    tty = sys.stderr.isatty()
+    bar = tqdm(files, desc=desc, unit="img", mininterval=1.0, leave=False, disable=not tty)
+    last = time.monotonic()
+    for i, (path, label) in enumerate(bar):
+        if not tty and time.monotonic() - last >= PROGRESS_EVERY_S:
+            log.info("%s: %d/%d images decoded", desc, i, len(files))
+            last = time.monotonic()
         try:
             with Image.open(path) as img:
                 rgb = img.convert("RGB")
