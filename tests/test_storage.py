@@ -633,3 +633,16 @@ def test_a_proxy_of_several_processes_shares_its_port_and_ends_as_one(postgres_u
     finally:
         proxy.kill()
         proxy.wait()
+
+
+def test_a_wrong_database_password_is_one_error_at_once_not_an_outage(postgres_url: str) -> None:
+    import time
+
+    from sft_optuna.errors import StorageError
+
+    wrong = postgres_url.replace("sft:sft@", "sft:not-the-password@")
+    start = time.monotonic()
+    with pytest.raises(StorageError, match="password authentication failed") as err:
+        open_storage(wrong)  # a worker's patience (60 s): an authentication failure is not waited out
+    assert time.monotonic() - start < 5, "the wrong password was retried like an outage"
+    assert "not-the-password" not in str(err.value)
