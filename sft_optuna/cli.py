@@ -161,9 +161,9 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sft_optuna.results.export import export_study, output_dir
+    from sft_optuna.results.export import check_output_dir, export_study
 
-    out = output_dir(Path(args.out), "--out")  # a mistake in the command line first, before the storage
+    out = check_output_dir(Path(args.out), "--out")  # a mistake in the command line first, before the storage
     storage = _open(args, QUERY_PATIENCE_S)
     study, config = load_study(args.name, storage)
     written = export_study(study, config, out)
@@ -176,12 +176,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_retrain(args: argparse.Namespace) -> int:
     from sft_optuna.node import resolve_device, use_threads
-    from sft_optuna.results.export import output_dir
+    from sft_optuna.results.export import check_output_dir
     from sft_optuna.results.retrain import retrain_best
 
     device = resolve_device(args.device)
     use_threads(args.threads)
-    out = output_dir(Path(args.out), "--out")
+    out = check_output_dir(Path(args.out), "--out")  # created once there is something to write
     storage = _open(args)
     study, config = load_study(args.name, storage)
     card = retrain_best(study, config, args.seeds, device, out, args.epochs, args.train_subset, args.data_root)
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-subset",
         type=_positive_int,
         default=None,
-        help="train on a stratified subset of this many training images (quick CPU runs)",
+        help="train on a stratified subset of this many training images (default: the study's data.train_subset)",
     )
     p.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
     p.add_argument("--data-root", default=None)

@@ -198,3 +198,15 @@ def test_shipped_gpu_study_plans_without_its_data(capsys: pytest.CaptureFixture[
     assert plan.trials == 100 and plan.epochs == 15
     # ASHA (rungs 3, 9 of 15) expects 100 x (3 + 6/3 + 6/9) = 567 epochs; the study's epoch budget caps it
     assert plan.epochs_with_pruning == 450 and plan.hours_with_pruning <= plan.hours_without_pruning
+
+
+def test_retrain_keeps_the_studys_training_subset_unless_told_otherwise(
+    folder_root: Path, write_study: Callable[..., Path], tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    cfg = study_dict(folder_root, budget={"n_trials": 1}, train={"epochs": 1}, data={"train_subset": 120})
+    assert main(["--storage", url, "run", str(write_study(cfg)), "--device", "cpu", "--checkpoint-dir", "none"]) == 0
+    out = tmp_path / "out"
+    argv = ["--storage", url, "retrain", "t", "--seeds", "1", "--epochs", "1", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    assert json.loads((out / "model-card.json").read_text())["data"]["train_images"] == 120

@@ -208,3 +208,15 @@ def test_look_up_commands_import_no_torch(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("torch imported: False"), out
+
+
+def test_export_and_retrain_create_no_output_directory_when_there_is_nothing_to_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    open_storage(url)  # an empty storage: no study named t
+    for command in (["export", "t"], ["retrain", "t", "--device", "cpu"]):
+        out = tmp_path / f"out-{command[0]}"
+        code, _, err = _cli(["--storage", url, *command, "--out", str(out)], capsys)
+        assert code == 2 and "no study named 't'" in _one_line(err)
+        assert not out.exists(), f"{command[0]} created {out} with nothing to write"

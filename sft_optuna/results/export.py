@@ -21,7 +21,7 @@ from sft_optuna import attrs
 from sft_optuna.config import StudyConfig, train_config_for
 from sft_optuna.errors import UserError
 
-__all__ = ["FIGURES", "best_train_block", "export_study", "output_dir", "trial_rows"]
+__all__ = ["FIGURES", "best_train_block", "check_output_dir", "export_study", "output_dir", "trial_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,19 @@ FIGURES = {
     "parallel_coordinate": "plot_parallel_coordinate",
     "slice": "plot_slice",
 }
+
+
+def check_output_dir(path: Path, option: str) -> Path:
+    """One line naming ``path`` if it cannot become an output directory — without creating anything: a command
+    that then finds nothing to write (no such study) leaves no empty directory behind."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path}: is a file, not a directory")
+    ancestor = path
+    while not ancestor.exists() and ancestor.parent != ancestor:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{option} {path}: cannot create the directory ({ancestor} is a file)")
+    return path
 
 
 def output_dir(path: Path, option: str) -> Path:

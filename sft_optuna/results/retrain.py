@@ -177,13 +177,16 @@ def retrain_best(
     data_root: str | None = None,
 ) -> dict[str, Any]:
     """The whole ``retrain`` use case: the best trial's recipe (``epochs`` overriding its own), on this node's
-    data (capped at ``train_subset`` training images), over ``seeds`` seeds; the result is written to ``out``
-    and recorded on the study (``status`` shows it). Returns the model card."""
+    data (capped at ``train_subset`` training images, by default the study's ``data.train_subset``), over
+    ``seeds`` seeds; the result is written to ``out`` and recorded on the study (``status`` shows it). Returns
+    the model card."""
     block = best_train_block(study, config)
     train = TrainConfig(**block["train"])
     if epochs is not None:
         train = dataclasses.replace(train, epochs=epochs)
     data = load_dataset(config.data, data_root)
+    # the study's own cap unless told otherwise: its smoke study's 4,000 images must not become 50,000
+    train_subset = config.data.train_subset if train_subset is None else train_subset
     if train_subset is not None:
         data = subset_training(data, train_subset, config.data.seed)
     card = retrain(config, train, data, list(range(seeds)), device, out, block["trial"])
