@@ -285,6 +285,7 @@ def run_worker(study: optuna.Study, config: StudyConfig, options: WorkerOptions,
                 trials = study.get_trials(deepcopy=False)
                 if study_done(trials, config):
                     log.info("study %r: budget spent, worker done", config.name)
+                    _free_paused_checkpoints(trials, checkpoints)
                     break
                 if not waiting and slots_to_queue(trials, config):
                     log.info("study %r: no queued trial yet; waiting for the next budget slots", config.name)
@@ -438,6 +439,17 @@ def _annotate(
             return
         if best.number == trial.number:
             write_best_figure(study, best, classes)
+
+
+def _free_paused_checkpoints(trials: list[optuna.trial.FrozenTrial], checkpoints: CheckpointStore | None) -> None:
+    """The study is done: no promotion can use an ASHA-paused trial's checkpoint any more (the best trial's is
+    kept apart, as ``best.pt``). A 9-configuration toy study kept 598 MB of them."""
+    if checkpoints is None:
+        return
+    paused = {attrs.lineage(t) for t in trials if attrs.RUNG in t.user_attrs}
+    files, size = checkpoints.free(paused)
+    if files:
+        log.info("study done: freed %d checkpoints of paused trials (%.1f MB)", files, size / 1e6)
 
 
 def _keep_best_checkpoint(study: optuna.Study, number: int, lineage: int, checkpoints: CheckpointStore | None) -> None:

@@ -157,6 +157,8 @@ def test_an_asha_study_pauses_promotes_from_checkpoints_and_ends(
     assert main(argv) == 0
     trials = optuna.load_study(study_name="t", storage=sqlite_url).get_trials()
     assert study_done(trials, parse_study(cfg)) and budget_used(trials) == 4
+    kept = sorted(p.name for p in (tmp_path / "ck" / "t").iterdir())
+    assert kept == ["best.pt"], "a done study keeps the best trial's checkpoint, not the paused ones'"
     paused = [t for t in trials if t.state == TrialState.PRUNED]
     assert all(t.user_attrs[attrs.REASON].startswith("paused at rung") for t in paused)
     promotions = [t for t in trials if PROMOTED_FROM in t.user_attrs]

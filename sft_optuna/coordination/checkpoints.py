@@ -105,3 +105,17 @@ class CheckpointStore:
     def remove(self, lineage: int) -> None:
         """Delete the lineage's checkpoint if there is one."""
         self.path(lineage).unlink(missing_ok=True)
+
+    def free(self, lineages: set[int]) -> tuple[int, int]:
+        """Delete the checkpoints of ``lineages`` (a done study's paused ones: no promotion can use them);
+        returns (files, bytes) freed. The best trial's checkpoint (``best.pt``) is another file and stays."""
+        files = size = 0
+        for lineage in sorted(lineages):
+            path = self.path(lineage)
+            try:
+                n = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue  # another worker of the done study freed it a moment ago
+            files, size = files + 1, size + n
+        return files, size
