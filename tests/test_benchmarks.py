@@ -402,3 +402,14 @@ def test_the_curve_recorder_names_a_missing_data_folder_or_device_in_one_line(tm
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and named in proc.stderr, proc.stderr
     assert not (tmp_path / "c.csv").exists(), "nothing recorded"
+
+
+@pytest.mark.slow
+def test_the_soak_runs_a_round_with_its_events_and_counts_what_was_lost(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    proc = _bench("soak.py", "--rounds", "1", "--storages", "sqlite", "--load", "1", "--json", str(out))
+    (row,) = json.loads(out.read_text())["rounds"]
+    assert row["storage"] == "sqlite" and row["budget_exact"]
+    assert row["lost"] == row["twice"] == row["running"] == row["waiting"] == row["retries_by_outages"] == 0
+    assert set(row["events"]) | set(row["events_missed"]) == {"kill", "freeze", "sqlite exclusive lock"}
+    assert re.search(r"^sqlite\s+1\s+0\s+0\s+0\s+0\s", proc.stdout, re.MULTILINE), proc.stdout

@@ -263,3 +263,32 @@ def test_an_outage_past_the_window_is_not_the_trials_error_and_the_trial_resumes
     assert retries_used(trials, 0) == 0, "an outage uses up no retry\n" + why
     if backend == "grpc":
         proxy.close()
+
+
+def test_an_idle_worker_whose_storage_stays_away_exits_3_with_one_line(
+    folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, tmp_path: Path
+) -> None:
+    """The claim and wait paths too: no traceback when back-to-back outages pass the window."""
+    proxy = Proxy(sqlite_url)
+    try:
+        cfg = study_dict(folder_root, budget={"n_trials": 1}, heartbeat={"interval": 0.5, "grace_period": 30})
+        assert main(["--storage", proxy.url, "create", str(write_study(cfg))]) == 0
+        study = optuna.load_study(study_name="t", storage=open_storage(proxy.url).optuna)
+        config = parse_config(cfg)
+        from sft_optuna.coordination.claims import claim_trial
+
+        assert claim_trial(study, config) is not None  # the budget's one trial runs "elsewhere"
+        log = tmp_path / "idle.log"
+        with log.open("w") as fh:
+            idle = spawn_worker(proxy.url, "t", tmp_path / "ck", stdout=fh, env=worker_env(SFT_OPTUNA_OUTAGE_S="3"))
+        deadline = time.monotonic() + 120
+        while "waiting for running trial(s)" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proxy.stop()
+        code = idle.wait(timeout=60)
+        out = log.read_text()
+        assert code == 3, out[-3000:]
+        assert "Traceback" not in out, out[-3000:]
+        assert sum(line.startswith("sft-optuna: error: storage") for line in out.splitlines()) == 1, out[-3000:]
+    finally:
+        proxy.close()
