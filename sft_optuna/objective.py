@@ -70,12 +70,14 @@ class HistoryWriter:
         self._pending: list[dict[str, Any]] | None = None
         self._closed = False
         self._error: Exception | None = None
+        self._latest: list[dict[str, Any]] | None = None
         self._thread = threading.Thread(target=self._run, name=f"history-{trial.number}", daemon=True)
 
     def put(self, history: list[dict[str, Any]]) -> None:
         """Hand in the curve so far; it replaces one not yet written."""
         with self._cond:
             self._pending = history
+            self._latest = history
             self._cond.notify()
 
     def _run(self) -> None:
@@ -110,7 +112,11 @@ class HistoryWriter:
             self._cond.notify()
         self._thread.join()
         if exc_type is None and self._error is not None:
-            raise self._error
+            # One write failed (its storage call outlasted the outage window) and the writer stopped; the storage
+            # may be back: the newest curve once more, and only its failure is raised.
+            if self._latest is None:
+                raise self._error
+            self._trial.set_user_attr(attrs.HISTORY, self._latest)
 
 
 def _train_config(config: StudyConfig, params: dict[str, Any]) -> TrainConfig:

@@ -33,6 +33,8 @@ from sft_optuna.coordination.claims import (
     recover_trials,
     slots_to_queue,
     study_done,
+    unretried,
+    wrong_verdicts,
 )
 from sft_optuna.coordination.heartbeat import Heartbeat, StaleTrials, Watcher, watch_interval
 from sft_optuna.coordination.retrying import error_reason, is_storage_error
@@ -165,32 +167,39 @@ def _wrong_verdict(study: optuna.Study, config: StudyConfig, trial: optuna.Trial
     """Our trial was failed as stale while we ran it: say so on the study, so that the failure does not use up
     one of the lineage's ``max_retries``; and if the watcher that failed it found no retries left (it counted
     the failure), queue the retry now. A duplicate this may make (the watcher queued one too) is dropped when
-    claimed."""
+    claimed. Only a watcher's failure has no reason; our own (a lost reply of our own FAIL) is left as it is.
+    Best effort: during an outage it gives up with a log line (the failure then counts, as it would have)."""
     storage = study._storage
-    if storage.get_trial(trial._trial_id).state != TrialState.FAIL:
-        return  # finished some other way (not by a watcher)
-    storage.set_study_system_attr(study._study_id, f"{attrs.WRONG_VERDICT}{trial.number}", True)
-    trials = study.get_trials(deepcopy=False)
-    retried = any(
-        t.user_attrs.get(attrs.RETRY_OF) == trial.number and not raced(trials, t.number)
-        for t in trials
-        if t.user_attrs.get(attrs.REASON) != attrs.CLAIM_RACED
-    )
-    log.warning(
-        "trial %d was failed as stale while this worker ran it: the verdict was wrong (not counted against "
-        "max_retries)%s",
-        trial.number,
-        "" if retried else "; queuing its retry",
-    )
-    if not retried:
-        queue_retry(study, config, storage.get_trial(trial._trial_id), trials)
+    try:
+        stored = storage.get_trial(trial._trial_id)
+        if stored.state != TrialState.FAIL or attrs.REASON in stored.user_attrs:
+            return  # finished some other way, or by ourselves
+        storage.set_study_system_attr(study._study_id, f"{attrs.WRONG_VERDICT}{trial.number}", True)
+        trials = study.get_trials(deepcopy=False)
+        retried = any(
+            t.user_attrs.get(attrs.RETRY_OF) == trial.number and not raced(trials, t.number)
+            for t in trials
+            if t.user_attrs.get(attrs.REASON) != attrs.CLAIM_RACED
+        )
+        log.warning(
+            "trial %d was failed as stale while this worker ran it: the verdict was wrong (not counted against "
+            "max_retries)%s",
+            trial.number,
+            "" if retried else "; queuing its retry",
+        )
+        if not retried:
+            queue_retry(study, config, stored, trials)
+    except Exception as exc:
+        if not _outage(exc):
+            raise
+        log.warning("trial %d: cannot say the verdict was wrong (%s)", trial.number, error_reason(exc))
 
 
 def _outage(exc: BaseException) -> bool:
     """A storage or transport failure (not the trial's own error), however it surfaced: through our storage
-    wrapper, or raw from a driver or gRPC inside Optuna. A bare OSError inside a trial is the trial's (or its
+    wrapper, or raw from a driver or gRPC inside Optuna. An OSError inside a trial is the trial's (or its
     node's): a journal file's I/O errors reach us wrapped."""
-    return isinstance(exc, StorageUnavailable) or (is_storage_error(exc) and type(exc) is not OSError)
+    return is_storage_error(exc)
 
 
 def _give_back_after_outage(study: optuna.Study, config: StudyConfig, trial: optuna.Trial, exc: BaseException) -> None:
@@ -214,10 +223,12 @@ def _give_back_after_outage(study: optuna.Study, config: StudyConfig, trial: opt
 
 
 def _set_reason(trial: optuna.Trial, reason: str) -> None:
+    """Record why the trial ends; an outage is raised (the worker gives the trial back as an outage), not
+    swallowed: a FAIL told without its reason would read as a dead worker and count against the retries."""
     try:
         trial.set_user_attr(attrs.REASON, reason)
-    except Exception as exc:  # noqa: BLE001 - the trial may already be finished elsewhere
-        log.debug("cannot record reason of trial %d: %s", trial.number, exc)
+    except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError, KeyError) as exc:
+        log.debug("cannot record reason of trial %d: %s", trial.number, exc)  # finished elsewhere
 
 
 @dataclass
@@ -283,7 +294,7 @@ def run_worker(study: optuna.Study, config: StudyConfig, options: WorkerOptions,
             trial = claim_trial(study, config)
             if trial is None:
                 trials = study.get_trials(deepcopy=False)
-                if study_done(trials, config):
+                if study_done(trials, config, wrong_verdicts(study) if unretried(trials) else ()):
                     log.info("study %r: budget spent, worker done", config.name)
                     _free_paused_checkpoints(trials, checkpoints)
                     break
@@ -302,11 +313,20 @@ def run_worker(study: optuna.Study, config: StudyConfig, options: WorkerOptions,
                 stop.event.wait(poll_s)
                 continue
             waiting = False
-            trial.set_user_attr(attrs.HOST, host)
             log.info("trial %d: %s", trial.number, trial.params)
             current.add(trial.number)
             try:
+                trial.set_user_attr(attrs.HOST, host)
                 state = _run_one(study, config, trial, objective, checkpoints)
+            except Exception as exc:
+                if not _outage(exc):
+                    raise
+                # The storage stayed away longer than the outage window, wherever it surfaced: never the
+                # trial's error. Give it back (uncounted) if the storage answers again; stop (exit 3).
+                _give_back_after_outage(study, config, trial, exc)
+                raise StorageUnavailable(
+                    str(exc) if isinstance(exc, StorageUnavailable) else error_reason(exc)
+                ) from exc
             finally:
                 current.discard(trial.number)
             if state is not None:
@@ -334,7 +354,11 @@ def _run_one(
             value = objective(trial)
     except Paused as exc:
         _set_reason(trial, str(exc))
-        trial.set_user_attr(attrs.RUNG, exc.rung)
+        try:
+            trial.set_user_attr(attrs.RUNG, exc.rung)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            _wrong_verdict(study, config, trial)
+            return None
         log.info("trial %d: %s; its checkpoint is kept for a promotion", trial.number, exc)
         return TrialState.PRUNED if _safe_tell(study, config, trial, state=TrialState.PRUNED) else None
     except optuna.TrialPruned as exc:
@@ -369,10 +393,7 @@ def _run_one(
         return None
     except Exception as exc:
         if _outage(exc):
-            # The storage stayed away longer than the outage window: never the trial's error. Give it back
-            # (uncounted) if the storage answers again, and stop this worker (exit 3).
-            _give_back_after_outage(study, config, trial, exc)
-            raise StorageUnavailable(str(exc) if isinstance(exc, StorageUnavailable) else error_reason(exc)) from exc
+            raise  # never the trial's error: run_worker gives the trial back (uncounted) and stops (exit 3)
         if isinstance(exc, RuntimeError) and _is_device_fault(exc):
             reason = str(exc).strip().splitlines()[0]
             _give_back(study, config, trial, reason)

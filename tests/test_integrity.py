@@ -142,3 +142,60 @@ def test_the_storage_raises_as_optuna_does_on_a_finished_trial_and_pickles(stora
     clone = pickle.loads(pickle.dumps(storage))
     assert clone.get_trial(trial._trial_id).value == 0.5
     assert clone.get_trial_id_from_study_id_trial_number(study._study_id, 0) == trial._trial_id
+
+
+def test_a_trials_own_os_error_is_its_error_not_a_storage_outage(
+    folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only storage and transport errors are outages: a FileNotFoundError in training code fails the trial."""
+
+    def missing(self: Any) -> Any:
+        raise FileNotFoundError(2, "No such file or directory", "/data/gone.jpg")
+
+    monkeypatch.setattr("sft_optuna.training.trainer.Trainer.run_epoch", missing)
+    cfg = study_dict(folder_root, budget={"n_trials": 1})
+    assert main(run_on_cpu(sqlite_url, write_study(cfg), "none")) == 0
+    (trial,) = [t for t in _trials(sqlite_url) if t.state != TrialState.WAITING]
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs[attrs.REASON].startswith("error: FileNotFoundError"), trial.user_attrs
+
+
+def test_a_blip_shorter_than_a_second_does_not_void_a_watchers_evidence_and_an_outage_does() -> None:
+    from sft_optuna.coordination.retrying import OUTAGE_EVIDENCE_S, Health
+
+    health = Health()
+    before = health.outage_marker()
+    health.failed()  # a deadlock retried at once
+    health.succeeded()
+    assert health.outage_marker() == before, "a blip restarted every clock: frequent ones would hide the dead"
+    health.failed()
+    time.sleep(OUTAGE_EVIDENCE_S + 0.1)
+    assert health.outage_marker()[1], "an outage going on is seen while it lasts"
+    health.succeeded()
+    assert health.outage_marker() == (before[0] + 1, False)
+
+
+def test_a_decided_trial_is_never_retried_and_a_wrong_verdict_revives_a_spent_lineage(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    from sft_optuna.coordination.claims import queue_retry, recover_trials, retries_due
+    from sft_optuna.coordination.heartbeat import StaleTrials
+
+    config = parse_config(
+        study_dict(tmp_path, budget={"n_trials": 3, "max_retries": 0}, heartbeat={"interval": 0.5, "grace_period": 1})
+    )
+    study, _ = create_study(config, open_storage(sqlite_url))
+    pruned, dead = (claim_trial(study, config) for _ in range(2))
+    assert pruned is not None and dead is not None
+    pruned.set_user_attr(attrs.REASON, "pruned at epoch 2")  # decided; its worker died before telling it
+    study.tell(pruned, state=TrialState.FAIL)
+    queue_retry(study, config, study._storage.get_trial(pruned._trial_id))
+    study.tell(dead, state=TrialState.FAIL)  # as a watcher does: no reason
+    trials = study.get_trials()
+    assert not any(attrs.RETRY_OF in t.user_attrs for t in trials), "a decided trial was retried"
+    assert retries_due(trials, 0) == [], "max_retries 0: a dead worker's trial has no retry left"
+    study._storage.set_study_system_attr(study._study_id, f"{attrs.WRONG_VERDICT}{dead.number}", True)
+    time.sleep(config.heartbeat.grace_period + 0.1)
+    recover_trials(study, config, StaleTrials(config.heartbeat.grace_period, study._storage.health))
+    retries = [t for t in study.get_trials() if attrs.RETRY_OF in t.user_attrs]
+    assert [t.user_attrs[attrs.RETRY_OF] for t in retries] == [dead.number], "the wrong verdict gets its retry"

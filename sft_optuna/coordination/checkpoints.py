@@ -80,6 +80,9 @@ class CheckpointStore:
         except Exception as exc:  # noqa: BLE001 - a corrupt checkpoint means starting over, not dying
             log.warning("cannot read checkpoint %s (%s); starting from epoch 1", path, exc)
             return None
+        if not isinstance(state, dict):
+            log.warning("checkpoint %s is not a checkpoint dict; ignored, starting from epoch 1", path)
+            return None
         found = state.pop(OWNER_KEY, None)
         if owner is not None and found != owner:
             log.warning(

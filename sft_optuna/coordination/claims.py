@@ -53,6 +53,7 @@ __all__ = [
     "retries_used",
     "slots_to_queue",
     "study_done",
+    "unretried",
     "wrong_verdicts",
 ]
 
@@ -127,9 +128,9 @@ def wrong_verdicts(study: optuna.Study) -> set[int]:
     return {int(k[len(prefix) :]) for k in notes if k.startswith(prefix)}
 
 
-def retries_due(trials: Sequence[FrozenTrial], max_retries: int, wrong: Collection[int] = ()) -> list[FrozenTrial]:
-    """Failed trials still without their retry: their worker died (no reason recorded) or was preempted, and
-    retries remain. Normally the winner of the failure queues the retry at once (see :func:`queue_retry`)."""
+def unretried(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """Failed trials of a retryable kind (a dead worker, a stop, an outage, a node fault) without a retry yet,
+    whatever their lineage's retries: a wrong verdict may still give them one (see :func:`retries_due`)."""
     retried = _retried_numbers(trials)
     return [
         t
@@ -137,8 +138,14 @@ def retries_due(trials: Sequence[FrozenTrial], max_retries: int, wrong: Collecti
         if t.state == TrialState.FAIL
         and t.number not in retried
         and t.user_attrs.get(attrs.REASON) in (None, *attrs.RETRYABLE_REASONS)
-        and retries_used(trials, attrs.lineage(t), wrong) <= max_retries
     ]
+
+
+def retries_due(trials: Sequence[FrozenTrial], max_retries: int, wrong: Collection[int] = ()) -> list[FrozenTrial]:
+    """Failed trials still without their retry: their worker died (no reason recorded) or was preempted, and
+    retries remain. Normally the winner of the failure queues the retry at once (see :func:`queue_retry`).
+    ``wrong``: :func:`wrong_verdicts`, read by the caller whenever :func:`unretried` finds any."""
+    return [t for t in unretried(trials) if retries_used(trials, attrs.lineage(t), wrong) <= max_retries]
 
 
 def _trained(t: FrozenTrial) -> int:
@@ -171,9 +178,9 @@ def _epochs_left(trials: Sequence[FrozenTrial], config: StudyConfig) -> int | No
     return None if cap is None else cap - epochs_used(trials, config)
 
 
-def study_done(trials: Sequence[FrozenTrial], config: StudyConfig) -> bool:
+def study_done(trials: Sequence[FrozenTrial], config: StudyConfig, wrong: Collection[int] = ()) -> bool:
     """No work is left, now or later: nothing running (its worker may still die), queued or due for a retry,
-    and the budget spent (or, for a grid, every point claimed)."""
+    and the budget spent (or, for a grid, every point claimed). ``wrong``: as for :func:`retries_due`."""
     if any(t.state == TrialState.RUNNING for t in trials):
         return False
     left = _epochs_left(trials, config)
@@ -181,7 +188,7 @@ def study_done(trials: Sequence[FrozenTrial], config: StudyConfig) -> bool:
         return True  # the epoch budget is spent: neither a new configuration nor a promotion fits
     if any(t.state == TrialState.WAITING for t in trials):
         return False
-    if retries_due(trials, config.budget.max_retries):
+    if retries_due(trials, config.budget.max_retries, wrong):
         return False
     if _fitting_promotion(trials, config, left) is not None:
         return False
@@ -426,6 +433,12 @@ def queue_retry(
     ``max_retries`` bounds the failures of the trial (:func:`retries_used`), not its attempts: an operator's
     stop, an outage or a wrong verdict is retried whatever came before. ``trials``: a read of the study made
     a moment ago (else one is made); ``failed`` counts as FAIL whatever state that read saw it in."""
+    reason = failed.user_attrs.get(attrs.REASON)
+    if reason not in (None, *attrs.RETRYABLE_REASONS):
+        # decided before its worker vanished (pruned, paused, its parameters failed, a dropped duplicate):
+        # retrying it would run a configuration, a slot or a duplicate twice
+        log.warning("trial %d failed with reason %r, which is not retried", failed.number, reason)
+        return
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     wrong = wrong_verdicts(study) if wrong is None else wrong
     lineage = attrs.lineage(failed)
@@ -476,8 +489,7 @@ def recover_trials(study: optuna.Study, config: StudyConfig, evidence: StaleTria
         queue_retry(study, config, failed, trials)
     cutoff = time.time() - grace
     # the trials failed above were RUNNING in this read, so not due: their retries are queued
-    due = retries_due(trials, config.budget.max_retries)
-    wrong = wrong_verdicts(study) if due else set()
+    wrong = wrong_verdicts(study) if unretried(trials) else set()
     for t in retries_due(trials, config.budget.max_retries, wrong):
         # .timestamp(): SQL storages keep local naive times, journal files aware UTC ones; both compare right
         if t.datetime_complete is not None and t.datetime_complete.timestamp() < cutoff:

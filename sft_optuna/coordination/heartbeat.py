@@ -47,10 +47,11 @@ class StaleTrials:
     """What one watcher has seen of other workers' beats: the evidence behind a verdict that a worker is gone.
 
     A RUNNING trial is stale only when its beat did not advance across this watcher's own successful reads of
-    the study spanning at least ``grace_period`` seconds with no failed storage call of this process between
-    them (``health``: every thread's calls count). A beat's age by the clock proves nothing: during an outage
-    nobody's beats get through, and the first watcher back would fail every live worker's trial. So an outage
-    of this process (a failed call, a failed read) restarts every clock, and a watcher that just started has
+    the study spanning at least ``grace_period`` seconds with no outage of this process between them (a failure
+    streak of ``retrying.OUTAGE_EVIDENCE_S`` or more with no successful call; ``health``: every thread counts).
+    A beat's age by the clock proves nothing: during an outage nobody's beats get through, and the first watcher
+    back would fail every live worker's trial. So an outage of this process (a failure streak, a failed read)
+    restarts every clock, and a watcher that just started has
     seen nothing yet: a dead worker's trial is failed about one grace period (plus a watch interval) after the
     storage became reachable to its watcher. Beat values are compared, never clocks: no skew between nodes
     matters. Times are ``time.monotonic()``, taken before and after each read: a slow read does not age a beat.
@@ -64,12 +65,12 @@ class StaleTrials:
         self.grace_period = grace_period
         self.health = health
         self._seen: dict[int, tuple[Any, float]] = {}  # trial id -> (its beat, end of the read that first saw it)
-        self._failures: int | None = None  # health.failures after the last good read; None: clocks restarted
+        self._marker: tuple[int, bool] | None = None  # health's outage marker at the last read; None: restarted
 
     def restart(self) -> None:
         """Forget every clock (this process could not reach the storage)."""
         self._seen.clear()
-        self._failures = None
+        self._marker = None
 
     def observe(
         self, trials: Sequence[optuna.trial.FrozenTrial], read_started: float, read_ended: float
@@ -77,10 +78,10 @@ class StaleTrials:
         """Take one successful read of the study (``trials``, read between the two monotonic times); returns the
         RUNNING trials that are stale by the rule above, each with the seconds its beat is known not to have
         advanced while this watcher reached the storage."""
-        failures = int(getattr(self.health, "failures", 0))
-        if self._failures is None or failures != self._failures:
+        marker = self.health.outage_marker() if self.health is not None else (0, False)
+        if self._marker is None or marker != self._marker or marker[1]:
             self._seen.clear()  # an outage (or the first read): what was seen before proves nothing
-        self._failures = failures
+        self._marker = marker
         stale = []
         running = set()
         for t in trials:

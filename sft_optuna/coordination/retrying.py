@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import logging
 import os
 import random
@@ -78,6 +79,10 @@ MAX_CALL_S = 4 * OUTAGE_S
 """The most one call retries while other calls of this process succeed (so the outage window never closes)."""
 
 
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR})
+"""I/O errors of a journal file worth retrying (an NFS server restarting); a full or read-only disk is not."""
+
+
 def _grpc_code(exc: BaseException) -> str | None:
     """The status code's name of a gRPC error (grpc is only imported where a grpc:// storage loaded it)."""
     grpc = sys.modules.get("grpc")
@@ -127,23 +132,32 @@ def _transient(exc: BaseException) -> bool:
     code = _grpc_code(exc)
     if code is not None:
         return code not in PERMANENT_GRPC_CODES
+    if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+        return True  # a journal file on a network filesystem that hiccups
     # Optuna's RDB session helper can hit an UnboundLocalError when the connection dies mid-commit
     # (seen with Optuna 5.0 on a PostgreSQL restart); it is the same outage.
     return isinstance(exc, (sqlalchemy.exc.DisconnectionError, ConnectionError, UnboundLocalError))
 
 
 def is_storage_error(exc: BaseException) -> bool:
-    """Did the storage or its transport fail (not the caller's request)? Any SQLAlchemy or driver error, any
-    gRPC error, an I/O error of a journal file — and what :func:`_transient` retries."""
-    if isinstance(exc, StorageUnavailable):
+    """Did the storage or its transport fail (not the caller's request, not a trial's own code)? Our
+    :class:`StorageUnavailable`, or a raw driver or transport error that reached the caller some other way: any
+    SQLAlchemy or Optuna storage error, any gRPC error. An OSError is a storage error only when it comes from a
+    storage call, which :class:`RetryingStorage` wraps (a trial's own FileNotFoundError is the trial's)."""
+    if isinstance(exc, StorageUnavailable) or _grpc_code(exc) is not None:
         return True
-    if _transient(exc) or _grpc_code(exc) is not None:
-        return True
-    return isinstance(exc, (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, OSError))
+    return isinstance(exc, (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError))
+
+
+OUTAGE_EVIDENCE_S = 1.0
+"""A failure streak (no successful storage call of this process) at least this long is an outage that voids a
+watcher's evidence. A shorter one — a deadlock retried, a busy SQLite — delays a live worker's beats by at most
+about this plus one retry pause (``MAX_DELAY_S``), well inside any grace period; counting it too would let
+frequent blips keep a dead worker's trial RUNNING forever."""
 
 
 class Health:
-    """This process's record of reaching its storage: when a call last succeeded, and how many have failed.
+    """This process's record of reaching its storage: when a call last succeeded, and its outages.
 
     The evidence a watcher needs before it calls another worker dead (``heartbeat.StaleTrials``): a beat that
     did not advance means nothing across an interval in which this process could not reach the storage
@@ -152,14 +166,32 @@ class Health:
     def __init__(self) -> None:
         self.failures = 0
         """Storage calls that failed (each failed attempt of a retried call counts)."""
+        self.outages = 0
+        """Failure streaks of at least :data:`OUTAGE_EVIDENCE_S` that have ended (a call succeeded again)."""
         self.last_success = time.monotonic()
         """``time.monotonic()`` of the last successful call (or of the storage's opening)."""
+        self._failing_since: float | None = None
+        self._lock = threading.Lock()
 
     def succeeded(self) -> None:
-        self.last_success = time.monotonic()
+        now = time.monotonic()
+        with self._lock:
+            if self._failing_since is not None and now - self._failing_since >= OUTAGE_EVIDENCE_S:
+                self.outages += 1
+            self._failing_since = None
+            self.last_success = now
 
     def failed(self) -> None:
-        self.failures += 1
+        with self._lock:
+            self.failures += 1
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+
+    def outage_marker(self) -> tuple[int, bool]:
+        """(outages ended so far, whether an outage is going on now): evidence spans must see it unchanged."""
+        with self._lock:
+            ongoing = self._failing_since is not None and time.monotonic() - self._failing_since >= OUTAGE_EVIDENCE_S
+            return self.outages, ongoing
 
 
 def retry(fn: Callable[[], T], what: str, max_wait: float = OUTAGE_S, health: Health | None = None) -> T:
@@ -212,6 +244,7 @@ class RetryingStorage(optuna.storages.BaseStorage):
         state = self.__dict__.copy()
         state["_local"] = None
         state["fast"] = None
+        state["health"] = None  # this process's record; a copy keeps its own
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -237,7 +270,9 @@ class RetryingStorage(optuna.storages.BaseStorage):
         try:
             return retry(fn, f"{name} on {self.label}" if self.label else name, health=self.health)
         except Exception as exc:
-            if isinstance(exc, StorageUnavailable) or not is_storage_error(exc):
+            # From a storage call, an OSError (a journal file's I/O) or a dropped connection is the storage's too.
+            ours = is_storage_error(exc) or _transient(exc) or isinstance(exc, OSError)
+            if isinstance(exc, StorageUnavailable) or not ours:
                 raise
             where = f" {self.label}" if self.label else ""
             raise StorageUnavailable(f"storage{where}: {name} failed ({error_reason(exc)[:300]})") from exc
