@@ -216,23 +216,39 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+PROXY_LOGS: dict[int, Path] = {}
+"""A proxy process's pid -> its log file."""
+
+
+def proxy_log(proc: subprocess.Popen[str]) -> str:
+    """What the proxy process ``proc`` has logged so far."""
+    path = PROXY_LOGS.get(proc.pid)
+    return path.read_text(errors="replace") if path is not None and path.exists() else ""
+
+
 def start_proxy(url: str, port: int) -> subprocess.Popen[str]:
     """``sft-optuna proxy`` in front of ``url`` (given in the environment, never on the command line), ready."""
+    import tempfile
     import time
 
+    # Its log goes to a file, not a pipe: a pipe nobody reads fills up (an outage's warnings) and blocks the
+    # proxy; a file can be read when a test fails (``proxy_log``).
+    log = tempfile.NamedTemporaryFile(prefix=f"proxy-{port}-", suffix=".log", delete=False)
     proc = subprocess.Popen(
         [PYTHON, "-m", "sft_optuna", "proxy", "--port", str(port), "--threads", "8"],
         env=worker_env(SFT_OPTUNA_STORAGE=url),
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    log.close()
+    PROXY_LOGS[proc.pid] = Path(log.name)
     import socket
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"the proxy exited: {proc.communicate()[0][-2000:]}")
+            raise AssertionError(f"the proxy exited: {proxy_log(proc)[-2000:]}")
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return proc

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import PROXIES, PYTHON, explain, restart_proxy, spawn_worker, study_dict, worker_env
+from conftest import PROXIES, PYTHON, explain, proxy_log, restart_proxy, spawn_worker, study_dict, worker_env
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
@@ -109,7 +109,7 @@ def test_killed_and_frozen_workers_lose_nothing_and_retries_resume(
         outputs.append((p.returncode, out))
     logs = {f"worker {i} (exit {code})": out for i, (code, out) in enumerate(outputs)}
     if url.startswith("grpc"):
-        logs["proxy"] = "(the proxy's log is its own process's; see the proxy fixture)"
+        logs["proxy"] = proxy_log(PROXIES[url][0])
     why = explain(url, "chaos", logs)
     crashed = [out[-2500:] for code, out in outputs if code not in (0, -signal.SIGKILL)]
     assert not crashed, why

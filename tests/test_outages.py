@@ -16,7 +16,16 @@ from typing import Any
 
 import optuna
 import pytest
-from conftest import explain, free_port, spawn_worker, start_proxy, stop_proxy, study_dict, worker_env
+from conftest import (
+    explain,
+    free_port,
+    proxy_log,
+    spawn_worker,
+    start_proxy,
+    stop_proxy,
+    study_dict,
+    worker_env,
+)
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
@@ -44,7 +53,7 @@ class Proxy:
 
     def stop(self) -> None:
         stop_proxy(self.proc)
-        self.logs.append(self.proc.communicate()[0] if self.proc.stdout else "")
+        self.logs.append(proxy_log(self.proc))
 
     def start(self) -> None:
         self.proc = start_proxy(self.db, self.port)
