@@ -192,8 +192,15 @@ def _new_database() -> str:
 
     name = f"soak_{uuid.uuid4().hex[:10]}"
     engine = _admin()
-    with engine.connect() as conn:
-        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    for attempt in range(60):  # the server may be restarting (this script's last round, or another's)
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+            break
+        except sqlalchemy.exc.OperationalError:
+            if attempt == 59:
+                raise
+            time.sleep(1)
     engine.dispose()
     return PG.rsplit("/", 1)[0] + f"/{name}"
 

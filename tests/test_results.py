@@ -201,8 +201,12 @@ def test_shipped_gpu_study_plans_without_its_data(capsys: pytest.CaptureFixture[
 
 
 def test_retrain_keeps_the_studys_training_subset_unless_told_otherwise(
-    folder_root: Path, write_study: Callable[..., Path], tmp_path: Path
+    folder_root: Path, write_study: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import numpy as np
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SFT_OPTUNA_CACHE", str(cache))  # what gets decoded, seen in the decode cache
     url = f"sqlite:///{tmp_path / 's.db'}"
     cfg = study_dict(folder_root, budget={"n_trials": 1}, train={"epochs": 1}, data={"train_subset": 120})
     assert main(["--storage", url, "run", str(write_study(cfg)), "--device", "cpu", "--checkpoint-dir", "none"]) == 0
@@ -210,3 +214,5 @@ def test_retrain_keeps_the_studys_training_subset_unless_told_otherwise(
     argv = ["--storage", url, "retrain", "t", "--seeds", "1", "--epochs", "1", "--device", "cpu", "--out", str(out)]
     assert main(argv) == 0
     assert json.loads((out / "model-card.json").read_text())["data"]["train_images"] == 120
+    decoded = [len(np.load(f)["y"]) for f in cache.glob("train-*.npz")]
+    assert decoded and max(decoded) < 200, f"retrain decoded every training image: {decoded}"

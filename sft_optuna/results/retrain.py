@@ -184,9 +184,10 @@ def retrain_best(
     train = TrainConfig(**block["train"])
     if epochs is not None:
         train = dataclasses.replace(train, epochs=epochs)
-    data = load_dataset(config.data, data_root)
-    # the study's own cap unless told otherwise: its smoke study's 4,000 images must not become 50,000
+    # the study's own cap unless told otherwise: its smoke study's 4,000 images must not become 50,000 (and an
+    # image folder decodes only those)
     train_subset = config.data.train_subset if train_subset is None else train_subset
+    data = load_dataset(config.data, data_root, train_subset)
     if train_subset is not None:
         data = subset_training(data, train_subset, config.data.seed)
     card = retrain(config, train, data, list(range(seeds)), device, out, block["trial"])

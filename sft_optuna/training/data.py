@@ -225,10 +225,17 @@ def _decode_cached(root: Path, split: str, files: list[tuple[Path, int]], size: 
     return x, y
 
 
-def load_imagefolder(root: str | Path, image_size: int = 32) -> Dataset:
-    """``root/train/<class>/*`` and ``root/test/<class>/*``, decoded once and cached as uint8."""
+def load_imagefolder(root: str | Path, image_size: int = 32, train_subset: tuple[int, int] | None = None) -> Dataset:
+    """``root/train/<class>/*`` and ``root/test/<class>/*``, decoded once and cached as uint8.
+
+    ``train_subset=(n, seed)``: only a stratified, seeded ``n`` of the training images are decoded — the same
+    ones ``stratified_split(train_y, n, seed)`` would pick from the whole decoded set."""
     root = Path(root)
     classes, train_files, test_files = _list_folders(root)
+    if train_subset is not None and 0 < train_subset[0] < len(train_files):
+        labels = torch.tensor([label for _, label in train_files], dtype=torch.int64)
+        keep, _ = stratified_split(labels, train_subset[0], train_subset[1])
+        train_files = [train_files[i] for i in keep.tolist()]
     train_x, train_y = _decode_cached(root, "train", train_files, image_size)
     test_x, test_y = _decode_cached(root, "test", test_files, image_size)
     return Dataset(
@@ -240,16 +247,17 @@ def load_imagefolder(root: str | Path, image_size: int = 32) -> Dataset:
     )
 
 
-def load_dataset(cfg: DataConfig, root: str | Path | None = None) -> Dataset:
+def load_dataset(cfg: DataConfig, root: str | Path | None = None, train_subset: int | None = None) -> Dataset:
     """The dataset a config names, test split included; ``root`` overrides ``cfg.root`` (a node's own data
-    location). Only ``retrain`` needs this; a search needs :func:`load_splits`."""
+    location). Only ``retrain`` needs this; a search needs :func:`load_splits`. ``train_subset``: an image
+    folder decodes only that many training images (stratified, seeded by ``cfg.seed``), not all of them."""
     where = _root(cfg, root)
     if cfg.dataset == "cifar10":
         data = load_cifar10(where, download=cfg.download)
         if len(torch.unique(data.train_y)) < 2:
             raise DataError(f"{where}: the training images have fewer than two classes")
         return data
-    return load_imagefolder(where, cfg.image_size)
+    return load_imagefolder(where, cfg.image_size, None if train_subset is None else (train_subset, cfg.seed))
 
 
 def dataset_size(cfg: DataConfig, root: str | Path | None = None) -> tuple[int, int] | None:
