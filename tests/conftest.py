@@ -190,22 +190,35 @@ def need_postgres() -> None:
         pytest.skip(f"no PostgreSQL at {PG_URL} (run tests/services.sh as root)")
 
 
-@pytest.fixture
-def postgres_url() -> Any:
-    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+def fresh_database(prefix: str = "sft") -> Any:
+    """A context manager: a fresh, empty PostgreSQL database (its URL), dropped afterwards."""
+    import contextlib
     import uuid
 
     import sqlalchemy
 
-    need_postgres()
-    name = f"sft_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    @contextlib.contextmanager
+    def database() -> Any:
+        need_postgres()
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
+        finally:
+            with admin.connect() as conn:
+                conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            admin.dispose()
+
+    return database()
+
+
+@pytest.fixture
+def postgres_url() -> Any:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    with fresh_database() as url:
+        yield url
 
 
 def free_port() -> int:

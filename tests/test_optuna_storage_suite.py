@@ -52,20 +52,10 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(scope="module")
 def _suite_database() -> Iterator[str]:
-    import uuid
+    from conftest import fresh_database
 
-    import sqlalchemy
-    from conftest import PG_URL, need_postgres
-
-    need_postgres()
-    name = f"sft_suite_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_database("sft_suite") as url:
+        yield url
 
 
 _counter = iter(range(10**9))
