@@ -50,6 +50,7 @@ def _worker_options(args: argparse.Namespace) -> Any:
         max_trials=args.max_trials,
         checkpoint_dir=None if args.checkpoint_dir == "none" else args.checkpoint_dir,
         threads=args.threads,
+        device_memory=getattr(args, "device_memory", None),
     )
 
 
@@ -156,7 +157,7 @@ def cmd_best(args: argparse.Namespace) -> int:
         print(json.dumps(block, indent=2))
     else:
         print(f"# best trial {block['trial']} of study {config.name!r}: validation accuracy {block['value']:.4f}")
-        print(yaml.safe_dump({"train": block["train"]}, sort_keys=False), end="")
+        print(yaml.safe_dump({"model": block["model"], "train": block["train"]}, sort_keys=False), end="")
     return 0
 
 
@@ -310,6 +311,31 @@ def _add_worker_args(p: argparse.ArgumentParser, device: bool = True) -> None:
         help=f"shared directory for per-epoch checkpoints, or 'none' (default: {DEFAULT_CHECKPOINT_DIR})",
     )
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: $OMP_NUM_THREADS)")
+    if device:
+        p.add_argument(
+            "--device-memory",
+            type=_bytes,
+            default=None,
+            help="memory of its device this worker may use, e.g. 20GB (default: all that is free); "
+            "data.placement decides against it",
+        )
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _bytes(text: str) -> int:
+    """argparse type: a size like ``20GB``, ``512MiB`` or a number of bytes."""
+    number = text.strip()
+    digits = number.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ")
+    unit = number[len(digits) :].strip().upper()
+    try:
+        value = float(digits)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 20GB, 512MiB)") from None
+    if unit not in _UNITS or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 20GB, 512MiB)")
+    return int(value * _UNITS[unit])
 
 
 class _Parser(argparse.ArgumentParser):

@@ -18,6 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from sft_optuna.errors import ConfigError
 
 __all__ = [
+    "AugmentConfig",
     "BudgetConfig",
     "DataConfig",
     "HeartbeatConfig",
@@ -30,6 +31,7 @@ __all__ = [
     "config_diff",
     "parse_config",
     "train_config_for",
+    "trial_config",
 ]
 
 
@@ -85,19 +87,72 @@ class DataConfig:
     train_subset: int | None = None
     """Cap on the training images (after the validation split), for quick runs. ``null``: all of them."""
     image_size: int = 32
-    """Side of the stored images; ``imagefolder`` images of another size are resized once, when decoded."""
+    """Side of the stored (square) images; ``imagefolder`` images are resized once, when decoded. For photos
+    fine-tuned at ``model.image_size`` px, store about ``model.image_size / 0.875`` (256 for 224): the training
+    crop has room to move and evaluation takes the centre."""
+    resize: Literal["center_crop", "squash"] = "center_crop"
+    """How an ``imagefolder`` image becomes a square of ``image_size``: ``center_crop`` scales its shorter side
+    to ``image_size`` and keeps the centre square (the aspect ratio is kept); ``squash`` scales both sides to
+    ``image_size`` (a 4:3 photo is distorted). Square images give the same pixels either way."""
+    placement: Literal["auto", "device", "host"] = "auto"
+    """Where the decoded uint8 split lives while a trial trains: ``device`` (on the GPU: no copies at all),
+    ``host`` (pinned host memory, each batch copied to the device one step ahead), or ``auto``: the device when
+    the split fits beside a training step at the study's largest batch, else the host (the worker's log says
+    which and why)."""
     seed: int = 0
     """Seed of the validation split and of the training subset."""
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    arch: str = "resnet18"
+    """Any torchvision classification model by its builder name (``resnet50``, ``efficientnet_b0``,
+    ``convnext_tiny``, ``vit_b_16``, ``swin_t``, ...); its classification head is replaced by one for the
+    dataset's classes. Searchable as ``model.arch``."""
     weights: str = "none"
-    """``imagenet`` (torchvision's ResNet18_Weights.IMAGENET1K_V1), ``none`` (random init) or a state-dict path."""
+    """``imagenet`` (the architecture's default ImageNet weights from torchvision, from
+    ``$TORCH_HOME/hub/checkpoints/`` or downloaded), ``none`` (random init) or a state-dict file."""
     stem: Literal["imagenet", "cifar"] = "imagenet"
-    """``imagenet``: torchvision's 7x7/2 conv + max-pool; ``cifar``: 3x3/1 conv, no max-pool (for 32 px)."""
+    """``imagenet``: the architecture's own stem; ``cifar`` (ResNet family only): a 3x3/1 conv and no max-pool,
+    the usual change for 32 px images."""
     image_size: int = 32
-    """Images are upsampled on the device to this side before the model (pretrained features like >32 px)."""
+    """Side of the model's input: training crops and evaluation images are resized to it on the device."""
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation, all of it batched on the training device (``training/augment.py``). Each key is
+    searchable as ``augment.<key>``; ``train.augment: true`` is these defaults, ``false`` no augmentation."""
+
+    crop: Literal["pad", "resized", "none"] = "pad"
+    """``pad``: a random crop of the stored image zero-padded by 4 px (CIFAR's), resized to
+    ``model.image_size``; ``resized``: RandomResizedCrop (a random area ``min_scale``..1 of the image, aspect
+    ratio 1/``max_ratio``..``max_ratio``) resized to ``model.image_size``, evaluation on the centre
+    ``eval_crop`` of the image (ImageNet's recipe, for photos); ``none``: the whole image."""
+    min_scale: float = 0.08
+    """``resized``: smallest crop area, as a fraction of the image (torchvision's 0.08; larger for small data)."""
+    max_ratio: float = 4 / 3
+    """``resized``: crops' aspect ratios lie between 1/max_ratio and max_ratio (log-uniform)."""
+    eval_crop: float = 0.875
+    """``resized``: evaluation takes the centre square of this fraction of the stored image side (224 of 256)."""
+    flip: bool = True
+    """Random horizontal flips."""
+    policy: Literal["none", "trivialaugment", "randaugment"] = "none"
+    """A random photometric/geometric op per image after the crop: ``trivialaugment`` (TrivialAugment Wide: one
+    op, random strength) or ``randaugment`` (``num_ops`` ops at strength ``magnitude``), as torchvision's."""
+    magnitude: int = 9
+    """``randaugment``: strength of its ops, 0..30 (torchvision's 31 bins)."""
+    num_ops: int = 2
+    """``randaugment``: ops applied to each image."""
+    mixup: float = 0.0
+    """Mixup's Beta(alpha, alpha) parameter (0: off): a batch is blended with itself reversed, labels likewise."""
+    cutmix: float = 0.0
+    """CutMix's Beta(alpha, alpha) parameter (0: off): a box of the reversed batch is pasted in. With both on,
+    each batch uses one of the two at random."""
+
+
+NO_AUGMENT = AugmentConfig(crop="none", flip=False)
+"""What ``train.augment: false`` means."""
 
 
 @dataclass(frozen=True)
@@ -126,8 +181,23 @@ class TrainConfig:
     """Linear warmup from 0 to the peak over this many epochs (may be fractional)."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
-    augment: bool = True
-    """Random crop (4-pixel zero padding) and horizontal flip on training batches."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training augmentation (:class:`AugmentConfig`); ``true`` for its defaults (a 4-pixel pad-crop and a flip),
+    ``false`` for none. Searchable as a whole (``augment``: true/false) or key by key (``augment.mixup``)."""
+    backbone_lr_scale: float = 1.0
+    """Discriminative learning rates: the new head trains at ``lr``, the pretrained backbone at
+    ``lr * backbone_lr_scale`` (0: a linear probe throughout)."""
+    freeze_epochs: int = 0
+    """LP-FT (Kumar et al., 2022): the first ``freeze_epochs`` epochs train the head only (the backbone's weights
+    and BatchNorm statistics frozen: a linear probe), then everything; must be below ``epochs``."""
+    bn: Literal["train", "frozen"] = "train"
+    """``frozen``: BatchNorm layers normalise with their (pretrained) running statistics and never update them;
+    their scale and shift still train. For architectures with BatchNorm only."""
+    ema_decay: float = 0.0
+    """An exponential moving average of the weights (0: off; 0.999-0.9999 typical), updated every step with the
+    decay warmed up as min(ema_decay, (1+s)/(10+s)); validation and checkpoints use it."""
+    head_dropout: float = 0.0
+    """Dropout before the new classification head (in addition to any dropout the architecture has)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """``auto``: bf16 autocast on CUDA, fp32 elsewhere."""
     channels_last: bool = True
@@ -180,7 +250,7 @@ class StudyConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     """Fixed training values; the search space overrides those it names."""
     search_space: dict[str, ParamSpec] = field(default_factory=dict)
-    """Parameter name (a ``train`` key) -> distribution."""
+    """Parameter name -> distribution: a ``train`` key (``lr``), ``augment.<key>`` or ``model.<key>``."""
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON-able data (what is stored with the study)."""
@@ -253,6 +323,9 @@ def _build(cls: type, raw: Any, where: str, *, extra_to: str | None = None) -> A
                 continue
             raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(fields))})")
         tp = fields[key].type
+        if tp == "AugmentConfig":
+            kwargs[key] = augment_config(value, f"{where}.{key}")
+            continue
         if not _type_ok(value, tp):
             raise ConfigError(f"{where}.{key}: expected {_describe(tp)}, got {value!r}")
         if tp in ("float", "float | None") and isinstance(value, int):
@@ -268,6 +341,17 @@ def _build(cls: type, raw: Any, where: str, *, extra_to: str | None = None) -> A
     if missing:
         raise ConfigError(f"{where}.{missing[0]}: required key is missing")
     return cls(**kwargs)
+
+
+def augment_config(value: Any, where: str) -> AugmentConfig:
+    """``train.augment`` as written: ``true`` (the defaults), ``false`` (none) or a mapping of its keys."""
+    if isinstance(value, AugmentConfig):
+        return value
+    if isinstance(value, bool):
+        return AugmentConfig() if value else NO_AUGMENT
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected true, false or a mapping of augmentation keys, got {value!r}")
+    return _build(AugmentConfig, value, where)  # type: ignore[no-any-return]
 
 
 def _check_positive(where: str, value: float | int | None, *, allow_zero: bool = False) -> None:
@@ -322,18 +406,74 @@ def _check_train(where: str, train: TrainConfig) -> None:
         raise ConfigError(f"{where}.lr_min_ratio: must be <= 1, got {train.lr_min_ratio!r}")
     if train.warmup_epochs >= train.epochs:
         raise ConfigError(f"{where}.warmup_epochs: must be below epochs ({train.warmup_epochs!r})")
+    _check_positive(f"{where}.backbone_lr_scale", train.backbone_lr_scale, allow_zero=True)
+    _check_positive(f"{where}.freeze_epochs", train.freeze_epochs, allow_zero=True)
+    if train.freeze_epochs >= train.epochs:
+        raise ConfigError(
+            f"{where}.freeze_epochs: must be below epochs ({train.freeze_epochs!r} >= {train.epochs!r}): "
+            "the head-only phase is followed by full fine-tuning"
+        )
+    for key in ("ema_decay", "head_dropout"):
+        value = getattr(train, key)
+        if not 0 <= value < 1:
+            raise ConfigError(f"{where}.{key}: must be >= 0 and < 1, got {value!r}")
+    _check_augment(f"{where}.augment", train.augment)
 
 
-def check_train(train: TrainConfig, where: str = "train") -> None:
-    """Validate a training config (also used on each trial's sampled values)."""
-    _check_train(where, train)
+def _check_augment(where: str, aug: AugmentConfig) -> None:
+    if not 0 < aug.min_scale <= 1:
+        raise ConfigError(f"{where}.min_scale: must be > 0 and <= 1, got {aug.min_scale!r}")
+    if not 1 <= aug.max_ratio < 100:
+        raise ConfigError(
+            f"{where}.max_ratio: must be >= 1 (it and its inverse bound the crops), got {aug.max_ratio!r}"
+        )
+    if not 0 < aug.eval_crop <= 1:
+        raise ConfigError(f"{where}.eval_crop: must be > 0 and <= 1, got {aug.eval_crop!r}")
+    if not 0 <= aug.magnitude <= 30:
+        raise ConfigError(f"{where}.magnitude: must be 0..30 (RandAugment's 31 bins), got {aug.magnitude!r}")
+    if not 1 <= aug.num_ops <= 10:
+        raise ConfigError(f"{where}.num_ops: must be 1..10, got {aug.num_ops!r}")
+    for key in ("mixup", "cutmix"):
+        _check_positive(f"{where}.{key}", getattr(aug, key), allow_zero=True)
+
+
+SECTIONS_SEARCHED: dict[str, type] = {"augment": AugmentConfig, "model": ModelConfig}
+"""Search-space names other than bare ``train`` keys: ``augment.<key>`` (``train.augment``) and ``model.<key>``."""
+
+
+def _with_params(config: StudyConfig, params: dict[str, Any]) -> StudyConfig:
+    """``config`` with parameter values laid over it (bare names: ``train``; ``augment.x``, ``model.x``)."""
+    train: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {"augment": {}, "model": {}}
+    for name, value in params.items():
+        section, _, key = name.rpartition(".")
+        if section:
+            nested[section][key] = value
+        elif key == "augment":
+            train[key] = augment_config(value, "augment")
+        else:
+            train[key] = value
+    augment = train.get("augment", config.train.augment)
+    if nested["augment"]:
+        train["augment"] = dataclasses.replace(augment, **nested["augment"])
+    return dataclasses.replace(
+        config,
+        train=dataclasses.replace(config.train, **train),
+        model=dataclasses.replace(config.model, **nested["model"]),
+    )
+
+
+def trial_config(config: StudyConfig, params: dict[str, Any]) -> StudyConfig:
+    """The study's config with a trial's parameters laid over it, validated (ConfigError: a combination the
+    study file's checks could not see, say ``warmup_epochs`` and ``epochs`` both searched)."""
+    out = _with_params(config, params)
+    _check_values(out, "trial params")
+    return out
 
 
 def train_config_for(config: StudyConfig, params: dict[str, Any]) -> TrainConfig:
     """The study's fixed train values with a trial's parameters laid over them, validated (ConfigError)."""
-    train = dataclasses.replace(config.train, **params)
-    check_train(train, "trial params")
-    return train
+    return trial_config(config, params).train
 
 
 def parse_config(raw: Any, source: str = "<config>") -> StudyConfig:
@@ -364,12 +504,11 @@ def parse_config(raw: Any, source: str = "<config>") -> StudyConfig:
     space_raw = raw.get("search_space") or {}
     if not isinstance(space_raw, dict):
         raise ConfigError(f"{source}: search_space: expected a mapping of parameter name -> spec")
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     space: dict[str, ParamSpec] = {}
     for pname, spec_raw in space_raw.items():
         where = f"{source}: search_space.{pname}"
-        if pname not in train_keys:
-            raise ConfigError(f"{where}: not a train key (searchable: {', '.join(sorted(train_keys))})")
+        if _field_type(pname) is None:
+            raise ConfigError(f"{where}: not a searchable key (searchable: {', '.join(_searchable())})")
         spec = _build(ParamSpec, spec_raw, where)
         _check_param(where, spec, kwargs["sampler"].name)
         space[pname] = spec
@@ -377,14 +516,32 @@ def parse_config(raw: Any, source: str = "<config>") -> StudyConfig:
     config = StudyConfig(**kwargs)
     _check_values(config, source)
     for pname, spec in space.items():
-        _check_space_values(f"{source}: search_space.{pname}", pname, spec, config.train)
+        _check_space_values(f"{source}: search_space.{pname}", pname, spec, config)
     return config
 
 
-def _check_space_values(where: str, pname: str, spec: ParamSpec, train: TrainConfig) -> None:
+def _searchable() -> list[str]:
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    for section, cls in SECTIONS_SEARCHED.items():
+        names += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return names
+
+
+def _field_type(pname: str) -> Any:
+    """The declared type of a search-space name's field; None for a name that is not searchable."""
+    section, _, key = pname.rpartition(".")
+    cls = SECTIONS_SEARCHED.get(section) if section else TrainConfig
+    fields = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else {}
+    if key not in fields:
+        return None
+    tp = fields[key].type
+    return "bool" if tp == "AugmentConfig" else tp  # ``augment`` as a whole is searched as on/off
+
+
+def _check_space_values(where: str, pname: str, spec: ParamSpec, config: StudyConfig) -> None:
     """Every value the parameter can take — each choice, both ends of a range — must pass the same checks as
-    a fixed ``train:`` value, so that ``cosin`` fails at ``create``, not as a silently misread trial."""
-    tp = TrainConfig.__dataclass_fields__[pname].type
+    a fixed value, so that ``cosin`` fails at ``create``, not as a silently misread trial."""
+    tp = _field_type(pname)
     if spec.type == "categorical":
         assert spec.choices is not None
         values = [("choices", v) for v in spec.choices]
@@ -394,27 +551,30 @@ def _check_space_values(where: str, pname: str, spec: ParamSpec, train: TrainCon
             values = [(k, int(v)) for k, v in values if v is not None]
     for key, value in values:
         if not _type_ok(value, tp):
-            raise ConfigError(f"{where}.{key}: {value!r} is not a valid train.{pname} (expected {_describe(tp)})")
+            raise ConfigError(f"{where}.{key}: {value!r} is not a valid {pname} (expected {_describe(tp)})")
         try:
-            _check_train("train", dataclasses.replace(train, **{pname: value}))
+            _check_values(_with_params(config, {pname: value}), "")
         except ConfigError as exc:
             raise ConfigError(f"{where}.{key}: value {value!r} is refused: {exc}") from None
 
 
 def _check_values(config: StudyConfig, source: str) -> None:
-    _check_positive(f"{source}: budget.n_trials", config.budget.n_trials)
-    _check_positive(f"{source}: budget.max_retries", config.budget.max_retries, allow_zero=True)
+    pre = f"{source}: " if source else ""
+    _check_positive(f"{pre}budget.n_trials", config.budget.n_trials)
+    _check_positive(f"{pre}budget.max_retries", config.budget.max_retries, allow_zero=True)
     if config.budget.epochs is not None:
-        _check_positive(f"{source}: budget.epochs", config.budget.epochs)
-    _check_positive(f"{source}: heartbeat.interval", config.heartbeat.interval)
-    _check_positive(f"{source}: heartbeat.grace_period", config.heartbeat.grace_period)
+        _check_positive(f"{pre}budget.epochs", config.budget.epochs)
+    _check_positive(f"{pre}heartbeat.interval", config.heartbeat.interval)
+    _check_positive(f"{pre}heartbeat.grace_period", config.heartbeat.grace_period)
     if config.heartbeat.grace_period < 2 * config.heartbeat.interval:
-        raise ConfigError(f"{source}: heartbeat.grace_period: must be at least 2 heartbeat intervals")
-    _check_positive(f"{source}: data.val_size", config.data.val_size)
-    _check_positive(f"{source}: data.train_subset", config.data.train_subset)
-    _check_positive(f"{source}: data.image_size", config.data.image_size)
-    _check_positive(f"{source}: model.image_size", config.model.image_size)
-    _check_train(f"{source}: train", config.train)
+        raise ConfigError(f"{pre}heartbeat.grace_period: must be at least 2 heartbeat intervals")
+    _check_positive(f"{pre}data.val_size", config.data.val_size)
+    _check_positive(f"{pre}data.train_subset", config.data.train_subset)
+    _check_positive(f"{pre}data.image_size", config.data.image_size)
+    _check_positive(f"{pre}model.image_size", config.model.image_size)
+    if not config.model.arch.strip():
+        raise ConfigError(f"{pre}model.arch: expected a torchvision model name, got {config.model.arch!r}")
+    _check_train(f"{pre}train", config.train)
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

@@ -16,12 +16,13 @@ import optuna
 import torch
 
 from sft_optuna import attrs
-from sft_optuna.config import StudyConfig, TrainConfig, train_config_for
+from sft_optuna.config import StudyConfig, TrainConfig, trial_config
 from sft_optuna.coordination.checkpoints import CheckpointStore, owner
 from sft_optuna.errors import ConfigError
 from sft_optuna.search.asha import pause_epochs
 from sft_optuna.search.audit import audit_rate, is_audited
 from sft_optuna.training.data import Splits
+from sft_optuna.training.model import check_architecture
 from sft_optuna.training.trainer import EpochResult, Trainer
 
 __all__ = ["HistoryWriter", "Interrupted", "InvalidValueError", "Objective", "Paused"]
@@ -119,11 +120,15 @@ class HistoryWriter:
             self._trial.set_user_attr(attrs.HISTORY, self._latest)
 
 
-def _train_config(config: StudyConfig, params: dict[str, Any]) -> TrainConfig:
-    """The trial's training config; a combination the study file's checks could not see (say warmup_epochs
-    and epochs both searched) fails the trial as invalid."""
+def _trial_config(config: StudyConfig, params: dict[str, Any]) -> StudyConfig:
+    """The trial's config; a combination the study file's checks could not see (say warmup_epochs and epochs
+    both searched, or ``bn: frozen`` with a searched architecture that has no BatchNorm) fails the trial as
+    invalid."""
     try:
-        return train_config_for(config, params)
+        out = trial_config(config, params)
+        if "model.arch" in params or "bn" in params or "model.stem" in params or "model.image_size" in params:
+            check_architecture(out.model, out.train)
+        return out
     except ConfigError as exc:
         raise InvalidValueError(str(exc)) from None
 
@@ -140,10 +145,13 @@ class Objective:
         should_stop: Callable[[], bool] = lambda: False,
         on_epoch: Callable[[int, EpochResult], None] | None = None,
         on_step: Callable[[int, int, int, int], None] | None = None,
+        placement: str = "device",
     ) -> None:
         self.config = config
         self.splits = splits
         self.device = device
+        self.placement = placement
+        """Where the splits live while a trial trains (``device`` or ``host``: the node decided, once)."""
         self.checkpoints = checkpoints
         self.should_stop = should_stop
         self.on_epoch = on_epoch
@@ -153,11 +161,18 @@ class Objective:
         """The study's identity (``study.identity``): checkpoints are bound to it and to the trial's parameters."""
 
     def __call__(self, trial: optuna.Trial) -> float:
-        train_cfg = _train_config(self.config, trial.params)
+        config = _trial_config(self.config, trial.params)
+        train_cfg = config.train
         lineage = attrs.lineage(trial)
-        trainer = Trainer(self.splits, self.config.model, train_cfg, self.device, seed=train_cfg.seed + lineage)
+
+        def fresh() -> Trainer:
+            seed = train_cfg.seed + lineage
+            return Trainer(self.splits, config.model, train_cfg, self.device, seed=seed, placement=self.placement)
+
+        trainer = fresh()
         self._owner = owner(self.study_identity, trial.params) if self.study_identity is not None else None
-        self._resume(trial, trainer, lineage)
+        if not self._resume(trial, trainer, lineage):
+            trainer = fresh()  # a checkpoint this version cannot restore was ignored: start from a clean slate
         if self.on_step is not None:
             report_step = self.on_step
             trainer.on_step = lambda step, total: report_step(trial.number, trainer.epoch + 1, step, total)
@@ -211,13 +226,28 @@ class Objective:
             log.info("trial %d: the pruner would stop it at epoch %d; the audit lets it run on", trial.number, epoch)
         return True
 
-    def _resume(self, trial: optuna.Trial, trainer: Trainer, lineage: int) -> None:
+    def _resume(self, trial: optuna.Trial, trainer: Trainer, lineage: int) -> bool:
+        """Restore the lineage's checkpoint into ``trainer``; False when one was found but does not fit it (then
+        ``trainer`` may be half-restored and is not to be used)."""
         store = self.checkpoints
         state = store.load(lineage, self.device, self._owner) if store is not None else None
         if state is None:
             trial.set_user_attr(attrs.RESUMED_FROM_EPOCH, 0)
-            return
-        trainer.load_state_dict(state)
+            return True
+        try:
+            trainer.load_state_dict(state)
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            # written by another version of the trainer (other parameter groups, no EMA entry, ...): ignored out
+            # loud, never half-used
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            log.warning(
+                "trial %d: checkpoint of lineage %d does not fit this trainer (%s); starting from epoch 1",
+                trial.number,
+                lineage,
+                first[:200],
+            )
+            trial.set_user_attr(attrs.RESUMED_FROM_EPOCH, 0)
+            return False
         # Recorded before the re-reports below: a worker frozen or killed between the two leaves a trial that
         # says where it resumed from (the epochs it re-reported are not counted as trained).
         trial.set_user_attr(attrs.RESUMED_FROM_EPOCH, trainer.epoch)
@@ -226,3 +256,4 @@ class Objective:
             trial.report(r.val_acc, r.epoch)
         trial.set_user_attr(attrs.HISTORY, [r.to_dict() for r in trainer.history])
         log.info("trial %d resumes lineage %d after epoch %d", trial.number, lineage, trainer.epoch)
+        return True

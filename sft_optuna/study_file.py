@@ -5,6 +5,7 @@ on a study runs through here, so that a bad file fails before anything touches a
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from sft_optuna.errors import ConfigError
 from sft_optuna.search.asha import study_rungs
 from sft_optuna.search.samplers import check_pruner, check_sampler
 
-__all__ = ["load_study_file", "parse_study"]
+__all__ = ["check_models", "load_study_file", "parse_study"]
 
 
 def parse_study(raw: Any, source: str = "<config>") -> StudyConfig:
@@ -46,4 +47,35 @@ def load_study_file(path: str | Path) -> StudyConfig:
         mark = getattr(exc, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML{line}: {getattr(exc, 'problem', exc)}") from None
-    return parse_study(raw, str(path))
+    config = parse_study(raw, str(path))
+    check_models(config, str(path))
+    return config
+
+
+def _values(config: StudyConfig, name: str, fixed: Any) -> list[Any]:
+    spec = config.search_space.get(name)
+    if spec is None:
+        return [fixed]
+    if spec.choices is not None:
+        return list(spec.choices)
+    return sorted({int(spec.low), int(spec.high)}) if spec.low is not None and spec.high is not None else [fixed]
+
+
+def check_models(config: StudyConfig, source: str) -> None:
+    """Every architecture the study may build (``model.arch`` and ``model.image_size`` as fixed or searched)
+    exists in torchvision, takes the image size, and has what its fixed knobs need (``stem: cifar``, ``bn:
+    frozen``); a combination of two searched values that does not fit fails that trial as invalid instead.
+    Imports torch and torchvision, so it runs for study files only (``create``, ``run``, ``plan``), not for
+    the commands that read a stored config."""
+    from sft_optuna.training.model import check_architecture
+
+    model, train = config.model, config.train
+    bn = train.bn if "bn" not in config.search_space else "train"
+    for arch in _values(config, "model.arch", model.arch):
+        for size in _values(config, "model.image_size", model.image_size):
+            candidate = dataclasses.replace(model, arch=str(arch), image_size=int(size))
+            try:
+                check_architecture(candidate, dataclasses.replace(train, bn=bn))
+            except ConfigError as exc:
+                searched = "search_space.model.arch: " if "model.arch" in config.search_space else ""
+                raise ConfigError(f"{source}: {searched}{exc}") from None

@@ -5,6 +5,7 @@ No central master: workers coordinate only through the storage (see ``coordinati
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -52,6 +53,7 @@ from sft_optuna.search.samplers import CachedCompletedPruner
 from sft_optuna.study import identity
 from sft_optuna.training.data import PROGRESS_EVERY_S, Splits, load_splits
 from sft_optuna.training.model import build_model
+from sft_optuna.training.placement import decide_placement, pin_splits, study_archs
 from sft_optuna.training.trainer import DivergedError, EpochResult
 
 __all__ = ["Node", "WorkerOptions", "prepare_node", "run_worker"]
@@ -80,6 +82,9 @@ class WorkerOptions:
     (default: the study's heartbeat interval)."""
     max_consecutive_failures: int = 5
     """A node that fails this many trials in a row is broken: the worker exits non-zero."""
+    device_memory: int | None = None
+    """Bytes of its device this worker may use (its share when workers share a GPU); default: all that is free.
+    ``data.placement`` decides against it."""
 
 
 class _StopFlag:
@@ -239,6 +244,8 @@ class Node:
     splits: Splits
     classes: list[str]
     checkpoints: CheckpointStore | None
+    placement: str = "device"
+    """Where the splits live while trials train (``device`` or ``host``), decided once (see ``data.placement``)."""
 
 
 def prepare_node(config: StudyConfig, options: WorkerOptions) -> Node:
@@ -253,9 +260,15 @@ def prepare_node(config: StudyConfig, options: WorkerOptions) -> Node:
     if options.checkpoint_dir:
         check_checkpoint_dir(options.checkpoint_dir)
         checkpoints = CheckpointStore(options.checkpoint_dir, config.name)
-    build_model(2, config.model)  # the weights file or cache is readable and fits ResNet-18 (on the CPU)
+    for arch in study_archs(config):  # each weights file or cache is readable and fits its architecture
+        build_model(2, dataclasses.replace(config.model, arch=arch))
     splits, classes = load_splits(config.data, options.data_root)
-    return Node(device, splits, classes, checkpoints)
+    split_bytes = sum(t.numel() * t.element_size() for t in (splits.train_x, splits.val_x))
+    placement = decide_placement(config, split_bytes, splits.num_classes, device, options.device_memory)
+    log.info("%s", placement.describe(device))
+    if placement.where == "host" and device.type == "cuda":
+        splits = pin_splits(splits)
+    return Node(device, splits, classes, checkpoints, placement.where)
 
 
 def run_worker(study: optuna.Study, config: StudyConfig, options: WorkerOptions, node: Node | None = None) -> int:
@@ -276,7 +289,9 @@ def run_worker(study: optuna.Study, config: StudyConfig, options: WorkerOptions,
         _log_epoch(number, r)
 
     checkpoints = node.checkpoints
-    objective = Objective(config, node.splits, node.device, checkpoints, stop.event.is_set, on_epoch, progress.step)
+    objective = Objective(
+        config, node.splits, node.device, checkpoints, stop.event.is_set, on_epoch, progress.step, node.placement
+    )
     objective.study_identity = identity(study, config)
     host = f"{socket.gethostname()}:{os.getpid()} {node.device}"
     poll_s = options.poll_s or config.heartbeat.interval

@@ -71,7 +71,7 @@ BAD = [
         "unsearchable name",
         "search_space.colour",
         {"type": "categorical", "choices": [1]},
-        "search_space.colour: not a train key",
+        "search_space.colour: not a searchable key",
     ),
     (
         "empty choices",

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from conftest import make_images, write_cifar10, write_imagefolder
@@ -108,9 +108,9 @@ def test_load_splits_decodes_only_the_images_the_split_uses_and_matches_make_spl
     decoded: list[int] = []
     real = data_mod._decode
 
-    def counting(files: list[tuple[Path, int]], size: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    def counting(files: list[tuple[Path, int]], size: int, resize: str, out: Path | None, desc: str) -> Any:
         decoded.append(len(files))
-        return real(files, size, desc)
+        return real(files, size, resize, out, desc)
 
     monkeypatch.setattr(data_mod, "_decode", counting)
     monkeypatch.setenv("SFT_OPTUNA_CACHE", str(tmp_path / "cache"))

@@ -52,7 +52,7 @@ def test_missing_or_foreign_weights_file_is_a_clear_error(tmp_path: Path) -> Non
     with pytest.raises(ModelError, match="not a torch state dict"):
         build_model(10, ModelConfig(weights=str(tmp_path / "junk.pt")))
     torch.save({"w": torch.zeros(3)}, tmp_path / "other.pt")
-    with pytest.raises(ModelError, match="does not fit ResNet-18"):
+    with pytest.raises(ModelError, match="does not fit resnet18"):
         build_model(10, ModelConfig(weights=str(tmp_path / "other.pt")))
 
 
@@ -99,3 +99,102 @@ def test_a_garbage_weights_file_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"model.weights: .*w.pt: not a torch state dict") as err:
         load_state_dict_file(path)
     assert "\n" not in str(err.value)
+
+
+# One small member of each family torchvision has, with the head each keeps (ResNet/RegNet `fc`,
+# MobileNet/EfficientNet/ConvNeXt/VGG `classifier[-1]`, ViT `heads.head`, Swin `head`, ...).
+FAMILIES = [
+    ("resnet18", "fc"),
+    ("regnet_x_400mf", "fc"),
+    ("mobilenet_v3_small", "classifier.3"),
+    ("efficientnet_b0", "classifier.1"),
+    ("convnext_tiny", "classifier.2"),
+    ("vgg11_bn", "classifier.6"),
+    ("vit_b_32", "heads.head"),
+    ("swin_t", "head"),
+    ("densenet121", "classifier"),
+    ("shufflenet_v2_x0_5", "fc"),
+    ("mnasnet0_5", "classifier.1"),
+    ("squeezenet1_1", "classifier.1"),
+]
+
+
+@pytest.mark.parametrize(("arch", "head"), FAMILIES, ids=[a for a, _ in FAMILIES])
+def test_each_family_builds_loads_a_saved_state_dict_and_trains_one_step(tmp_path: Path, arch: str, head: str) -> None:
+    size = 32
+    kwargs = {"image_size": size} if arch.startswith("vit_") else {}
+    source = torchvision.models.get_model(arch, weights=None, **kwargs)  # a "pretrained" backbone, 1000 classes
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    model = build_model(3, ModelConfig(arch=arch, weights=str(tmp_path / "w.pt"), image_size=size))
+    assert model.sft_head == head
+    assert model.get_submodule(head).weight.shape[0] == 3  # the new head: one output per class
+    ours, theirs = model.state_dict(), source.state_dict()
+    backbone = [k for k in theirs if not k.startswith(head + ".")]
+    assert backbone and all(torch.equal(ours[k], theirs[k]) for k in backbone), "every backbone tensor loaded"
+    before = {k: v.clone() for k, v in ours.items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, size, size)), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert not torch.equal(model.state_dict()[head + ".weight"], before[head + ".weight"]), "the step trained"
+
+
+def test_a_weights_file_of_another_architecture_is_one_line(tmp_path: Path) -> None:
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet.pt")
+    with pytest.raises(ModelError) as err:
+        build_model(10, ModelConfig(arch="mobilenet_v3_small", weights=str(tmp_path / "resnet.pt")))
+    assert "resnet.pt: does not fit mobilenet_v3_small" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_architectures_stems_knobs_and_sizes_that_do_not_apply_are_one_line() -> None:
+    from sft_optuna.config import TrainConfig
+    from sft_optuna.errors import ConfigError
+    from sft_optuna.training.model import check_architecture
+
+    cases = [
+        (
+            ModelConfig(arch="resnet81"),
+            TrainConfig(),
+            "model.arch: unknown architecture 'resnet81' (did you mean resnet18",
+        ),
+        (ModelConfig(arch="vit_b_16", stem="cifar", image_size=224), TrainConfig(), "model.stem: cifar applies to"),
+        (ModelConfig(arch="swin_t", image_size=64), TrainConfig(bn="frozen"), "train.bn: frozen: swin_t has no Batch"),
+        (ModelConfig(arch="maxvit_t", image_size=64), TrainConfig(), "model.image_size: maxvit_t does not take 64 px"),
+    ]
+    for model_cfg, train_cfg, message in cases:
+        with pytest.raises(ConfigError) as err:
+            check_architecture(model_cfg, train_cfg)
+        assert message in str(err.value) and "\n" not in str(err.value)
+    check_architecture(ModelConfig(arch="efficientnet_b0", image_size=64), TrainConfig(bn="frozen"))  # applies
+
+
+def test_imagenet_weights_of_any_architecture_name_the_file_expected_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    weights = torchvision.models.get_model_weights("mobilenet_v3_small").DEFAULT
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("no network")
+
+    monkeypatch.setattr(weights, "get_state_dict", offline)
+    with pytest.raises(ModelError) as info:
+        build_model(10, ModelConfig(arch="mobilenet_v3_small", weights="imagenet"))
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / Path(weights.url).name
+    assert str(expected) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_head_dropout_acts_in_training_only_and_keeps_the_plain_state_dict() -> None:
+    torch.manual_seed(0)
+    plain = build_model(4, ModelConfig(arch="resnet18"))
+    torch.manual_seed(0)
+    dropped = build_model(4, ModelConfig(arch="resnet18"), head_dropout=0.5)
+    assert plain.state_dict().keys() == dropped.state_dict().keys()  # exported models load into the plain arch
+    x = torch.randn(2, 3, 32, 32)
+    plain.eval()
+    dropped.eval()
+    assert torch.allclose(plain(x), dropped(x)), "no dropout at evaluation"
+    dropped.train()
+    assert not torch.equal(dropped(x), dropped(x)), "dropout draws differ from call to call in training"

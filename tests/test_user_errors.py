@@ -199,9 +199,11 @@ def test_look_up_commands_import_no_torch(tmp_path: Path) -> None:
     study = tmp_path / "s.yaml"
     study.write_text(yaml.safe_dump(study_dict(tmp_path)))
     url = f"sqlite:///{tmp_path}/s.db"
+    # create checks the study's architectures with torchvision: it runs in a process of its own
+    create = f"from sft_optuna.cli import main\nmain(['--storage', {url!r}, 'create', {str(study)!r}])\n"
+    subprocess.run([sys.executable, "-c", create], capture_output=True, text=True, check=True)
     script = (
         "import sys\nfrom sft_optuna.cli import main\n"
-        f"main(['--storage', {url!r}, 'create', {str(study)!r}])\n"
         f"for cmd in (['status', 't'], ['best', 't'], ['studies']):\n"
         f"    main(['--storage', {url!r}, *cmd])\n"
         "print('torch imported:', 'torch' in sys.modules)\n"

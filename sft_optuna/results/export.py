@@ -18,22 +18,33 @@ import yaml
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
-from sft_optuna.config import StudyConfig, train_config_for
+from sft_optuna.config import StudyConfig, trial_config
 from sft_optuna.errors import UserError
 
-__all__ = ["FIGURES", "best_train_block", "check_output_dir", "export_study", "output_dir", "trial_rows"]
+__all__ = ["FIGURES", "best_train_block", "best_trial", "check_output_dir", "export_study", "output_dir", "trial_rows"]
 
 log = logging.getLogger(__name__)
 
 
 def best_train_block(study: optuna.Study, config: StudyConfig) -> dict[str, Any]:
-    """The study's fixed train values with the best trial's parameters laid over them."""
+    """The study's fixed ``model`` and ``train`` values with the best trial's parameters laid over them (what a
+    study file needs to train the recipe again)."""
+    best = best_trial(study, config)
+    recipe = trial_config(config, best.params)
+    return {
+        "model": dataclasses.asdict(recipe.model),
+        "train": dataclasses.asdict(recipe.train),
+        "trial": best.number,
+        "value": best.value,
+    }
+
+
+def best_trial(study: optuna.Study, config: StudyConfig) -> optuna.trial.FrozenTrial:
+    """The study's best trial; a one-line error when none has completed."""
     try:
-        best = study.best_trial
+        return study.best_trial
     except ValueError:
         raise UserError(f"study {config.name!r} has no completed trial yet") from None
-    train = train_config_for(config, best.params)
-    return {"train": dataclasses.asdict(train), "trial": best.number, "value": best.value}
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
@@ -133,7 +144,8 @@ def export_study(study: optuna.Study, config: StudyConfig, out: Path, progress: 
         return written  # no best recipe, and every figure would be empty
     block = best_train_block(study, config)
     text = f"# best trial {block['trial']} of study {config.name!r}: validation accuracy {block['value']:.4f}\n"
-    (out / "best.yaml").write_text(text + yaml.safe_dump({"train": block["train"]}, sort_keys=False))
+    recipe = {"model": block["model"], "train": block["train"]}
+    (out / "best.yaml").write_text(text + yaml.safe_dump(recipe, sort_keys=False))
     written.append(out / "best.yaml")
     items = list(FIGURES.items())
     for stem, fn in tqdm(items, desc="figures", disable=not progress or len(rows) < 50, leave=False):

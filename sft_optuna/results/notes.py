@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any
@@ -10,7 +11,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from sft_optuna import attrs
-from sft_optuna.config import StudyConfig, train_config_for
+from sft_optuna.config import StudyConfig, trial_config
 from sft_optuna.errors import ConfigError
 from sft_optuna.results.status import progress
 
@@ -57,10 +58,11 @@ def trial_note(trial: FrozenTrial, config: StudyConfig) -> str:
             f"peak memory {max(h['peak_memory_mb'] for h in history):.0f} MiB"
         )
     try:
-        train = train_config_for(config, trial.params).__dict__
+        recipe = trial_config(config, trial.params)
+        shown: dict[str, Any] = {"model": dataclasses.asdict(recipe.model), "train": dataclasses.asdict(recipe.train)}
     except ConfigError:
-        train = dict(trial.params)
-    lines += ["", "```json", json.dumps(train, indent=2), "```"]
+        shown = dict(trial.params)
+    lines += ["", "```json", json.dumps(shown, indent=2), "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -20,11 +20,12 @@ import optuna
 import torch
 
 from sft_optuna import attrs
-from sft_optuna.config import StudyConfig, TrainConfig
-from sft_optuna.results.export import best_train_block
+from sft_optuna.config import StudyConfig, TrainConfig, augment_config, trial_config
+from sft_optuna.results.export import best_trial
 from sft_optuna.training.augment import BatchPipeline
 from sft_optuna.training.data import Dataset, Splits, load_dataset
 from sft_optuna.training.model import build_model
+from sft_optuna.training.placement import decide_placement
 from sft_optuna.training.trainer import Trainer, predict
 
 __all__ = ["evaluate_model_file", "retrain", "retrain_best", "subset_training"]
@@ -43,9 +44,11 @@ def _versions() -> dict[str, str]:
 
 
 def _test_pipeline(
-    data: Dataset, mean: torch.Tensor, std: torch.Tensor, image_size: int, device: torch.device
+    data: Dataset, mean: torch.Tensor, std: torch.Tensor, config: StudyConfig, device: torch.device, placement: str
 ) -> BatchPipeline:
-    return BatchPipeline(data.test_x, data.test_y, mean, std, device, image_size)
+    """The test images as validation sees its own (the same evaluation crop)."""
+    size, aug = config.model.image_size, config.train.augment
+    return BatchPipeline(data.test_x, data.test_y, mean, std, device, size, True, aug, placement)
 
 
 def subset_training(data: Dataset, n: int, seed: int) -> Dataset:
@@ -63,28 +66,34 @@ def subset_training(data: Dataset, n: int, seed: int) -> Dataset:
 
 def retrain(
     config: StudyConfig,
-    train: TrainConfig,
     data: Dataset,
     seeds: list[int],
     device: torch.device,
     out: Path,
     trial_number: int | None = None,
+    device_memory: int | None = None,
 ) -> dict[str, Any]:
-    """Train ``train`` on all training images once per seed, evaluate on the test split, write the results.
+    """Train ``config``'s recipe (its ``model`` and ``train``: a trial's, see ``trial_config``) on all training
+    images once per seed, evaluate on the test split, write the results.
 
-    Writes ``model-seed<N>.pt`` (state dicts), ``model.pt`` (the first seed's), ``model-card.json`` and
-    ``summary.md`` under ``out``; returns the model card.
+    Writes ``model-seed<N>.pt`` (state dicts: the EMA's weights where the recipe keeps one), ``model.pt`` (the
+    first seed's), ``model-card.json`` and ``summary.md`` under ``out``; returns the model card.
     """
+    train = config.train
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     # No validation split: every training image trains. The test split is evaluated once per seed, after.
     empty = data.train_x[:0]
     splits = Splits(data.train_x, data.train_y, empty, data.train_y[:0], len(data.classes))
+    split_bytes = sum(t.numel() * t.element_size() for t in (data.train_x, data.test_x))
+    placement = decide_placement(config, split_bytes, len(data.classes), device, device_memory)
+    log.info("%s", placement.describe(device))
     accs: list[float] = []
     per_seed: list[dict[str, Any]] = []
     mean = std = torch.zeros(3)
     for seed in seeds:
-        trainer = Trainer(splits, config.model, dataclasses.replace(train, seed=seed), device, seed=seed)
+        recipe = dataclasses.replace(train, seed=seed)
+        trainer = Trainer(splits, config.model, recipe, device, seed=seed, placement=placement.where)
         for _ in range(train.epochs):
             r = trainer.run_epoch()
             log.info(
@@ -96,10 +105,10 @@ def retrain(
                 r.images_per_s,
             )
         mean, std = trainer.mean, trainer.std
-        test = _test_pipeline(data, mean, std, config.model.image_size, device)
+        test = _test_pipeline(data, mean, std, config, device, placement.where)
         acc = trainer.evaluate(test)
         log.info("retrain seed %d: test accuracy %.4f", seed, acc)
-        torch.save(trainer.model.state_dict(), out / f"model-seed{seed}.pt")
+        torch.save(trainer.final_model.state_dict(), out / f"model-seed{seed}.pt")
         accs.append(acc)
         per_seed.append(
             {
@@ -161,7 +170,13 @@ def evaluate_model_file(card_path: Path, data: Dataset, device: torch.device, se
     model.load_state_dict(torch.load(card_path.parent / card["seeds"][seed_index]["model"], weights_only=True))
     model = model.to(device).to(memory_format=torch.channels_last)
     norm = card["normalization"]
-    test = _test_pipeline(data, torch.tensor(norm["mean"]), torch.tensor(norm["std"]), model_cfg.image_size, device)
+    recipe = StudyConfig(
+        name=card["study"],
+        model=model_cfg,
+        train=dataclasses.replace(TrainConfig(), augment=augment_config(card["train"]["augment"], "augment")),
+    )
+    mean, std = torch.tensor(norm["mean"]), torch.tensor(norm["std"])
+    test = _test_pipeline(data, mean, std, recipe, device, "device")
     preds = predict(model, test, card["train"]["eval_batch_size"], card["train"]["precision"])
     return float((preds == test.y).float().mean())
 
@@ -180,20 +195,20 @@ def retrain_best(
     data (capped at ``train_subset`` training images, by default the study's ``data.train_subset``), over
     ``seeds`` seeds; the result is written to ``out`` and recorded on the study (``status`` shows it). Returns
     the model card."""
-    block = best_train_block(study, config)
-    train = TrainConfig(**block["train"])
+    best = best_trial(study, config)
+    recipe = trial_config(config, best.params)
     if epochs is not None:
-        train = dataclasses.replace(train, epochs=epochs)
+        recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, epochs=epochs))
     # the study's own cap unless told otherwise: its smoke study's 4,000 images must not become 50,000 (and an
     # image folder decodes only those)
     train_subset = config.data.train_subset if train_subset is None else train_subset
     data = load_dataset(config.data, data_root, train_subset)
     if train_subset is not None:
         data = subset_training(data, train_subset, config.data.seed)
-    card = retrain(config, train, data, list(range(seeds)), device, out, block["trial"])
+    card = retrain(recipe, data, list(range(seeds)), device, out, best.number)
     study.set_user_attr(
         attrs.RETRAIN,
         {k: card[k] for k in ("test_acc", "test_acc_mean", "test_acc_std", "trial")}
-        | {"epochs": train.epochs, "out": str(out)},
+        | {"epochs": recipe.train.epochs, "out": str(out)},
     )
     return card

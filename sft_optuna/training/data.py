@@ -11,9 +11,7 @@ import hashlib
 import logging
 import os
 import pickle
-import sys
 import tarfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +20,11 @@ import torch
 
 from sft_optuna.config import DataConfig
 from sft_optuna.errors import DataError
+from sft_optuna.training.decode import PROGRESS_EVERY_S, Decoded, decode_images
 
 __all__ = [
     "CIFAR10_CLASSES",
+    "PROGRESS_EVERY_S",
     "Dataset",
     "Splits",
     "dataset_size",
@@ -151,38 +151,17 @@ def _list_images(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, files
 
 
-PROGRESS_EVERY_S = 30.0
-"""How often a long decode or epoch says how far it got in a log file (no progress bar there)."""
+def _decode(files: list[tuple[Path, int]], size: int, resize: str, out: Path | None, desc: str) -> Decoded:
+    """Decode ``files`` (see :func:`decode.decode_images`); one name for tests to watch."""
+    return decode_images(files, size, resize, out, desc)
 
 
-def _decode(files: list[tuple[Path, int]], size: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image
-    from tqdm import tqdm
-
-    x = np.empty((len(files), size, size, 3), dtype=np.uint8)
-    y = np.empty(len(files), dtype=np.int64)
-    # A bar at a terminal; in a log file (stderr not a terminal) plain lines every ~30 s, no carriage returns.
-    tty = sys.stderr.isatty()
-    bar = tqdm(files, desc=desc, unit="img", mininterval=1.0, leave=False, disable=not tty)
-    last = time.monotonic()
-    for i, (path, label) in enumerate(bar):
-        if not tty and time.monotonic() - last >= PROGRESS_EVERY_S:
-            log.info("%s: %d/%d images decoded", desc, i, len(files))
-            last = time.monotonic()
-        try:
-            with Image.open(path) as img:
-                rgb = img.convert("RGB")
-                if rgb.size != (size, size):
-                    rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-                x[i] = np.asarray(rgb)
-        except OSError as exc:
-            raise DataError(f"{path}: cannot decode image ({exc})") from None
-        y[i] = label
-    return x.transpose(0, 3, 1, 2).copy(), y
+CACHE_VERSION = 2
+"""Bumped whenever the cached pixels of the same files would differ (v2: the aspect ratio kept, NHWC .npy)."""
 
 
-def _cache_key(files: list[tuple[Path, int]], size: int) -> str:
-    h = hashlib.sha256(str(size).encode())
+def _cache_key(files: list[tuple[Path, int]], size: int, resize: str) -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{size}|{resize}".encode())
     for path, label in files:
         st = path.stat()
         h.update(f"{path.name}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -205,28 +184,75 @@ def _list_folders(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[t
     return classes, train_files, test_files
 
 
-def _decode_cached(root: Path, split: str, files: list[tuple[Path, int]], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decode ``files`` once; later calls with the same files (names, sizes, mtimes) read the cache."""
+def _decode_cached(
+    root: Path, split: str, files: list[tuple[Path, int]], size: int, resize: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``files`` decoded once into ``N x size x size x 3`` uint8 (a read-only memory map of the cache), their
+    labels and which decoded; later calls with the same files (names, sizes, mtimes) and settings read the
+    cache. Workers of one node that start together decode once: the first holds the cache's lock, the rest
+    wait for it and read what it wrote."""
+    from filelock import FileLock
+
     split_dir = root / split
     cache_dir = Path(os.environ.get("SFT_OPTUNA_CACHE", root / ".sft-optuna-cache"))
-    cache = cache_dir / f"{split}-{_cache_key(files, size)}.npz"
-    if cache.is_file():
-        with np.load(cache) as npz:
-            return npz["x"], npz["y"]
-    x, y = _decode(files, size, f"decoding {split_dir}")
+    base = cache_dir / f"{split}-{_cache_key(files, size, resize)}"
+    pixels, meta = base.with_name(base.name + ".npy"), base.with_name(base.name + ".labels.npz")
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         (cache_dir / ".gitignore").write_text("*\n")  # a derived cache: never shows up in a user's git status
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, x=x, y=y)
-        tmp.replace(cache)  # atomic: concurrent workers never read a half-written cache
+        lock = FileLock(str(base) + ".lock")
+        lock.acquire()
     except OSError as exc:
-        log.warning("cannot cache decoded images in %s (%s); decoding again next time", cache_dir, exc)
-    return x, y
+        log.warning("cannot cache decoded images in %s (%s); decoding into memory, again next time", cache_dir, exc)
+        decoded = _decode(files, size, resize, None, f"decoding {split_dir}")
+        _report(decoded, split_dir, size)
+        return decoded.x, decoded.y, decoded.ok
+    try:
+        if not (pixels.is_file() and meta.is_file()):
+            tmp = base.with_name(f"{base.name}.{os.getpid()}.tmp.npy")
+            decoded = _decode(files, size, resize, tmp, f"decoding {split_dir}")
+            _report(decoded, split_dir, size)
+            tmp_meta = base.with_name(f"{base.name}.{os.getpid()}.tmp.npz")
+            np.savez(tmp_meta, y=decoded.y, ok=decoded.ok)
+            tmp_meta.replace(meta)
+            tmp.replace(pixels)  # last: a cache with pixels is whole
+    finally:
+        lock.release()
+    with np.load(meta) as labels:
+        y, ok = labels["y"], labels["ok"]
+    if not ok.all():
+        log.warning("%s: %d image(s) that cannot be decoded are skipped", split_dir, int((~ok).sum()))
+    return np.load(pixels, mmap_mode="r"), y, ok
 
 
-def load_imagefolder(root: str | Path, image_size: int = 32, train_subset: tuple[int, int] | None = None) -> Dataset:
-    """``root/train/<class>/*`` and ``root/test/<class>/*``, decoded once and cached as uint8.
+def _report(decoded: Decoded, split_dir: Path, size: int) -> None:
+    """What a person should hear about a freshly decoded folder: skipped images, and a folder too small."""
+    bad = int((~decoded.ok).sum())
+    if bad:
+        log.warning(
+            "%s: skipped %d image(s) that cannot be decoded (first: %s)", split_dir, bad, "; ".join(decoded.failures)
+        )
+    if decoded.ok.any() and decoded.smallest_side < size:
+        log.warning(
+            "%s: every image is smaller than data.image_size %d (the largest shorter side is %d px): all are "
+            "upsampled; a smaller data.image_size trains faster on the same pixels",
+            split_dir,
+            size,
+            decoded.smallest_side,
+        )
+
+
+def _nchw(x: np.ndarray) -> torch.Tensor:
+    """Stored NHWC images (in memory) -> the N x C x H x W tensor the rest of the code sees: a view, no copy
+    (the pipeline turns it back into NHWC for free)."""
+    return torch.from_numpy(x).permute(0, 3, 1, 2)
+
+
+def load_imagefolder(
+    root: str | Path, image_size: int = 32, train_subset: tuple[int, int] | None = None, resize: str = "center_crop"
+) -> Dataset:
+    """``root/train/<class>/*`` and ``root/test/<class>/*``, decoded once and cached as uint8; images that
+    cannot be decoded are left out.
 
     ``train_subset=(n, seed)``: only a stratified, seeded ``n`` of the training images are decoded — the same
     ones ``stratified_split(train_y, n, seed)`` would pick from the whole decoded set."""
@@ -236,15 +262,11 @@ def load_imagefolder(root: str | Path, image_size: int = 32, train_subset: tuple
         labels = torch.tensor([label for _, label in train_files], dtype=torch.int64)
         keep, _ = stratified_split(labels, train_subset[0], train_subset[1])
         train_files = [train_files[i] for i in keep.tolist()]
-    train_x, train_y = _decode_cached(root, "train", train_files, image_size)
-    test_x, test_y = _decode_cached(root, "test", test_files, image_size)
-    return Dataset(
-        train_x=torch.from_numpy(train_x),
-        train_y=torch.from_numpy(train_y),
-        test_x=torch.from_numpy(test_x),
-        test_y=torch.from_numpy(test_y),
-        classes=tuple(classes),
-    )
+    out = []
+    for split, files in (("train", train_files), ("test", test_files)):
+        x, y, ok = _decode_cached(root, split, files, image_size, resize)
+        out += [_nchw(x[ok]), torch.from_numpy(y[ok])]  # a boolean mask reads the memory map into memory
+    return Dataset(train_x=out[0], train_y=out[1], test_x=out[2], test_y=out[3], classes=tuple(classes))
 
 
 def load_dataset(cfg: DataConfig, root: str | Path | None = None, train_subset: int | None = None) -> Dataset:
@@ -257,7 +279,8 @@ def load_dataset(cfg: DataConfig, root: str | Path | None = None, train_subset: 
         if len(torch.unique(data.train_y)) < 2:
             raise DataError(f"{where}: the training images have fewer than two classes")
         return data
-    return load_imagefolder(where, cfg.image_size, None if train_subset is None else (train_subset, cfg.seed))
+    subset = None if train_subset is None else (train_subset, cfg.seed)
+    return load_imagefolder(where, cfg.image_size, subset, cfg.resize)
 
 
 def dataset_size(cfg: DataConfig, root: str | Path | None = None) -> tuple[int, int] | None:
@@ -292,10 +315,15 @@ def load_splits(cfg: DataConfig, root: str | Path | None = None) -> tuple[Splits
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     val_idx, train_idx = split_indices(labels, cfg)
     need = torch.cat([val_idx, train_idx]).sort().values
-    x, y = _decode_cached(where, "train", [files[i] for i in need.tolist()], cfg.image_size)
-    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
-    val_at, train_at = torch.searchsorted(need, val_idx), torch.searchsorted(need, train_idx)
-    splits = Splits(xs[train_at], ys[train_at], xs[val_at], ys[val_at], num_classes=len(classes))
+    x, y, ok = _decode_cached(where, "train", [files[i] for i in need.tolist()], cfg.image_size, cfg.resize)
+    parts = []
+    for idx in (train_idx, val_idx):
+        rows = torch.searchsorted(need, idx).numpy()
+        rows = rows[ok[rows]]  # an image that cannot be decoded is left out of its split
+        parts += [_nchw(x[rows]), torch.from_numpy(y[rows])]  # reads just these rows of the memory map
+    splits = Splits(parts[0], parts[1], parts[2], parts[3], num_classes=len(classes))
+    if len(splits.train_y) == 0 or len(splits.val_y) == 0:
+        raise DataError(f"{where / 'train'}: no image of the training or validation split could be decoded")
     return splits, classes
 
 

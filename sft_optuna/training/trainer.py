@@ -7,6 +7,7 @@ checkpoint between epochs; :meth:`Trainer.state_dict` holds everything needed to
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import resource
 import sys
@@ -20,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sft_optuna.config import ModelConfig, TrainConfig
-from sft_optuna.training.augment import BatchPipeline, channel_stats
+from sft_optuna.training.augment import BatchPipeline, Mixer, channel_stats
 from sft_optuna.training.data import Splits
-from sft_optuna.training.model import build_model
+from sft_optuna.training.model import build_model, head_parameters
 
-__all__ = ["DivergedError", "EpochResult", "Trainer", "lr_factor", "predict"]
+__all__ = ["DivergedError", "EpochResult", "Trainer", "WeightEMA", "lr_factor", "predict"]
 
 
 class DivergedError(RuntimeError):
@@ -68,18 +69,68 @@ def lr_factor(cfg: TrainConfig, t: float) -> float:
     return lo + 0.5 * (1.0 - lo) * (1.0 + math.cos(math.pi * min(t_after / span, 1.0)))
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # Decay on weights of convs/linears only: decaying BN scales and biases only hurts (common practice).
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The new head at ``lr``, the backbone at ``lr * backbone_lr_scale`` (head first: its rate is the one
+    reported); weight decay on the weights of convs/linears only (decaying BN scales and biases only hurts)."""
+    head = {id(p) for p in head_parameters(model)}
+    groups = []
+    for in_head, scale in ((True, 1.0), (False, cfg.backbone_lr_scale)):
+        params = [p for p in model.parameters() if (id(p) in head) == in_head]
+        for decay in (True, False):
+            chosen = [p for p in params if (p.ndim > 1) == decay]
+            if chosen:
+                wd = cfg.weight_decay if decay else 0.0
+                groups.append({"params": chosen, "weight_decay": wd, "lr": cfg.lr * scale})
+    return groups
 
 
 def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = _param_groups(model, cfg.weight_decay)
+    groups = _param_groups(model, cfg)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+class WeightEMA:
+    """An exponential moving average of a model's weights and buffers, updated after every optimizer step:
+    ``ema = d * ema + (1 - d) * weights`` with ``d = min(decay, (1 + s) / (10 + s))`` at update ``s`` — the
+    warmed-up decay of TensorFlow's and timm's EMA, so that a short fine-tune is not dominated by the random
+    head it started from. Integer buffers (BatchNorm's batch count) are copied.
+
+    >>> net = nn.Linear(1, 1, bias=False)
+    >>> _ = net.weight.data.fill_(0.0)
+    >>> ema = WeightEMA(net, decay=0.5)
+    >>> _ = net.weight.data.fill_(1.0)
+    >>> ema.update(net)  # s = 1: d = min(0.5, 2 / 11)
+    >>> round(float(ema.model.weight), 4)
+    0.8182
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.updates = 0
+        self._pairs = list(zip(self.model.state_dict().values(), model.state_dict().values(), strict=True))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Move the average towards ``model``'s current weights (the one it was made from)."""
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        floats = [(e, m) for e, m in self._pairs if e.is_floating_point()]
+        torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1.0 - d)
+        for e, m in self._pairs:
+            if not e.is_floating_point():
+                e.copy_(m)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The averaged weights and the update count."""
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`."""
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -113,7 +164,10 @@ def predict(model: nn.Module, data: BatchPipeline, batch_size: int, precision: s
 
 
 class Trainer:
-    """Trains a fresh ResNet-18 on ``splits`` with ``train_cfg``, one epoch per :meth:`run_epoch`."""
+    """Fine-tunes a fresh ``model_cfg.arch`` on ``splits`` with ``train_cfg``, one epoch per :meth:`run_epoch`.
+
+    ``placement``: where the uint8 splits live while training (``device`` or ``host``; see
+    :class:`BatchPipeline`)."""
 
     def __init__(
         self,
@@ -122,6 +176,7 @@ class Trainer:
         train_cfg: TrainConfig,
         device: torch.device,
         seed: int | None = None,
+        placement: str = "device",
     ) -> None:
         self.cfg = train_cfg
         self.device = device
@@ -130,19 +185,21 @@ class Trainer:
         torch.manual_seed(seed)  # model init
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-        model = build_model(splits.num_classes, model_cfg).to(device)
+        model = build_model(splits.num_classes, model_cfg, train_cfg.head_dropout).to(device)
         if train_cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
+        self.head = model.get_submodule(model.sft_head)  # type: ignore[arg-type]
+        head_ids = {id(p) for p in self.head.parameters()}
+        self.backbone_params = [p for p in model.parameters() if id(p) not in head_ids]
         self.step_model: Callable[..., torch.Tensor] = torch.compile(model) if train_cfg.compile else model
         mean, std = channel_stats(splits.train_x)
         self.mean, self.std = mean, std
-        self.train_data = BatchPipeline(
-            splits.train_x, splits.train_y, mean, std, device, model_cfg.image_size, train_cfg.channels_last
-        )
-        self.val_data = BatchPipeline(
-            splits.val_x, splits.val_y, mean, std, device, model_cfg.image_size, train_cfg.channels_last
-        )
+        size, last, aug = model_cfg.image_size, train_cfg.channels_last, train_cfg.augment
+        self.train_data = BatchPipeline(splits.train_x, splits.train_y, mean, std, device, size, last, aug, placement)
+        self.val_data = BatchPipeline(splits.val_x, splits.val_y, mean, std, device, size, last, aug, placement)
+        self.ema = WeightEMA(model, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
+        self.mixer = Mixer(aug.mixup, aug.cutmix, seed)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.optimizer = _make_optimizer(model, train_cfg)
         self.steps_per_epoch = max(self.train_data.steps(train_cfg.batch_size, drop_last=True), 1)
@@ -159,7 +216,7 @@ class Trainer:
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.train_data.batches(
-            self.cfg.batch_size, shuffle=True, augment=self.cfg.augment, generator=self.generator, drop_last=True
+            self.cfg.batch_size, shuffle=True, augment=True, generator=self.generator, drop_last=True
         )
 
     def train_steps(self, max_steps: int | None = None) -> tuple[float, float, int, float, float]:
@@ -169,7 +226,7 @@ class Trainer:
         """
         model, cfg, device = self.model, self.cfg, self.device
         self._weights_version += 1
-        model.train()
+        self._train_mode()
         _sync(device)
         start = time.perf_counter()
         compile_seconds = 0.0
@@ -180,13 +237,20 @@ class Trainer:
         for step, (xb, yb) in enumerate(self._batches()):
             if max_steps is not None and step >= max_steps:
                 break
+            y_a, y_b, lam = yb, yb, 1.0
+            if self.mixer.active:
+                xb, y_a, y_b, lam = self.mixer(xb, yb)
             with _autocast(device, cfg.precision):
                 logits = self.step_model(xb)
-                loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+                loss = F.cross_entropy(logits, y_a, label_smoothing=cfg.label_smoothing)
+                if lam < 1.0:
+                    loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits, y_b, label_smoothing=cfg.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(model)
             loss_sum += loss.detach() * len(yb)
             correct += (logits.argmax(1) == yb).sum()
             seen += len(yb)
@@ -199,6 +263,28 @@ class Trainer:
         mean_loss = float(loss_sum) / max(seen, 1)  # the one host sync of the pass
         seconds = time.perf_counter() - start - compile_seconds
         return mean_loss, int(correct) / max(seen, 1), seen, seconds, compile_seconds
+
+    def _train_mode(self) -> None:
+        """Training mode for this epoch: during ``freeze_epochs`` only the head trains (the backbone's weights
+        take no gradient and its BatchNorm statistics stay: a linear probe); with ``bn: frozen`` every BatchNorm
+        layer normalises with its running statistics and leaves them as they are."""
+        probing = self.epoch < self.cfg.freeze_epochs
+        for p in self.backbone_params:
+            p.requires_grad_(not probing)
+        if probing:
+            self.model.eval()
+            self.head.train()
+            return
+        self.model.train()
+        if self.cfg.bn == "frozen":
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    @property
+    def final_model(self) -> nn.Module:
+        """The weights validation measures and a retrain keeps: the EMA's with ``ema_decay``, else the model's."""
+        return self.ema.model if self.ema is not None else self.model
 
     def run_epoch(self) -> EpochResult:
         """Train one epoch, evaluate on the validation split; raises :class:`DivergedError` on NaN/inf loss."""
@@ -244,7 +330,8 @@ class Trainer:
         cached = self._predictions
         if cached is not None and cached[0] is data and cached[1] == self._weights_version:
             return cached[2]
-        preds = predict(self.step_model, data, self.cfg.eval_batch_size, self.cfg.precision)  # type: ignore[arg-type]
+        model = self.ema.model if self.ema is not None else self.step_model
+        preds = predict(model, data, self.cfg.eval_batch_size, self.cfg.precision)  # type: ignore[arg-type]
         self._predictions = (data, self._weights_version, preds)
         return preds
 
@@ -257,6 +344,11 @@ class Trainer:
             "generator": self.generator.get_state(),
             "epoch": self.epoch,
             "history": [r.to_dict() for r in self.history],
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "mixer": self.mixer.state_dict(),
+            # dropout and stochastic depth draw from torch's global generators (seeded per trial in __init__)
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -266,5 +358,13 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"].cpu())
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        if "mixer" in state:
+            self.mixer.load_state_dict(state["mixer"])
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"].cpu())
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self.epoch = int(state["epoch"])
         self.history = [EpochResult(**r) for r in state["history"]]
