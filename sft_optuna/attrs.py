@@ -41,6 +41,8 @@ HOST = "host"
 SLOT = "slot"
 """Trial: which of the study's budget slots (0 .. n_trials-1) it fills; a retry keeps its trial's slot. The
 budget is queued as WAITING trials, and Optuna hands each queued trial to exactly one worker."""
+WARM_START = "warm_start_from"
+"""Trial: ``STUDY#N``, the trial of another study whose configuration it runs (``create --warm-start``)."""
 RUNG = "rung"
 """Trial (ASHA): the rung (0, 1, ...) it paused at; its checkpoint is kept for a promotion."""
 PROMOTED_FROM = "promoted_from"

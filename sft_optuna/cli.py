@@ -57,8 +57,11 @@ def _worker_options(args: argparse.Namespace) -> Any:
 def cmd_create(args: argparse.Namespace) -> int:
     config = load_study_file(args.study_file)
     storage = _open(args)
-    _, created = create_study(config, storage, args.study_file)
-    print(f"{'created' if created else 'exists (same config)'}: study {config.name!r} in {storage.masked}")
+    warm = (args.warm_start, args.top) if args.warm_start else None
+    study, created = create_study(config, storage, args.study_file, warm)
+    queued = sum(1 for t in study.get_trials(deepcopy=False) if "warm_start_from" in t.user_attrs) if created else 0
+    extra = f", its first {queued} trial(s) warm-started from study {args.warm_start!r}" if queued else ""
+    print(f"{'created' if created else 'exists (same config)'}: study {config.name!r} in {storage.masked}{extra}")
     return 0
 
 
@@ -353,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("create", help="create a study from a study file (no-op if it exists unchanged)")
     p.add_argument("study_file")
+    p.add_argument(
+        "--warm-start",
+        metavar="OTHER",
+        default=None,
+        help="run the best configurations of study OTHER (same storage) first, projected into this study's space",
+    )
+    p.add_argument("--top", type=_positive_int, default=5, help="how many of OTHER's best to run first (default 5)")
     p.set_defaults(func=cmd_create)
 
     p = sub.add_parser("worker", help="pull trials of study NAME until its budget is spent")

@@ -17,6 +17,8 @@ from sft_optuna.coordination.storage import Storage
 from sft_optuna.errors import ConfigError, UserError
 from sft_optuna.results.notes import write_study_note
 from sft_optuna.search.samplers import make_pruner, make_sampler
+from sft_optuna.search.space import is_grid
+from sft_optuna.search.warm_start import WarmStart, warm_start_points
 from sft_optuna.study_file import parse_study
 
 __all__ = ["create_study", "identity", "load_study"]
@@ -32,15 +34,21 @@ def _find(storage: Storage, name: str) -> bool:
     return name in storage.study_names()
 
 
-def create_study(config: StudyConfig, storage: Storage, study_file: str | None = None) -> tuple[optuna.Study, bool]:
+def create_study(
+    config: StudyConfig, storage: Storage, study_file: str | None = None, warm_start: tuple[str, int] | None = None
+) -> tuple[optuna.Study, bool]:
     """Create the study ``config.name`` with its config stored; a no-op if it exists with the same config.
 
-    Returns (study, created). Serialized by the storage lock, so workers started together on an empty
-    storage do not race each other into duplicate-study errors.
+    ``warm_start=(OTHER, K)``: the first K budget slots run the K best configurations of study OTHER in the same
+    storage (see ``search/warm_start.py``). Returns (study, created). Serialized by the storage lock, so workers
+    started together on an empty storage do not race each other into duplicate-study errors.
     """
     with storage.lock("create"):
         if _find(storage, config.name):
+            if warm_start is not None:
+                log.warning("study %r exists: --warm-start applies only when a study is created", config.name)
             return _existing(config, storage), False
+        warm = _warm_points(config, storage, *warm_start) if warm_start is not None else []
         try:
             study = optuna.create_study(
                 storage=storage.optuna,
@@ -56,9 +64,25 @@ def create_study(config: StudyConfig, storage: Storage, study_file: str | None =
         if study_file is not None:
             study.set_user_attr(attrs.STUDY_FILE, study_file)
         write_study_note(study, config, study_file)
-        queue_budget(study, config)  # the budget as queued trials: workers claim them without a lock
+        # the budget as queued trials: workers claim them without a lock
+        queue_budget(study, config, [(w.params, w.source) for w in warm])
         log.info("created study %r in %s", config.name, storage.masked)
         return study, True
+
+
+def _warm_points(config: StudyConfig, storage: Storage, other: str, top: int) -> list[WarmStart]:
+    """The warm start's configurations from study ``other``, each said in one log line; a one-line
+    :class:`UserError` when there is nothing to carry over (nothing has been written yet)."""
+    if is_grid(config):
+        raise UserError(f"--warm-start {other}: study {config.name!r} runs a grid, whose points are its own")
+    source, source_config = load_study(other, storage)
+    points = warm_start_points(
+        source.get_trials(deepcopy=False), other, source_config.search_space, config.search_space, top
+    )
+    for slot, w in enumerate(points[: config.budget.n_trials]):
+        left = f"; left to the sampler: {', '.join(w.dropped)}" if w.dropped else ""
+        log.info("warm start: slot %d runs %s's configuration %s%s", slot, w.source, w.params, left)
+    return points
 
 
 def _existing(config: StudyConfig, storage: Storage) -> optuna.Study:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_images, write_cifar10, write_imagefolder
@@ -170,3 +172,103 @@ def test_a_corrupt_cifar10_archive_in_the_data_folder_is_named_with_its_checksum
     with pytest.raises(DataError, match=r"cifar-10-python.tar.gz: its checksum is wrong") as err:
         load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path), download=True))
     assert "\n" not in str(err.value)
+
+
+def _photo(path: Path, w: int, h: int, seed: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC).save(path)
+
+
+def test_a_photo_keeps_its_aspect_ratio_center_crop_or_is_squashed(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from sft_optuna.training.decode import decode_image
+
+    _photo(tmp_path / "wide.png", 96, 48, 0)
+    with Image.open(tmp_path / "wide.png") as img:
+        centre = np.asarray(img.convert("RGB").crop((24, 0, 72, 48)).resize((24, 24), Image.Resampling.BOX))
+        squashed = np.asarray(img.convert("RGB").resize((24, 24), Image.Resampling.BOX))
+    kept, shorter = decode_image(str(tmp_path / "wide.png"), 24, "center_crop")
+    assert shorter == 48 and np.array_equal(kept, centre), "shorter side to 24 px, the centre square kept"
+    assert np.array_equal(decode_image(str(tmp_path / "wide.png"), 24, "squash")[0], squashed)
+    assert not np.array_equal(kept, squashed)
+
+
+def test_undecodable_images_are_skipped_counted_and_left_out_of_the_splits(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = write_imagefolder(tmp_path / "d", n_train=80, n_test=8, num_classes=4)
+    broken = sorted((root / "train" / "class1").iterdir())[:3]
+    for path in broken:
+        path.write_bytes(b"not an image at all")
+    cfg = DataConfig(dataset="imagefolder", root=str(root), val_size=20, image_size=16)
+    with caplog.at_level("WARNING"):
+        splits, _ = load_splits(cfg)
+    assert len(splits.train_y) + len(splits.val_y) == 77, "80 images, 3 of them skipped"
+    assert "skipped 3 image(s) that cannot be decoded" in caplog.text and str(broken[0]) in caplog.text
+    assert len(load_imagefolder(root, 16).train_y) == 77
+
+
+def test_decoding_in_processes_gives_the_in_process_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sft_optuna.training import decode
+
+    root = tmp_path / "photos"
+    files = []
+    for i in range(40):
+        _photo(root / f"c{i % 2}" / f"{i}.jpg", 40 + 7 * i, 60 + 3 * (i % 5), i)
+        files.append((root / f"c{i % 2}" / f"{i}.jpg", i % 2))
+    monkeypatch.setattr(decode, "MIN_PARALLEL", 1)  # 40 images would stay in this process otherwise
+    monkeypatch.setattr(decode, "CHUNK", 7)
+    parallel = decode.decode_images(files, 32, "center_crop", tmp_path / "p.npy", "p", workers=2)
+    alone = decode.decode_images(files, 32, "center_crop", None, "a", workers=1)
+    assert parallel.ok.all() and np.array_equal(np.asarray(parallel.x), alone.x)
+    assert np.array_equal(np.load(tmp_path / "p.npy"), alone.x), "the cache file holds what was decoded"
+    assert parallel.smallest_side == alone.smallest_side == max(60 + 3 * (i % 5) for i in range(40))
+
+
+def test_a_folder_of_images_all_smaller_than_image_size_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = write_imagefolder(tmp_path / "d", n_train=40, n_test=8, num_classes=4)  # 32 px images
+    cfg = DataConfig(dataset="imagefolder", root=str(root), val_size=8, image_size=48)
+    with caplog.at_level("WARNING"):
+        splits, _ = load_splits(cfg)
+    assert splits.train_x.shape[-1] == 48, "upsampling is allowed"
+    assert "every image is smaller than data.image_size 48 (the largest shorter side is 32 px)" in caplog.text
+
+
+def test_the_cache_is_a_memory_map_shared_by_later_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = write_imagefolder(tmp_path / "d", n_train=40, n_test=8, num_classes=4)
+    monkeypatch.setenv("SFT_OPTUNA_CACHE", str(tmp_path / "cache"))
+    cfg = DataConfig(dataset="imagefolder", root=str(root), val_size=8, image_size=16)
+    first, _ = load_splits(cfg)
+    pixels = sorted((tmp_path / "cache").glob("train-*.npy"))
+    assert len(pixels) == 1 and np.load(pixels[0], mmap_mode="r").shape == (40, 16, 16, 3)  # NHWC, train + val
+    other = dataclasses.replace(cfg, resize="squash")  # another setting, another cache: never the wrong pixels
+    load_splits(other)
+    assert len(sorted((tmp_path / "cache").glob("train-*.npy"))) == 2
+    again, _ = load_splits(cfg)
+    assert torch.equal(first.train_x, again.train_x)
+
+
+@pytest.mark.parametrize("side", [60, 400], ids=["torchvision decoder", "PIL with draft"])
+def test_a_photo_stored_sideways_comes_out_upright(tmp_path: Path, side: int) -> None:
+    from PIL import Image
+
+    from sft_optuna.training.decode import decode_image
+
+    # upright: red top half, blue bottom half; stored rotated by 90 degrees with EXIF orientation 6 ("turn it
+    # 90 degrees clockwise to show it"), as a phone stores a portrait photo
+    upright = np.zeros((side, side, 3), dtype=np.uint8)
+    upright[: side // 2, :, 0] = 255
+    upright[side // 2 :, :, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.rot90(upright, k=1).copy()).save(tmp_path / "p.jpg", exif=exif, quality=95)
+    out, _ = decode_image(str(tmp_path / "p.jpg"), 30, "center_crop")
+    top, bottom = out[:10].mean((0, 1)), out[-10:].mean((0, 1))
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0], (top, bottom)

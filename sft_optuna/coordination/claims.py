@@ -26,6 +26,7 @@ import time
 from collections.abc import Collection, Sequence
 from contextlib import nullcontext
 from datetime import datetime
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -195,14 +196,19 @@ def study_done(trials: Sequence[FrozenTrial], config: StudyConfig, wrong: Collec
     return is_grid(config) or budget_used(trials) >= config.budget.n_trials
 
 
-def _queue_chunk(study: optuna.Study, config: StudyConfig, chunk: int) -> None:
-    first = chunk * QUEUE_CHUNK
-    for slot in range(first, min(first + QUEUE_CHUNK, config.budget.n_trials)):
+def _queue_chunk(study: optuna.Study, config: StudyConfig, chunk: int, skip: int = 0) -> None:
+    """Queue the budget slots of ``chunk`` from slot ``skip`` on (those below are a warm start's, queued)."""
+    first = max(chunk * QUEUE_CHUNK, skip)
+    for slot in range(first, min((chunk + 1) * QUEUE_CHUNK, config.budget.n_trials)):
         study.enqueue_trial({}, user_attrs={attrs.SLOT: slot}, skip_if_exists=False)
 
 
-def queue_budget(study: optuna.Study, config: StudyConfig) -> None:
-    """Queue a new study's budget: every grid point (up to ``n_trials``), or the first two chunks of slots."""
+def queue_budget(study: optuna.Study, config: StudyConfig, warm: Sequence[tuple[dict[str, Any], str]] = ()) -> None:
+    """Queue a new study's budget: every grid point (up to ``n_trials``), or the first two chunks of slots —
+    the first ``len(warm)`` of them with a warm start's parameters (``create --warm-start``; the sampler
+    chooses what they leave out), all of which are queued now (a chunk's queuer skips slots already there)."""
+    for slot, (params, source) in enumerate(warm[: config.budget.n_trials]):
+        study.enqueue_trial(params, user_attrs={attrs.SLOT: slot, attrs.WARM_START: source}, skip_if_exists=False)
     if is_grid(config):
         points = grid_points(config.search_space)
         if len(points) > config.budget.n_trials:
@@ -216,7 +222,7 @@ def queue_budget(study: optuna.Study, config: StudyConfig) -> None:
             study.enqueue_trial(params, user_attrs={attrs.SLOT: slot}, skip_if_exists=False)
         return
     for chunk in (0, 1):
-        _queue_chunk(study, config, chunk)
+        _queue_chunk(study, config, chunk, skip=len(warm))
 
 
 def _queue_ahead(study: optuna.Study, config: StudyConfig, trial: optuna.Trial, trials: Sequence[FrozenTrial]) -> None:

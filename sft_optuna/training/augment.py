@@ -147,15 +147,15 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor | Non
     ``1/eval_crop`` larger than the model's input, so the missing antialiasing is a small downscale at most."""
     b, height, width, _ = x.shape
     top, left, h, w = boxes.float().unbind(1)
+    # The sampling grid of an axis-aligned box is separable: x depends on the column only, y on the row only.
+    # Built from two B x size vectors (affine_grid's batched matrix product took half of a CPU batch's time).
+    o = (2 * torch.arange(size, device=x.device, dtype=torch.float32) + 1) / size - 1  # pixel centres in [-1, 1]
     sx = w / width
     if flips is not None:
         sx = torch.where(flips, -sx, sx)
-    theta = torch.zeros(b, 2, 3, device=x.device)
-    theta[:, 0, 0] = sx
-    theta[:, 0, 2] = (2 * left + w) / width - 1  # the box's centre, in grid_sample's [-1, 1] coordinates
-    theta[:, 1, 1] = h / height
-    theta[:, 1, 2] = (2 * top + h) / height - 1
-    grid = F.affine_grid(theta, [b, x.shape[3], size, size], align_corners=False)
+    gx = sx[:, None] * o + ((2 * left + w) / width - 1)[:, None]  # the box's centre, in [-1, 1] coordinates
+    gy = (h / height)[:, None] * o + ((2 * top + h) / height - 1)[:, None]
+    grid = torch.stack([gx[:, None, :].expand(b, size, size), gy[:, :, None].expand(b, size, size)], -1)
     # NHWC memory viewed as NCHW is channels-last, which grid_sample reads 2x faster on a CPU (measured)
     nchw = x.permute(0, 3, 1, 2).float()
     return F.grid_sample(nchw, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -222,7 +222,8 @@ def _decode_cached(
         y, ok = labels["y"], labels["ok"]
     if not ok.all():
         log.warning("%s: %d image(s) that cannot be decoded are skipped", split_dir, int((~ok).sum()))
-    return np.load(pixels, mmap_mode="r"), y, ok
+    # copy-on-write: torch wants writable arrays; nothing writes, so the pages stay the shared page cache's
+    return np.load(pixels, mmap_mode="c"), y, ok
 
 
 def _report(decoded: Decoded, split_dir: Path, size: int) -> None:
@@ -243,8 +244,8 @@ def _report(decoded: Decoded, split_dir: Path, size: int) -> None:
 
 
 def _nchw(x: np.ndarray) -> torch.Tensor:
-    """Stored NHWC images (in memory) -> the N x C x H x W tensor the rest of the code sees: a view, no copy
-    (the pipeline turns it back into NHWC for free)."""
+    """Stored NHWC images (in memory or memory-mapped) -> the N x C x H x W tensor the rest of the code sees: a
+    view, no copy (the pipeline turns it back into NHWC for free)."""
     return torch.from_numpy(x).permute(0, 3, 1, 2)
 
 
@@ -265,7 +266,7 @@ def load_imagefolder(
     out = []
     for split, files in (("train", train_files), ("test", test_files)):
         x, y, ok = _decode_cached(root, split, files, image_size, resize)
-        out += [_nchw(x[ok]), torch.from_numpy(y[ok])]  # a boolean mask reads the memory map into memory
+        out += [_nchw(x if ok.all() else x[ok]), torch.from_numpy(y if ok.all() else y[ok])]
     return Dataset(train_x=out[0], train_y=out[1], test_x=out[2], test_y=out[3], classes=tuple(classes))
 
 
@@ -314,13 +315,16 @@ def load_splits(cfg: DataConfig, root: str | Path | None = None) -> tuple[Splits
     classes, files, _ = _list_folders(where)
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     val_idx, train_idx = split_indices(labels, cfg)
-    need = torch.cat([val_idx, train_idx]).sort().values
-    x, y, ok = _decode_cached(where, "train", [files[i] for i in need.tolist()], cfg.image_size, cfg.resize)
+    # Decoded (and cached) in split order, training images first: each split is then one contiguous range of
+    # the cache, used in place (a view of the memory map, read from the page cache as batches need it).
+    order = torch.cat([train_idx, val_idx]).tolist()
+    x, y, ok = _decode_cached(where, "train", [files[i] for i in order], cfg.image_size, cfg.resize)
     parts = []
-    for idx in (train_idx, val_idx):
-        rows = torch.searchsorted(need, idx).numpy()
-        rows = rows[ok[rows]]  # an image that cannot be decoded is left out of its split
-        parts += [_nchw(x[rows]), torch.from_numpy(y[rows])]  # reads just these rows of the memory map
+    for rows in (slice(0, len(train_idx)), slice(len(train_idx), len(order))):
+        xs, ys, oks = x[rows], y[rows], ok[rows]
+        if not oks.all():  # an image that cannot be decoded is left out of its split (a copy of the rest)
+            xs, ys = xs[oks], ys[oks]
+        parts += [_nchw(xs), torch.from_numpy(ys)]
     splits = Splits(parts[0], parts[1], parts[2], parts[3], num_classes=len(classes))
     if len(splits.train_y) == 0 or len(splits.val_y) == 0:
         raise DataError(f"{where / 'train'}: no image of the training or validation split could be decoded")

@@ -2,15 +2,17 @@
 
 A user's photos are thousands to hundreds of thousands of JPEGs of any size; a trial wants squares of
 ``data.image_size``. Each image is decoded once: in worker processes (one per core), with PIL's ``draft`` —
-for a JPEG, the decoder itself scales by 1/2, 1/4 or 1/8 in the DCT domain, several times less work than
-decoding every pixel and resizing after (the fastest decoder measured here: ``benchmarks/decode.py``) — then
+for a large JPEG, the decoder itself scales by 1/2, 1/4 or 1/8 in the DCT domain, several times less work than
+decoding every pixel and resizing after; a smaller one through torchvision's faster ``decode_jpeg`` (both
+measured: ``benchmarks/decode.py``) — then
 its shorter side is resized to the stored size and the centre square kept (``data.resize: center_crop``; or
 both sides, ``squash``). The workers write straight into a memory-mapped ``.npy`` file (``N x H x W x 3``),
 which is the cache: a re-run memory-maps it instead of decoding, and so do the other workers of the node (the
 first one decodes, under a file lock, while the rest wait for it). An image that cannot be decoded is skipped
 and counted, never fatal.
 
-Imports only numpy and PIL at the top: the decoding processes start without torch.
+Imports only numpy and PIL at the top: a decoding process imports torch(vision) only when it meets a JPEG for
+torchvision's decoder.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import multiprocessing
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,26 +60,60 @@ class Decoded:
 
 
 def decode_image(path: str, size: int, resize: str) -> tuple[np.ndarray, int]:
-    """One image file -> (``size x size x 3`` uint8 RGB, its original shorter side). Raises ``OSError`` (or
-    ``ValueError``, ``SyntaxError`` from PIL's parsers) when it cannot be decoded.
+    """One image file -> (``size x size x 3`` uint8 RGB, its original shorter side), its EXIF orientation applied
+    (a portrait phone photo stored sideways comes out upright). Raises ``OSError`` (or ``ValueError``,
+    ``SyntaxError``, ``RuntimeError`` from the decoders) when it cannot be decoded.
 
     ``resize``: ``center_crop`` scales the shorter side to ``size`` and keeps the centre square (the aspect ratio
-    is kept); ``squash`` scales both sides to ``size``. An image already ``size`` x ``size`` is kept as it is."""
-    from PIL import Image
+    is kept); ``squash`` scales both sides to ``size``. An image already ``size`` x ``size`` is kept as it is.
+
+    The decoder is the faster one for the file (``benchmarks/decode.py``): a JPEG less than twice the stored
+    size goes to torchvision's ``decode_jpeg`` (libjpeg-turbo, 1.5x PIL's decode and resize here); a larger one
+    to PIL with ``draft``, which decodes it at 1/2, 1/4 or 1/8 scale in the DCT domain (a 4,000-px photo read
+    as 500 px: a fraction of the work); anything else to PIL."""
+    from PIL import Image, ImageOps
 
     with Image.open(path) as img:
         shorter = min(img.size)
+        if img.format == "JPEG" and shorter < 2 * size:
+            try:
+                return _decode_jpeg(path, size, resize), shorter
+            except (RuntimeError, ImportError):
+                pass  # a JPEG flavour torchvision does not read (CMYK, ...), or no decoder: PIL reads it below
         # JPEG only (a no-op otherwise): decode at the smallest 1/2^k scale that still covers size x size
         img.draft("RGB", (size, size))
-        rgb = img.convert("RGB")
+        rgb = ImageOps.exif_transpose(img.convert("RGB"))
         w, h = rgb.size
         if (w, h) != (size, size):
             box = None
             if resize == "center_crop":
                 s = min(w, h)
                 box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
-            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, box=box)
+            # downscaling: area averaging (BOX, OpenCV's INTER_AREA), 1.7x faster than PIL's BILINEAR filter,
+            # whose support widens with the scale; enlarging a small photo: bilinear
+            shrink = min(w, h) > size
+            rgb = rgb.resize((size, size), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR, box=box)
         return np.asarray(rgb), shorter
+
+
+def _decode_jpeg(path: str, size: int, resize: str) -> np.ndarray:
+    """A JPEG through torchvision's decoder (imported here: a decoding process loads torch only if it meets
+    one), centre-cropped or squashed, resized with antialiasing on uint8."""
+    import torchvision.transforms.v2.functional as TF
+
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its image decoders for TorchCodec's; they still decode, faster than PIL
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+        img = decode_jpeg(read_file(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    h, w = img.shape[-2:]
+    if resize == "center_crop" and h != w:
+        s = min(h, w)
+        img = img[:, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+    if img.shape[-2:] != (size, size):
+        img = TF.resize(img, [size, size], antialias=True)
+    return img.permute(1, 2, 0).numpy()
 
 
 def _decode_chunk(
@@ -92,11 +130,11 @@ def _decode_chunk(
             target[start + i], shorter = decode_image(path, size, resize)
             side = max(side, shorter)
             ok.append(True)
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL's "cannot identify", truncated files, bad headers
+        except (OSError, ValueError, SyntaxError, RuntimeError) as exc:  # unidentified, truncated, bad headers
             ok.append(False)
             failures.append(f"{path}: {exc}")
-    if arr is None:
-        target.flush()  # type: ignore[union-attr]
+    # no flush: the rows sit in the page cache, which the caller's own memory map of the file shares (an msync
+    # per chunk wrote the whole cache to disk synchronously and halved the decoding rate)
     return start, ok, failures, side
 
 
@@ -162,16 +200,23 @@ def decode_images(
             for result in results:
                 side = _collect(result, ok, failures, side, progress)
         else:
-            x.flush()  # type: ignore[attr-defined]
             # spawn, not fork: the caller may hold torch's threads, which a forked child would inherit half-locked
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futures = [
-                    pool.submit(_decode_chunk, paths[s : s + CHUNK], s, size, resize, str(out))
-                    for s in range(0, n, CHUNK)
-                ]
-                for future in as_completed(futures):
-                    side = _collect(future.result(), ok, failures, side, progress)
+            try:
+                with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                    futures = [
+                        pool.submit(_decode_chunk, paths[s : s + CHUNK], s, size, resize, str(out))
+                        for s in range(0, n, CHUNK)
+                    ]
+                    for future in as_completed(futures):
+                        side = _collect(future.result(), ok, failures, side, progress)
+            except BrokenProcessPool as exc:
+                # a decoding process could not start or died (a __main__ that spawn cannot import, memory): the
+                # images are decoded here instead, slower but whole
+                log.warning("%s: decoding processes failed (%s); decoding in this process", desc, exc)
+                for s in range(0, n, CHUNK):
+                    chunk = _decode_chunk(paths[s : s + CHUNK], s, size, resize, None, x)
+                    side = _collect(chunk, ok, failures, side, None)
     finally:
         progress.close()
     seconds = time.perf_counter() - start_time
@@ -188,10 +233,15 @@ def decode_images(
 
 
 def _collect(
-    result: tuple[int, list[bool], list[str], int], ok: np.ndarray, failures: list[str], side: int, progress: _Progress
+    result: tuple[int, list[bool], list[str], int],
+    ok: np.ndarray,
+    failures: list[str],
+    side: int,
+    progress: _Progress | None,
 ) -> int:
     start, flags, errors, chunk_side = result
     ok[start : start + len(flags)] = flags
     failures += errors[: max(0, 5 - len(failures))]
-    progress.update(len(flags))
+    if progress is not None:
+        progress.update(len(flags))
     return max(side, chunk_side)
