@@ -4,9 +4,9 @@
 It generates (once, into ``--dir``) a folder of ``--images`` JPEGs of mixed sizes (300-1,000 px a side, mixed
 aspect ratios, ten classes), then measures in one run:
 
-- **decoders**: images/s of one process decoding to a 256-px square — sft-optuna's choice per file
-  (``decode_jpeg`` below twice the stored size, PIL with ``draft``, JPEG's DCT-domain downscaling, above), PIL
-  with and without ``draft``, and ``torchvision.io.decode_jpeg`` + resize;
+- **decoders**: images/s of one process decoding to a 256-px square — sft-optuna's (PIL with ``draft``, JPEG's
+  DCT-domain downscaling, and area resampling), PIL without them, and ``torchvision.io.decode_jpeg`` + resize
+  (after a warm-up: its first call in a process pays for importing torch);
 - **first decode**: sft-optuna's decode of the whole folder into its cache (``--workers`` processes);
 - **cached read**: the same call again, reading the memory-mapped cache into memory (what every later
   worker and run pays);
@@ -94,18 +94,9 @@ def _decoders(files: list[tuple[Path, int]], n: int) -> dict[str, float]:
         img = TF.resize(img, [SIZE], antialias=True)
         return TF.center_crop(img, [SIZE, SIZE])
 
-    def pil_draft(path: str) -> np.ndarray:
-        with Image.open(path) as img:
-            img.draft("RGB", (SIZE, SIZE))
-            rgb = img.convert("RGB")
-            w, h = rgb.size
-            s = min(w, h)
-            box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
-            return np.asarray(rgb.resize((SIZE, SIZE), Image.Resampling.BOX, box=box))
-
-    timed("sft-optuna (decode_jpeg < 2x size, else PIL draft)", lambda p: decode_image(p, SIZE, "center_crop"))
-    timed("PIL + draft + area resize", pil_draft)
+    timed("sft-optuna: PIL + draft + area resize + EXIF", lambda p: decode_image(p, SIZE, "center_crop"))
     timed("PIL, no draft, bilinear resize", pil_plain)
+    tv_decode(sample[0])  # warm-up
     timed("torchvision.io.decode_jpeg + resize", tv_decode)
     return out
 

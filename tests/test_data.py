@@ -255,7 +255,7 @@ def test_the_cache_is_a_memory_map_shared_by_later_loads(tmp_path: Path, monkeyp
     assert torch.equal(first.train_x, again.train_x)
 
 
-@pytest.mark.parametrize("side", [60, 400], ids=["torchvision decoder", "PIL with draft"])
+@pytest.mark.parametrize("side", [60, 400], ids=["decoded whole", "decoded at a smaller scale (draft)"])
 def test_a_photo_stored_sideways_comes_out_upright(tmp_path: Path, side: int) -> None:
     from PIL import Image
 

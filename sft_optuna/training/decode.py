@@ -3,16 +3,14 @@
 A user's photos are thousands to hundreds of thousands of JPEGs of any size; a trial wants squares of
 ``data.image_size``. Each image is decoded once: in worker processes (one per core), with PIL's ``draft`` —
 for a large JPEG, the decoder itself scales by 1/2, 1/4 or 1/8 in the DCT domain, several times less work than
-decoding every pixel and resizing after; a smaller one through torchvision's faster ``decode_jpeg`` (both
-measured: ``benchmarks/decode.py``) — then
+decoding every pixel and resizing after (decoders measured: ``benchmarks/decode.py``) — then
 its shorter side is resized to the stored size and the centre square kept (``data.resize: center_crop``; or
 both sides, ``squash``). The workers write straight into a memory-mapped ``.npy`` file (``N x H x W x 3``),
 which is the cache: a re-run memory-maps it instead of decoding, and so do the other workers of the node (the
 first one decodes, under a file lock, while the rest wait for it). An image that cannot be decoded is skipped
 and counted, never fatal.
 
-Imports only numpy and PIL at the top: a decoding process imports torch(vision) only when it meets a JPEG for
-torchvision's decoder.
+Imports only numpy and PIL: the decoding processes start without torch (seconds and ~400 MB each).
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ import multiprocessing
 import os
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -62,24 +59,20 @@ class Decoded:
 def decode_image(path: str, size: int, resize: str) -> tuple[np.ndarray, int]:
     """One image file -> (``size x size x 3`` uint8 RGB, its original shorter side), its EXIF orientation applied
     (a portrait phone photo stored sideways comes out upright). Raises ``OSError`` (or ``ValueError``,
-    ``SyntaxError``, ``RuntimeError`` from the decoders) when it cannot be decoded.
+    ``SyntaxError`` from PIL's parsers) when it cannot be decoded.
 
     ``resize``: ``center_crop`` scales the shorter side to ``size`` and keeps the centre square (the aspect ratio
     is kept); ``squash`` scales both sides to ``size``. An image already ``size`` x ``size`` is kept as it is.
 
-    The decoder is the faster one for the file (``benchmarks/decode.py``): a JPEG less than twice the stored
-    size goes to torchvision's ``decode_jpeg`` (libjpeg-turbo, 1.5x PIL's decode and resize here); a larger one
-    to PIL with ``draft``, which decodes it at 1/2, 1/4 or 1/8 scale in the DCT domain (a 4,000-px photo read
-    as 500 px: a fraction of the work); anything else to PIL."""
+    PIL decodes: with ``draft``, a JPEG at least twice the stored size is decoded at 1/2, 1/4 or 1/8 scale in the
+    DCT domain (a 4,000-px photo read as 500 px: a fraction of the work). torchvision's ``decode_jpeg`` is 1.2x
+    faster on one core for small JPEGs, but a decoding process that imports torch for it costs seconds and
+    ~400 MB more (one per core), and decoded no faster here in a pool of processes (``benchmarks/decode.py``).
+    """
     from PIL import Image, ImageOps
 
     with Image.open(path) as img:
         shorter = min(img.size)
-        if img.format == "JPEG" and shorter < 2 * size:
-            try:
-                return _decode_jpeg(path, size, resize), shorter
-            except (RuntimeError, ImportError):
-                pass  # a JPEG flavour torchvision does not read (CMYK, ...), or no decoder: PIL reads it below
         # JPEG only (a no-op otherwise): decode at the smallest 1/2^k scale that still covers size x size
         img.draft("RGB", (size, size))
         rgb = ImageOps.exif_transpose(img.convert("RGB"))
@@ -96,26 +89,6 @@ def decode_image(path: str, size: int, resize: str) -> tuple[np.ndarray, int]:
         return np.asarray(rgb), shorter
 
 
-def _decode_jpeg(path: str, size: int, resize: str) -> np.ndarray:
-    """A JPEG through torchvision's decoder (imported here: a decoding process loads torch only if it meets
-    one), centre-cropped or squashed, resized with antialiasing on uint8."""
-    import torchvision.transforms.v2.functional as TF
-
-    with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its image decoders for TorchCodec's; they still decode, faster than PIL
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import ImageReadMode, decode_jpeg, read_file
-
-        img = decode_jpeg(read_file(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    h, w = img.shape[-2:]
-    if resize == "center_crop" and h != w:
-        s = min(h, w)
-        img = img[:, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
-    if img.shape[-2:] != (size, size):
-        img = TF.resize(img, [size, size], antialias=True)
-    return img.permute(1, 2, 0).numpy()
-
-
 def _decode_chunk(
     paths: Sequence[str], start: int, size: int, resize: str, out: str | None, arr: np.ndarray | None = None
 ) -> tuple[int, list[bool], list[str], int]:
@@ -130,7 +103,7 @@ def _decode_chunk(
             target[start + i], shorter = decode_image(path, size, resize)
             side = max(side, shorter)
             ok.append(True)
-        except (OSError, ValueError, SyntaxError, RuntimeError) as exc:  # unidentified, truncated, bad headers
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL's "cannot identify", truncated files, bad headers
             ok.append(False)
             failures.append(f"{path}: {exc}")
     # no flush: the rows sit in the page cache, which the caller's own memory map of the file shares (an msync
