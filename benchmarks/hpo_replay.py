@@ -15,6 +15,8 @@ re-reports the curve it continues.
 
     python benchmarks/hpo_replay.py --table benchmarks/curves/cifar10-2k.csv --seeds 20 --json replay.json
     python benchmarks/hpo_replay.py --table tiny.csv --seeds 2 --methods random+none,tpe+asha --workers 1,2
+    python benchmarks/hpo_replay.py --table benchmarks/curves/cifar10-10k-gpu.csv \
+        --warm-start-table benchmarks/curves/cifar10-2k.csv --methods tpe+asha3 --seeds 40
 """
 
 from __future__ import annotations
@@ -244,13 +246,21 @@ PROPOSAL_WINDOWS = ((0, 10), (10, 30), (30, 60), (60, 100), (100, 200))
 """Ranges of new configurations, in the order a study proposed them, whose hits on the top target are counted."""
 
 
-def replay(config_raw: dict[str, Any], surrogate: Surrogate, workers: int, top: float = math.inf) -> dict[str, Any]:
+def replay(
+    config_raw: dict[str, Any],
+    surrogate: Surrogate,
+    workers: int,
+    top: float = math.inf,
+    storage: Storage | None = None,
+    warm_start: tuple[str, int] | None = None,
+) -> dict[str, Any]:
     """One study with ``workers`` asynchronous workers in virtual time; its anytime curve and counts, and per
     :data:`PROPOSAL_WINDOWS` how many of the new configurations it proposed there have a final accuracy at or
-    above ``top`` (what the sampler learnt, whatever the pruner made of them)."""
+    above ``top`` (what the sampler learnt, whatever the pruner made of them). ``storage``: one that already
+    holds the study ``warm_start`` names (``create --warm-start``), else a fresh in-memory one."""
     config = parse_study(config_raw)
-    storage = _memory_storage()
-    study, _ = create_study(config, storage)
+    storage = storage if storage is not None else _memory_storage()
+    study, _ = create_study(config, storage, warm_start=warm_start)
     events: list[tuple[float, int, int]] = [(0.0, w, 0) for w in range(workers)]  # (time, worker, seq)
     running: dict[int, dict[str, Any]] = {}  # worker -> state of its trial
     anytime: list[tuple[int, float]] = []  # (epochs trained so far, best final accuracy so far)
@@ -426,6 +436,13 @@ def main() -> None:
         default=0.99,
         help="the second target: this quantile of the space's final accuracies (0.99: the top 1%%)",
     )
+    p.add_argument(
+        "--warm-start-table",
+        default=None,
+        help="measure create --warm-start instead: each seed first runs the method on this table (the last study), "
+        "then the study on --table with and without its --warm-top best configurations",
+    )
+    p.add_argument("--warm-top", type=int, default=5, help="configurations a warm start carries over (default 5)")
     args = p.parse_args()
     methods = {name: parse_method(name) for name in args.methods.split(",")}  # a typo fails before any work
     warnings.filterwarnings("ignore")
@@ -436,14 +453,7 @@ def main() -> None:
     claims.PROMOTION_SETTLE_S = 0.0
     base = load_study_file(args.study)
     space = base.search_space
-    try:
-        curves = load_table(Path(args.table), space)
-    except OSError as exc:
-        raise SystemExit(f"error: --table {args.table}: {exc.strerror or exc}") from None
-    except (KeyError, ValueError) as exc:
-        raise SystemExit(f"error: --table {args.table}: not a table of learning curves ({exc!s})") from None
-    if not curves:
-        raise SystemExit(f"error: --table {args.table}: no learning curves in it")
+    curves = _load(args.table, space)
     epochs = len(curves[0].values)
     surrogate = SmoothSurrogate(curves, space) if args.smooth else Surrogate(curves, space, args.neighbours)
     finals = surrogate_finals(surrogate, space)
@@ -476,20 +486,18 @@ def main() -> None:
         f"{args.top_quantile} quantile); budget {budget}, horizon {horizon} epochs",
         flush=True,
     )
+    if args.warm_start_table:
+        source = _load(args.warm_start_table, space)
+        out["warm_start"] = warm_start_rows(args, base, methods, source, surrogate, top, budget, horizon, epochs)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out))
+        return
     out["methods"] = {}
     for method, (sampler, pruner) in methods.items():
         for k in (int(x) for x in args.workers.split(",")):
             runs = []
             for seed in range(args.seeds):
-                raw = base.to_dict()
-                raw.update(
-                    name=f"{method}-{k}-{seed}",
-                    sampler={**sampler, "seed": seed},
-                    pruner=pruner,
-                    budget={"n_trials": 10 * horizon // epochs, "epochs": horizon, "max_retries": 0},
-                )
-                raw["train"] = {**raw["train"], "epochs": epochs}
-                raw["model"] = {**raw["model"], "weights": "none"}
+                raw = _study_raw(base, f"{method}-{k}-{seed}", sampler, pruner, seed, epochs, horizon)
                 runs.append(replay(raw, surrogate, k, top))
             at_budget = [best_at(r["anytime"], budget) for r in runs]
             false, stopped = (sum(r["false_prunes"][i] for r in runs) for i in (0, 1))
@@ -529,6 +537,103 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(out))
     if args.plot:
         plot(out, Path(args.plot))
+
+
+def _load(table: str, space: dict[str, Any]) -> list[Curve]:
+    """A table of learning curves, or one line naming it and what is wrong."""
+    try:
+        curves = load_table(Path(table), space)
+    except OSError as exc:
+        raise SystemExit(f"error: --table {table}: {exc.strerror or exc}") from None
+    except (KeyError, ValueError) as exc:
+        raise SystemExit(f"error: --table {table}: not a table of learning curves ({exc!s})") from None
+    if not curves:
+        raise SystemExit(f"error: --table {table}: no learning curves in it")
+    return curves
+
+
+def _study_raw(
+    base: Any, name: str, sampler: dict[str, Any], pruner: dict[str, Any], seed: int, epochs: int, horizon: int
+) -> dict[str, Any]:
+    """A replayed study's config: the base study's space, the method's sampler and pruner, ``epochs`` per trial and
+    an epoch budget of ``horizon``."""
+    raw = base.to_dict()
+    raw.update(
+        name=name,
+        sampler={**sampler, "seed": seed},
+        pruner=pruner,
+        budget={"n_trials": 10 * horizon // epochs, "epochs": horizon, "max_retries": 0},
+    )
+    raw["train"] = {**raw["train"], "epochs": epochs}
+    raw["model"] = {**raw["model"], "weights": "none"}
+    return raw
+
+
+def warm_start_rows(
+    args: argparse.Namespace,
+    base: Any,
+    methods: dict[str, tuple[dict[str, Any], dict[str, Any]]],
+    source_curves: list[Curve],
+    surrogate: Surrogate,
+    top: float,
+    budget: int,
+    horizon: int,
+    epochs: int,
+) -> dict[str, Any]:
+    """``create --warm-start`` measured: per method, K and seed, the last study runs on the source table (its
+    own epochs per trial, an epoch budget of 20 of its trials), then the new study on ``--table`` in the same
+    storage with its ``--warm-top`` best configurations queued first, and without them (the same seed). The
+    source study's epochs are not counted: it is the study already run. Epochs to the top target and the best
+    found at the fixed budget, with and without, and their ratio's and difference's bootstrap intervals."""
+    src_epochs = len(source_curves[0].values)
+    source = (
+        SmoothSurrogate(source_curves, base.search_space)
+        if args.smooth
+        else Surrogate(source_curves, base.search_space, args.neighbours)
+    )
+    rows: dict[str, Any] = {"source_table": args.warm_start_table, "top": args.warm_top, "rows": {}}
+    for method, (sampler, pruner) in methods.items():
+        for k in (int(x) for x in args.workers.split(",")):
+            with_, without = [], []
+            for seed in range(args.seeds):
+                storage = _memory_storage()
+                src_name = f"last-{method}-{k}-{seed}"
+                replay(
+                    _study_raw(base, src_name, sampler, pruner, seed, src_epochs, 20 * src_epochs),
+                    source,
+                    k,
+                    storage=storage,
+                )
+                raw = _study_raw(base, f"{method}-{k}-{seed}", sampler, pruner, seed, epochs, horizon)
+                with_.append(replay(raw, surrogate, k, top, storage=storage, warm_start=(src_name, args.warm_top)))
+                without.append(replay(raw, surrogate, k, top))
+            key = f"{method} K={k}"
+
+            def per_seed(runs: list[dict[str, Any]]) -> list[float]:
+                return [e if (e := epochs_to(r["anytime"], top)) is not None else math.inf for r in runs]
+
+            ratio = ratio_interval(per_seed(with_), per_seed(without), horizon)
+            diff = difference_interval(
+                [best_at(r["anytime"], budget) for r in with_], [best_at(r["anytime"], budget) for r in without]
+            )
+            rows["rows"][key] = {
+                "epochs_to_top": {"with": reach(with_, top), "without": reach(without, top)},
+                "epochs_to_top_per_seed": {"with": per_seed(with_), "without": per_seed(without)},
+                "ratio_with_over_without": ratio,
+                "best_at_budget_difference": diff,
+            }
+            w, wo = reach(with_, top), reach(without, top)
+            lo, hi = ("beyond" if v is None else v for v in ratio["interval"])
+            print(
+                f"{key:20} warm start ({args.warm_top} from {args.warm_start_table}): epochs to top {w['median']} "
+                f"({w['reached']}) vs {wo['median']} ({wo['reached']}) without; ratio {_shown(ratio)} "
+                f"({ratio['level']:.0%} bootstrap {lo}–{hi}); best at {budget} epochs {diff['difference']:+.4f} "
+                f"({diff['interval'][0]:+.4f}–{diff['interval'][1]:+.4f})",
+                flush=True,
+            )
+            if args.json:
+                Path(args.json).write_text(json.dumps({"warm_start": rows}))
+    return rows
 
 
 GOALS = {"asha_vs_median": 0.5, "k8_vs_k1": 1.25}

@@ -135,12 +135,12 @@ def test_scale_benchmark_claims_exactly_through_both_storages_with_the_samplers_
         assert r["claims"] == 5 and r["overshoot"] == 0 and r["duplicates"] == 0, r
 
 
-def _tiny_curves(path: Path, n: int = 16, epochs: int = 4) -> Path:
+def _tiny_curves(path: Path, n: int = 16, epochs: int = 4, seed: int = 0) -> Path:
     """Curves in record_curves.py's format: accuracy grows with the learning rate's closeness to 0.05."""
     import math
     import random
 
-    rng = random.Random(0)
+    rng = random.Random(seed)
     names = ["lr", "batch_size", "weight_decay", "momentum", "scheduler", "lr_decay", "label_smoothing"]
     with path.open("w") as fh:
         fh.write(",".join(["config", *names, "status", "epoch", "val_acc", "train_loss", "seconds"]) + "\n")
@@ -207,6 +207,30 @@ def test_replay_runs_methods_through_the_real_claims_and_writes_its_figures(tmp_
     asha = figures["methods"]["tpe+asha K=1"]
     assert asha["configurations"] < 200 and asha["proposals_counted"] == round(2 * asha["configurations"])
     assert "epochs to target" in proc.stdout
+
+
+def test_the_replay_measures_a_warm_start_from_the_last_study_with_and_without(tmp_path: Path) -> None:
+    out = tmp_path / "warm.json"
+    source = _tiny_curves(tmp_path / "source.csv", n=24, epochs=3, seed=1)  # the last study: other data
+    target = _tiny_curves(tmp_path / "target.csv", n=16, epochs=4, seed=0)
+    args = ["--table", str(target), "--warm-start-table", str(source), "--warm-top", "2", "--methods"]
+    proc = _bench("hpo_replay.py", *args, "random+none", "--workers", "1", "--seeds", "3", "--json", str(out))
+    rows = json.loads(out.read_text())["warm_start"]
+    assert rows["source_table"] == str(source) and rows["top"] == 2
+    row = rows["rows"]["random+none K=1"]
+    assert set(row) == {
+        "epochs_to_top",
+        "epochs_to_top_per_seed",
+        "ratio_with_over_without",
+        "best_at_budget_difference",
+    }
+    # both tables peak at lr 0.05: the source's best configurations are top ones here, so a warm-started study
+    # reaches the top with its first trial or two (4 epochs each); random search alone takes longer on some seed
+    with_, without = row["epochs_to_top_per_seed"]["with"], row["epochs_to_top_per_seed"]["without"]
+    assert all(e <= 8 for e in with_), with_
+    assert sum(with_) < sum(without), (with_, without)
+    assert row["ratio_with_over_without"]["interval"][0] is not None
+    assert "warm start (2 from" in proc.stdout
 
 
 def _replay_module() -> Any:

@@ -256,19 +256,24 @@ def test_the_cache_is_a_memory_map_shared_by_later_loads(tmp_path: Path, monkeyp
 
 
 @pytest.mark.parametrize("side", [60, 400], ids=["decoded whole", "decoded at a smaller scale (draft)"])
-def test_a_photo_stored_sideways_comes_out_upright(tmp_path: Path, side: int) -> None:
+@pytest.mark.parametrize(
+    ("orientation", "stored_as"), [(3, 2), (6, 1), (8, 3)], ids=["turn 180", "turn 270", "turn 90"]
+)
+def test_a_photo_stored_turned_comes_out_upright(tmp_path: Path, side: int, orientation: int, stored_as: int) -> None:
     from PIL import Image
 
     from sft_optuna.training.decode import decode_image
 
-    # upright: red top half, blue bottom half; stored rotated by 90 degrees with EXIF orientation 6 ("turn it
-    # 90 degrees clockwise to show it"), as a phone stores a portrait photo
+    # upright: red top half, blue bottom half, a green band on the left; stored turned (np.rot90 k times
+    # counter-clockwise) with the EXIF orientation that tells a viewer how to show it, as phones store photos
     upright = np.zeros((side, side, 3), dtype=np.uint8)
     upright[: side // 2, :, 0] = 255
     upright[side // 2 :, :, 2] = 255
+    upright[:, : side // 5, 1] = 255
     exif = Image.Exif()
-    exif[0x0112] = 6
-    Image.fromarray(np.rot90(upright, k=1).copy()).save(tmp_path / "p.jpg", exif=exif, quality=95)
+    exif[0x0112] = orientation
+    Image.fromarray(np.rot90(upright, k=stored_as).copy()).save(tmp_path / "p.jpg", exif=exif, quality=95)
     out, _ = decode_image(str(tmp_path / "p.jpg"), 30, "center_crop")
-    top, bottom = out[:10].mean((0, 1)), out[-10:].mean((0, 1))
+    top, bottom = out[:10, 10:].mean((0, 1)), out[-10:, 10:].mean((0, 1))
     assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0], (top, bottom)
+    assert out[:, :4, 1].mean() > 200 > out[:, -4:, 1].mean(), "the green band on the left: not mirrored"

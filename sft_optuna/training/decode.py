@@ -69,13 +69,14 @@ def decode_image(path: str, size: int, resize: str) -> tuple[np.ndarray, int]:
     faster on one core for small JPEGs, but a decoding process that imports torch for it costs seconds and
     ~400 MB more (one per core), and decoded no faster here in a pool of processes (``benchmarks/decode.py``).
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     with Image.open(path) as img:
         shorter = min(img.size)
+        orientation = img.getexif().get(0x0112, 1)
         # JPEG only (a no-op otherwise): decode at the smallest 1/2^k scale that still covers size x size
         img.draft("RGB", (size, size))
-        rgb = ImageOps.exif_transpose(img.convert("RGB"))
+        rgb = img.convert("RGB")
         w, h = rgb.size
         if (w, h) != (size, size):
             box = None
@@ -86,7 +87,15 @@ def decode_image(path: str, size: int, resize: str) -> tuple[np.ndarray, int]:
             # whose support widens with the scale; enlarging a small photo: bilinear
             shrink = min(w, h) > size
             rgb = rgb.resize((size, size), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR, box=box)
-        return np.asarray(rgb), shorter
+        # EXIF orientation last, on the small square: the centre square (and a squash to a square) commutes with
+        # each of the eight flips and turns, and turning 256 px costs nothing beside turning the whole photo
+        turn = _ORIENTATIONS.get(orientation)
+        return np.asarray(rgb.transpose(Image.Transpose(turn)) if turn is not None else rgb), shorter
+
+
+_ORIENTATIONS = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}
+"""EXIF orientation -> PIL's ``Image.Transpose`` value that shows the photo upright (as ``ImageOps.exif_transpose``:
+2 mirror, 3 turn 180, 4 flip, 5 transpose, 6 turn 270, 7 transverse, 8 turn 90); 1 and unknown: as stored."""
 
 
 def _decode_chunk(
