@@ -443,6 +443,9 @@ def main() -> None:
         "then the study on --table with and without its --warm-top best configurations",
     )
     p.add_argument("--warm-top", type=int, default=5, help="configurations a warm start carries over (default 5)")
+    p.add_argument(
+        "--warm-source-trials", type=int, default=20, help="the last study's epoch budget, in its trials (default 20)"
+    )
     args = p.parse_args()
     methods = {name: parse_method(name) for name in args.methods.split(",")}  # a typo fails before any work
     warnings.filterwarnings("ignore")
@@ -581,17 +584,23 @@ def warm_start_rows(
     epochs: int,
 ) -> dict[str, Any]:
     """``create --warm-start`` measured: per method, K and seed, the last study runs on the source table (its
-    own epochs per trial, an epoch budget of 20 of its trials), then the new study on ``--table`` in the same
-    storage with its ``--warm-top`` best configurations queued first, and without them (the same seed). The
-    source study's epochs are not counted: it is the study already run. Epochs to the top target and the best
-    found at the fixed budget, with and without, and their ratio's and difference's bootstrap intervals."""
+    own epochs per trial, an epoch budget of ``--warm-source-trials`` of its trials), then the new study on
+    ``--table`` in the same storage with its ``--warm-top`` best configurations queued first, and without them
+    (the same seed). The source study's epochs are not counted: it is the study already run. Epochs to the top
+    target and the best found at the fixed budget, with and without, and their ratio's and difference's
+    bootstrap intervals."""
     src_epochs = len(source_curves[0].values)
     source = (
         SmoothSurrogate(source_curves, base.search_space)
         if args.smooth
         else Surrogate(source_curves, base.search_space, args.neighbours)
     )
-    rows: dict[str, Any] = {"source_table": args.warm_start_table, "top": args.warm_top, "rows": {}}
+    rows: dict[str, Any] = {
+        "source_table": args.warm_start_table,
+        "top": args.warm_top,
+        "source_trials": args.warm_source_trials,
+        "rows": {},
+    }
     for method, (sampler, pruner) in methods.items():
         for k in (int(x) for x in args.workers.split(",")):
             with_, without = [], []
@@ -599,7 +608,7 @@ def warm_start_rows(
                 storage = _memory_storage()
                 src_name = f"last-{method}-{k}-{seed}"
                 replay(
-                    _study_raw(base, src_name, sampler, pruner, seed, src_epochs, 20 * src_epochs),
+                    _study_raw(base, src_name, sampler, pruner, seed, src_epochs, args.warm_source_trials * src_epochs),
                     source,
                     k,
                     storage=storage,
