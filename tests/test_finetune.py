@@ -145,3 +145,55 @@ def test_a_knob_survives_checkpoint_and_resume_mid_phase(splits, knob: str) -> N
     assert [resumed.run_epoch().train_loss for _ in range(2)] == curve[1:]
     for k, v in straight.final_model.state_dict().items():
         assert torch.equal(v, resumed.final_model.state_dict()[k]), k
+
+
+def test_a_photo_study_runs_end_to_end_with_a_searched_backbone_and_knobs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The shipped photo studies' shape on the CPU: photos of mixed aspect ratios, two backbones searched, the
+    resized crop with TrivialAugment and mixup, an LP-FT phase, EMA; every trial completes and says where its
+    data lived."""
+    import optuna
+    import yaml
+    from conftest import study_dict
+    from PIL import Image
+
+    from sft_optuna.cli import main
+
+    rng = torch.Generator().manual_seed(0)
+    root = tmp_path / "photos"
+    for split, n in (("train", 48), ("test", 8)):
+        for i in range(n):
+            label = i % 2
+            w, h = (40, 28) if i % 3 else (28, 44)  # landscape and portrait photos
+            base = torch.full((h, w, 3), 40 + 170 * label, dtype=torch.uint8)
+            noise = torch.randint(0, 40, (h, w, 3), generator=rng, dtype=torch.uint8)
+            path = root / split / f"c{label}" / f"{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((base + noise).numpy()).save(path)
+    raw = study_dict(
+        root,
+        name="photos",
+        budget={"n_trials": 2},
+        data={"val_size": 12, "image_size": 20, "resize": "center_crop"},
+        model={"arch": "resnet18", "image_size": 16},
+        train={
+            "epochs": 2,
+            "batch_size": 12,
+            "freeze_epochs": 1,
+            "ema_decay": 0.9,
+            "augment": {"crop": "resized", "min_scale": 0.3, "policy": "trivialaugment", "mixup": 0.2},
+        },
+    )
+    raw["search_space"] = {"model.arch": {"type": "categorical", "choices": ["resnet18", "mobilenet_v3_small"]}}
+    study = tmp_path / "photos.yaml"
+    study.write_text(yaml.safe_dump(raw))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    with caplog.at_level("INFO", logger="sft_optuna"):
+        code = main(["--storage", url, "run", str(study), "--device", "cpu", "--checkpoint-dir", str(tmp_path / "ck")])
+    assert code == 0, capsys.readouterr().err
+    trials = optuna.load_study(study_name="photos", storage=url).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert all(t.params["model.arch"] in ("resnet18", "mobilenet_v3_small") for t in trials)
+    assert all(len(t.user_attrs["history"]) == 2 for t in trials)
+    assert "data (0.00 GB) on cpu: the CPU holds the data either way" in caplog.text
