@@ -12,13 +12,17 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin
 
 from sft_optuna.errors import ConfigError
 
 __all__ = [
+    "BOUNDS",
+    "RULES",
     "AugmentConfig",
+    "Bound",
     "BudgetConfig",
     "DataConfig",
     "HeartbeatConfig",
@@ -48,7 +52,8 @@ class SamplerConfig:
 @dataclass(frozen=True)
 class PrunerConfig:
     name: str = "median"
-    """Pruner, by name: ``median``, ``percentile``, ``hyperband``, ``successive_halving`` or ``none``."""
+    """Pruner, by name: ``asha`` (pauses trials at rungs and promotes the best from their checkpoints),
+    ``median``, ``percentile``, ``hyperband``, ``successive_halving`` or ``none``."""
     options: dict[str, Any] = field(default_factory=dict)
     """Other keys of the ``pruner:`` mapping, passed to the pruner's constructor."""
 
@@ -58,7 +63,9 @@ class BudgetConfig:
     n_trials: int = 20
     """Trials for the whole study across all workers; every finished trial counts, whatever its state."""
     max_retries: int = 2
-    """How often a trial whose worker died or was preempted is retried (resuming from its checkpoint)."""
+    """Failures of a trial's own (its worker died while the storage was reachable, its node failed) that are
+    retried, each resuming from its checkpoint; an operator's stop, a storage outage or a wrong verdict never
+    uses one up."""
     epochs: int | None = None
     """Epochs the whole study may train, promotions and retries' re-run epochs included: no trial starts
     whose planned epochs (to its end, or with ASHA to its next rung) would go past it. ``null``: no cap."""
@@ -69,8 +76,9 @@ class HeartbeatConfig:
     interval: float = 30.0
     """Seconds between a running trial's heartbeats (one small write each)."""
     grace_period: float = 120.0
-    """A running trial whose worker has not beaten for this long is failed and retried (from its checkpoint).
-    Several missed beats, so that a database restart or a GC pause does not fail healthy trials."""
+    """A running trial whose beat did not advance across a watcher's own uninterrupted reads of the storage
+    for this long is failed and retried (from its checkpoint). Several beats, so that a GC pause or a slow
+    write does not fail healthy trials."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +116,7 @@ class ModelConfig:
     arch: str = "resnet18"
     """Any torchvision classification model by its builder name (``resnet50``, ``efficientnet_b0``,
     ``convnext_tiny``, ``vit_b_16``, ``swin_t``, ...); its classification head is replaced by one for the
-    dataset's classes. Searchable as ``model.arch``."""
+    dataset's classes."""
     weights: str = "none"
     """``imagenet`` (the architecture's default ImageNet weights from torchvision, from
     ``$TORCH_HOME/hub/checkpoints/`` or downloaded), ``none`` (random init) or a state-dict file."""
@@ -354,11 +362,97 @@ def augment_config(value: Any, where: str) -> AugmentConfig:
     return _build(AugmentConfig, value, where)  # type: ignore[no-any-return]
 
 
-def _check_positive(where: str, value: float | int | None, *, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero) or not math.isfinite(value):
-        raise ConfigError(f"{where}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+@dataclass(frozen=True)
+class Bound:
+    """An allowed range of a numeric key: above (or at least) ``low``, below (or at most) ``high``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = False
+    high_inclusive: bool = False
+
+    def describe(self) -> str:
+        """``> 0``, ``>= 0 and < 1``, ... (what an error and the reference say)."""
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>=' if self.low_inclusive else '>'} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<=' if self.high_inclusive else '<'} {self.high:g}")
+        return " and ".join(parts)
+
+    def holds(self, value: float) -> bool:
+        """Is ``value`` (finite) in the range?"""
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (value == self.low and not self.low_inclusive)):
+            return False
+        return not (self.high is not None and (value > self.high or (value == self.high and not self.high_inclusive)))
+
+
+POSITIVE = Bound(low=0)
+NON_NEGATIVE = Bound(low=0, low_inclusive=True)
+FRACTION = Bound(low=0, high=1, low_inclusive=True)  # [0, 1)
+BOUNDS: dict[str, Bound] = {
+    "budget.n_trials": POSITIVE,
+    "budget.max_retries": NON_NEGATIVE,
+    "budget.epochs": POSITIVE,
+    "heartbeat.interval": POSITIVE,
+    "heartbeat.grace_period": POSITIVE,
+    "data.val_size": POSITIVE,
+    "data.train_subset": POSITIVE,
+    "data.image_size": POSITIVE,
+    "model.image_size": POSITIVE,
+    "train.epochs": POSITIVE,
+    "train.batch_size": POSITIVE,
+    "train.eval_batch_size": POSITIVE,
+    "train.lr": POSITIVE,
+    "train.momentum": FRACTION,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.lr_decay": NON_NEGATIVE,
+    "train.warmup_epochs": NON_NEGATIVE,
+    "train.label_smoothing": FRACTION,
+    "train.lr_min_ratio": Bound(low=0, high=1, low_inclusive=True, high_inclusive=True),
+    "train.backbone_lr_scale": NON_NEGATIVE,
+    "train.freeze_epochs": NON_NEGATIVE,
+    "train.ema_decay": FRACTION,
+    "train.head_dropout": FRACTION,
+    "train.augment.min_scale": Bound(low=0, high=1, high_inclusive=True),
+    "train.augment.max_ratio": Bound(low=1, high=100, low_inclusive=True),
+    "train.augment.eval_crop": Bound(low=0, high=1, high_inclusive=True),
+    "train.augment.magnitude": Bound(low=0, high=30, low_inclusive=True, high_inclusive=True),
+    "train.augment.num_ops": Bound(low=1, high=10, low_inclusive=True, high_inclusive=True),
+    "train.augment.mixup": NON_NEGATIVE,
+    "train.augment.cutmix": NON_NEGATIVE,
+}
+"""Every numeric key's range, by its dotted path: the checks below and the study-file reference read this."""
+
+RULES: list[tuple[str, str, Callable[[StudyConfig], bool]]] = [
+    (
+        "heartbeat.grace_period",
+        "at least 2 heartbeat intervals",
+        lambda c: c.heartbeat.grace_period >= 2 * c.heartbeat.interval,
+    ),
+    ("train.warmup_epochs", "below train.epochs", lambda c: c.train.warmup_epochs < c.train.epochs),
+    (
+        "train.freeze_epochs",
+        "below train.epochs (the head-only phase is followed by full fine-tuning)",
+        lambda c: c.train.freeze_epochs < c.train.epochs,
+    ),
+    ("model.arch", "a torchvision model name", lambda c: bool(c.model.arch.strip())),
+]
+"""Checks that relate keys: (key, what it must be, whether it is)."""
+
+
+def _values(obj: Any, prefix: str) -> list[tuple[str, Any]]:
+    """(dotted key, value) of every field of dataclass ``obj`` and of the dataclasses inside it."""
+    out: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _values(value, f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", value))
+    return out
 
 
 def _check_param(where: str, spec: ParamSpec, sampler: str) -> None:
@@ -391,50 +485,6 @@ def _check_param(where: str, spec: ParamSpec, sampler: str) -> None:
                 raise ConfigError(f"{where}.{key}: must be a whole number for type int, got {value!r}")
     if sampler == "grid" and spec.type == "float" and spec.step is None:
         raise ConfigError(f"{where}.step: the grid sampler needs a step for a float range")
-
-
-def _check_train(where: str, train: TrainConfig) -> None:
-    for key in ("epochs", "batch_size", "eval_batch_size", "lr"):
-        _check_positive(f"{where}.{key}", getattr(train, key))
-    for key in ("momentum", "weight_decay", "lr_decay", "warmup_epochs", "label_smoothing", "lr_min_ratio"):
-        _check_positive(f"{where}.{key}", getattr(train, key), allow_zero=True)
-    if train.momentum >= 1:
-        raise ConfigError(f"{where}.momentum: must be < 1, got {train.momentum!r}")
-    if train.label_smoothing >= 1:
-        raise ConfigError(f"{where}.label_smoothing: must be < 1, got {train.label_smoothing!r}")
-    if train.lr_min_ratio > 1:
-        raise ConfigError(f"{where}.lr_min_ratio: must be <= 1, got {train.lr_min_ratio!r}")
-    if train.warmup_epochs >= train.epochs:
-        raise ConfigError(f"{where}.warmup_epochs: must be below epochs ({train.warmup_epochs!r})")
-    _check_positive(f"{where}.backbone_lr_scale", train.backbone_lr_scale, allow_zero=True)
-    _check_positive(f"{where}.freeze_epochs", train.freeze_epochs, allow_zero=True)
-    if train.freeze_epochs >= train.epochs:
-        raise ConfigError(
-            f"{where}.freeze_epochs: must be below epochs ({train.freeze_epochs!r} >= {train.epochs!r}): "
-            "the head-only phase is followed by full fine-tuning"
-        )
-    for key in ("ema_decay", "head_dropout"):
-        value = getattr(train, key)
-        if not 0 <= value < 1:
-            raise ConfigError(f"{where}.{key}: must be >= 0 and < 1, got {value!r}")
-    _check_augment(f"{where}.augment", train.augment)
-
-
-def _check_augment(where: str, aug: AugmentConfig) -> None:
-    if not 0 < aug.min_scale <= 1:
-        raise ConfigError(f"{where}.min_scale: must be > 0 and <= 1, got {aug.min_scale!r}")
-    if not 1 <= aug.max_ratio < 100:
-        raise ConfigError(
-            f"{where}.max_ratio: must be >= 1 (it and its inverse bound the crops), got {aug.max_ratio!r}"
-        )
-    if not 0 < aug.eval_crop <= 1:
-        raise ConfigError(f"{where}.eval_crop: must be > 0 and <= 1, got {aug.eval_crop!r}")
-    if not 0 <= aug.magnitude <= 30:
-        raise ConfigError(f"{where}.magnitude: must be 0..30 (RandAugment's 31 bins), got {aug.magnitude!r}")
-    if not 1 <= aug.num_ops <= 10:
-        raise ConfigError(f"{where}.num_ops: must be 1..10, got {aug.num_ops!r}")
-    for key in ("mixup", "cutmix"):
-        _check_positive(f"{where}.{key}", getattr(aug, key), allow_zero=True)
 
 
 SECTIONS_SEARCHED: dict[str, type] = {"augment": AugmentConfig, "model": ModelConfig}
@@ -559,22 +609,19 @@ def _check_space_values(where: str, pname: str, spec: ParamSpec, config: StudyCo
 
 
 def _check_values(config: StudyConfig, source: str) -> None:
+    """Every numeric value in its range (:data:`BOUNDS`) and every rule between keys (:data:`RULES`)."""
     pre = f"{source}: " if source else ""
-    _check_positive(f"{pre}budget.n_trials", config.budget.n_trials)
-    _check_positive(f"{pre}budget.max_retries", config.budget.max_retries, allow_zero=True)
-    if config.budget.epochs is not None:
-        _check_positive(f"{pre}budget.epochs", config.budget.epochs)
-    _check_positive(f"{pre}heartbeat.interval", config.heartbeat.interval)
-    _check_positive(f"{pre}heartbeat.grace_period", config.heartbeat.grace_period)
-    if config.heartbeat.grace_period < 2 * config.heartbeat.interval:
-        raise ConfigError(f"{pre}heartbeat.grace_period: must be at least 2 heartbeat intervals")
-    _check_positive(f"{pre}data.val_size", config.data.val_size)
-    _check_positive(f"{pre}data.train_subset", config.data.train_subset)
-    _check_positive(f"{pre}data.image_size", config.data.image_size)
-    _check_positive(f"{pre}model.image_size", config.model.image_size)
-    if not config.model.arch.strip():
-        raise ConfigError(f"{pre}model.arch: expected a torchvision model name, got {config.model.arch!r}")
-    _check_train(f"{pre}train", config.train)
+    for section in ("budget", "heartbeat", "data", "model", "train"):
+        for key, value in _values(getattr(config, section), f"{section}."):
+            bound = BOUNDS.get(key)
+            if bound is not None and value is not None and not bound.holds(value):
+                raise ConfigError(f"{pre}{key}: must be {bound.describe()}, got {value!r}")
+    for key, what, holds in RULES:
+        if not holds(config):
+            value = config
+            for part in key.split("."):
+                value = getattr(value, part)
+            raise ConfigError(f"{pre}{key}: must be {what}, got {value!r}")
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
