@@ -427,6 +427,9 @@ def main() -> None:
     p.add_argument("--budget-epochs", type=int, default=None, help="default: 20 full trials' epochs")
     p.add_argument("--horizon-epochs", type=int, default=None, help="each study's epoch budget (default: 3x)")
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--full-json", action="store_true", help="keep every seed's whole anytime curve in --json (megabytes)"
+    )
     p.add_argument("--plot", default=None, help="PNG of the anytime curves")
     p.add_argument("--neighbours", type=int, default=1, help="curves averaged by the surrogate (1: the nearest)")
     p.add_argument("--smooth", action="store_true", help="a kernel ridge regression surrogate (not --neighbours)")
@@ -534,12 +537,31 @@ def main() -> None:
                 flush=True,
             )
             if args.json:  # after every row: a long run (GP fits a model per claim) keeps what it has
-                Path(args.json).write_text(json.dumps(out))
+                Path(args.json).write_text(json.dumps(out if args.full_json else compact(out)))
     _summary(out)
     if args.json:
-        Path(args.json).write_text(json.dumps(out))
+        Path(args.json).write_text(json.dumps(out if args.full_json else compact(out)))
     if args.plot:
         plot(out, Path(args.plot))
+
+
+def compact(out: dict[str, Any]) -> dict[str, Any]:
+    """``out`` without every seed's whole anytime curve (megabytes over 60 seeds): per seed, only the figures
+    the summary reads — epochs to each target (None: not reached) and the best found at the fixed budget; the
+    mean curve stays as its banded summary (``anytime``)."""
+    slim = dict(out)
+    slim["methods"] = {}
+    for key, m in out.get("methods", {}).items():
+        runs = m.get("anytime_runs")
+        m = {k: v for k, v in m.items() if k != "anytime_runs"}
+        if runs is not None:
+            m["per_seed"] = {
+                "epochs_to_target": [epochs_to(r, out["target"]) for r in runs],
+                "epochs_to_top": [epochs_to(r, out["top_target"]) for r in runs],
+                "best_at_budget": [round(best_at(r, out["budget_epochs"]), 5) for r in runs],
+            }
+        slim["methods"][key] = m
+    return slim
 
 
 def _load(table: str, space: dict[str, Any]) -> list[Curve]:

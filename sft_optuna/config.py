@@ -212,6 +212,10 @@ class TrainConfig:
     """Channels-last memory format (faster convolutions on tensor-core GPUs)."""
     compile: bool = False
     """``torch.compile`` the model; its compile time is reported separately."""
+    cuda_graph: Literal["auto", "on", "off"] = "off"
+    """Replay each training step from a CUDA graph (forward, backward and a fused optimizer step in one launch;
+    ``training/graphs.py``): ``auto`` and ``on`` on CUDA, eager elsewhere. Off by default until the GPU check
+    (``benchmarks/gpu.sh``) has measured it against eager on real hardware."""
     eval_batch_size: int = 1024
     """Batch size of evaluation (no gradients, so it can be large)."""
     seed: int = 0

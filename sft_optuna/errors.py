@@ -38,6 +38,7 @@ class StorageUnavailable(Exception):  # noqa: N818 - named for what it is
     """The storage (database, journal file, gRPC proxy) failed, or gave no successful answer for ``OUTAGE_S``.
 
     Never a trial's error, whatever call it surfaced from (a report, a prune check, an attribute, a claim): the
-    worker stops with exit code 3 and its trial stays resumable (RUNNING for a watcher to find, its checkpoint
-    kept). ``__cause__`` is the driver's or transport's own exception.
+    worker gives its trial back once the storage answers again (FAIL, reason ``storage outage``: retried from its
+    checkpoint, uncounted) — or, when it does not answer, leaves it RUNNING for a watcher — and stops with exit
+    code 3. ``__cause__`` is the driver's or transport's own exception.
     """

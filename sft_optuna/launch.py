@@ -43,6 +43,27 @@ def parse_gpus(spec: str) -> list[str]:
     return ids
 
 
+def _memory_shares(gpus: Sequence[str], workers_per_gpu: int) -> dict[str, int]:
+    """Each GPU's free memory divided between its workers, from ``nvidia-smi`` (asking torch would open a CUDA
+    context in the launcher, on every GPU, for as long as it runs); empty when it cannot be read."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("cannot read the GPUs' free memory (%s): workers sharing a GPU each plan with all of it", exc)
+        return {}
+    free = {}
+    for line in out.strip().splitlines():
+        index, mib = (field.strip() for field in line.split(","))
+        free[index] = int(mib) * 2**20
+    return {gpu: free[gpu] // workers_per_gpu for gpu in gpus if gpu in free}
+
+
 def _pump(stream: IO[str], prefix: str) -> None:
     for line in stream:
         sys.stdout.write(f"{prefix} {line}")
@@ -60,6 +81,7 @@ def launch(
     if workers_per_gpu < 1:
         raise UserError(f"--workers-per-gpu {workers_per_gpu}: must be at least 1")
     slots = [(gpu, k) for gpu in gpus for k in range(workers_per_gpu)]
+    shares = _memory_shares(gpus, workers_per_gpu) if workers_per_gpu > 1 and gpus != ["cpu"] else {}
     # ``threads`` (--threads, else an exported $OMP_NUM_THREADS: node.resolve_threads), else the node's cores
     # shared between the workers (two workers on 2 cores each using all cores ran 5x slower than one).
     per_worker = threads or max(1, (os.cpu_count() or 1) // len(slots))
@@ -73,6 +95,8 @@ def launch(
             env["CUDA_VISIBLE_DEVICES"] = gpu  # the worker sees only its own GPU, as cuda:0
             device, tag = "cuda", f"[gpu{gpu}" + (f".{k}]" if workers_per_gpu > 1 else "]")
         cmd = [sys.executable, "-m", "sft_optuna", *worker_argv, "--device", device]
+        if gpu in shares:  # workers sharing a GPU decide their data placement on their share of its memory
+            cmd += ["--device-memory", str(shares[gpu])]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
         pump = threading.Thread(target=_pump, args=(proc.stdout, tag), daemon=True)

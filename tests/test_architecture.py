@@ -22,6 +22,7 @@ LAYERS = {
     "study": 5,
     "worker": 5,
     "launch": 5,
+    "packing": 5,
     "cli": 6,
     "__main__": 7,
 }

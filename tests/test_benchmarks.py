@@ -171,6 +171,7 @@ def test_replay_runs_methods_through_the_real_claims_and_writes_its_figures(tmp_
         "2",
         "--json",
         str(out),
+        "--full-json",
         "--plot",
         str(tmp_path / "replay.png"),
     )
@@ -251,6 +252,19 @@ def _replay_module() -> Any:
     sys.modules["hpo_replay"] = replay  # its dataclass looks its module up
     spec.loader.exec_module(replay)
     return replay
+
+
+def test_the_replay_json_keeps_per_seed_figures_not_whole_curves_unless_asked() -> None:
+    replay = _replay_module()
+    runs = [[(4, 0.5), (8, 0.7), (12, 0.72)], [(4, 0.3), (8, 0.4)]]
+    out = {"target": 0.71, "top_target": 0.6, "budget_epochs": 8, "methods": {"m K=1": {"anytime_runs": runs}}}
+    slim = replay.compact(out)
+    assert "anytime_runs" not in slim["methods"]["m K=1"] and "anytime_runs" in out["methods"]["m K=1"]
+    assert slim["methods"]["m K=1"]["per_seed"] == {
+        "epochs_to_target": [12, None],
+        "epochs_to_top": [8, None],
+        "best_at_budget": [0.7, 0.4],
+    }
 
 
 def test_the_replay_quantile_is_the_nearest_rank() -> None:

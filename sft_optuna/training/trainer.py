@@ -23,6 +23,7 @@ from torch import nn
 from sft_optuna.config import ModelConfig, TrainConfig
 from sft_optuna.training.augment import BatchPipeline, Mixer, channel_stats
 from sft_optuna.training.data import Splits
+from sft_optuna.training.graphs import GraphedStep, float_learning_rates, graphs_enabled, tensor_learning_rates
 from sft_optuna.training.model import build_model, head_parameters
 
 __all__ = ["DivergedError", "EpochResult", "Trainer", "WeightEMA", "lr_factor", "predict"]
@@ -84,11 +85,15 @@ def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     return groups
 
 
-def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _make_optimizer(model: nn.Module, cfg: TrainConfig, graphed: bool = False) -> torch.optim.Optimizer:
+    """SGD or AdamW over :func:`_param_groups`; for a graphed step the fused, capturable kind (one kernel)."""
     groups = _param_groups(model, cfg)
+    fused: dict[str, Any] = {"fused": True} if graphed else {}
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        capturable = {"capturable": True} if graphed else {}
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999), **fused, **capturable)
+    nesterov = cfg.nesterov and cfg.momentum > 0
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, **fused)
 
 
 class WeightEMA:
@@ -133,10 +138,12 @@ class WeightEMA:
         self.updates = int(state["updates"])
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+def _autocast(device: torch.device, precision: str, cache: bool = True) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast where ``precision`` asks for it; ``cache=False`` inside a CUDA graph capture (autocast's
+    cache of cast weights would outlive the capture)."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
@@ -201,7 +208,18 @@ class Trainer:
         self.ema = WeightEMA(model, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
         self.mixer = Mixer(aug.mixup, aug.cutmix, seed)
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.optimizer = _make_optimizer(model, train_cfg)
+        # torch.compile captures graphs of its own when asked; ours serve the eager model
+        self.graphed = graphs_enabled(train_cfg.cuda_graph, device) and not train_cfg.compile
+        self.optimizer = _make_optimizer(model, train_cfg, self.graphed)
+        self.graph: GraphedStep | None = None
+        if self.graphed:
+            tensor_learning_rates(self.optimizer, device)  # before the schedule reads its base rates
+            self.graph = GraphedStep(
+                self.step_model,
+                self.optimizer,
+                lambda: _autocast(device, train_cfg.precision, cache=False),
+                train_cfg.label_smoothing,
+            )
         self.steps_per_epoch = max(self.train_data.steps(train_cfg.batch_size, drop_last=True), 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(train_cfg, step / self.steps_per_epoch)
@@ -240,14 +258,19 @@ class Trainer:
             y_a, y_b, lam = yb, yb, 1.0
             if self.mixer.active:
                 xb, y_a, y_b, lam = self.mixer(xb, yb)
-            with _autocast(device, cfg.precision):
-                logits = self.step_model(xb)
-                loss = F.cross_entropy(logits, y_a, label_smoothing=cfg.label_smoothing)
-                if lam < 1.0:
-                    loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits, y_b, label_smoothing=cfg.label_smoothing)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            if self.graph is not None:  # forward, backward and the optimizer's step in one replay
+                phase = (self.epoch < cfg.freeze_epochs, cfg.bn)
+                loss, logits = self.graph.step(xb, y_a, y_b, torch.full((), lam, device=device), phase)
+            else:
+                with _autocast(device, cfg.precision):
+                    logits = self.step_model(xb)
+                    loss = F.cross_entropy(logits, y_a, label_smoothing=cfg.label_smoothing)
+                    if lam < 1.0:
+                        mixed = F.cross_entropy(logits, y_b, label_smoothing=cfg.label_smoothing)
+                        loss = lam * loss + (1.0 - lam) * mixed
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
             self.scheduler.step()
             if self.ema is not None:
                 self.ema.update(model)
@@ -339,7 +362,8 @@ class Trainer:
         """Everything needed to resume: model, optimizer, schedule position, RNG, learning curve."""
         return {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            # float learning rates: a graphed trial's checkpoint resumes on any device, graphed or not
+            "optimizer": float_learning_rates(self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "epoch": self.epoch,
@@ -356,6 +380,12 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self._weights_version += 1
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.graphed:  # the saved groups' flags are the saving trainer's: ours graph a fused step
+            for group in self.optimizer.param_groups:
+                group["fused"] = True
+                if "capturable" in group:
+                    group["capturable"] = True
+            tensor_learning_rates(self.optimizer, self.device)
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"].cpu())
         if self.ema is not None:
