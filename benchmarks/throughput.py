@@ -225,6 +225,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32, help="model input side (upsampled on device)")
     parser.add_argument("--stem", choices=["imagenet", "cifar"], default="imagenet")
     parser.add_argument("--compile", action="store_true", help="torch.compile our model")
+    parser.add_argument(
+        "--cuda-graph", action="store_true", help="also our step replayed from a CUDA graph (train.cuda_graph: on)"
+    )
     parser.add_argument("--memory-epochs", type=int, default=5, help="epochs of the host-memory check (0: skip)")
     parser.add_argument(
         "--memory-images",
@@ -269,9 +272,14 @@ def main() -> None:
     ours_cfgs = {"fp32": TrainConfig(batch_size=bs, lr=0.05, precision="fp32", compile=args.compile)}
     if cuda:
         ours_cfgs["bf16"] = TrainConfig(batch_size=bs, lr=0.05, precision="bf16", compile=args.compile)
+    if args.cuda_graph:  # on the CPU the step stays eager (graphs are CUDA's): the row then measures eager again
+        ours_cfgs["graph"] = TrainConfig(batch_size=bs, lr=0.05, precision="bf16" if cuda else "fp32", cuda_graph="on")
+    graph_failed = None
     for name, cfg in ours_cfgs.items():
         trainer = Trainer(splits, model_cfg, cfg, device, seed=0)
         results[name] = train_ours(trainer, steps, warmup)
+        if name == "graph":
+            graph_failed = trainer.graph.failed if trainer.graph is not None else None
     default = "bf16" if cuda else "fp32"
     our_train, compile_s = results[default]
 
@@ -313,6 +321,9 @@ def main() -> None:
         "matmul_flops_per_s": peak,
         "mfu_textbook": round(mfu_textbook, 4),
         "mfu_ours": round(mfu[default], 4),
+        "ours_train_graphed_images_per_s": round(results["graph"][0], 1) if "graph" in results else None,
+        "mfu_ours_graphed": round(mfu["graph"], 4) if "graph" in results else None,
+        "graph_capture_failed": graph_failed,
         "rss_mb_after_import": round(rss_start, 1),
         "rss_mb_per_epoch": [round(m, 1) for m in memory],
         "dataset_uint8_mb": round(dataset_mb, 1),
@@ -325,6 +336,11 @@ def main() -> None:
         ("train images/s (both fp32)", tb_train, results["fp32"][0]),
         (f"MFU vs {'bf16' if cuda else 'fp32'} matmul {peak / 1e12:.2f} TFLOP/s", mfu_textbook, mfu[default]),
     ]
+    if "graph" in results:
+        rows += [
+            ("train images/s (ours, CUDA graph)", tb_train, results["graph"][0]),
+            ("MFU (ours, CUDA graph)", mfu_textbook, mfu["graph"]),
+        ]
     print(f"\n{'figure':<48}{'textbook':>14}{'sft-optuna':>14}{'ratio':>9}")
     for label, a, b in rows:
         fmt = "{:>14.1%}" if label.startswith("MFU") else "{:>14.0f}"

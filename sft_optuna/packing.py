@@ -201,8 +201,10 @@ def calibrate_node(
     seconds: float = 10.0,
     cores: int | None = None,
     cache: Path | None = CACHE,
+    stop_early: bool = True,
 ) -> Calibration:
-    """Measure 1, 2, 4, ... concurrent workers on GPU ``gpu`` (None: the CPU) and choose (see the module)."""
+    """Measure 1, 2, 4, ... concurrent workers on GPU ``gpu`` (None: the CPU) and choose (see the module);
+    ``stop_early``: no larger count once a doubling did not pay (``False``: every count that fits, a benchmark)."""
     cores = cores or len(os.sched_getaffinity(0))
     device_name, cap = "cpu", None
     if gpu is not None:
@@ -225,7 +227,7 @@ def calibrate_node(
         start = time.perf_counter()
         rates[k] = _run_together(config, k, gpu, cores, seconds)
         log.info("calibration: %d worker(s) together: %.0f images/s (%.0f s)", k, rates[k], time.perf_counter() - start)
-        if len(rates) > 1 and choose_workers(rates, cap=cap) < k:
+        if stop_early and len(rates) > 1 and choose_workers(rates, cap=cap) < k:
             break  # this doubling did not pay: larger counts are not measured
     calibration = Calibration(
         device_name, rates, choose_workers(rates, cap=cap), gpu is not None and mps_running(), cap

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -34,6 +35,16 @@ def _file(tmp_path: Path, name: str, content: bytes) -> Path:
     path = tmp_path / name
     path.write_bytes(content)
     return path
+
+
+def _create(d: Path, **sections: Any) -> list[str]:
+    """argv of ``create`` for a small study file with ``sections`` laid over it."""
+    return [
+        "--storage",
+        f"sqlite:///{d}/s.db",
+        "create",
+        str(_file(d, "s.yaml", yaml.safe_dump(study_dict(d, **sections)).encode())),
+    ]
 
 
 CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
@@ -74,6 +85,30 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
         ],
         "s.yaml: sampler.n_startup_trials: 'two' is not int",
     ),
+    "an unknown architecture": (
+        lambda d: _create(d, model={"arch": "resnet81", "weights": "none", "image_size": 16}),
+        "s.yaml: model.arch: unknown architecture 'resnet81' (did you mean resnet18",
+    ),
+    "a knob that does not apply to the architecture": (
+        lambda d: _create(d, model={"arch": "vit_b_16", "image_size": 224}, train={"bn": "frozen", "epochs": 2}),
+        "s.yaml: train.bn: frozen: vit_b_16 has no BatchNorm layers",
+    ),
+    "a searched architecture that is not one": (
+        lambda d: _create(d, search_space={"model.arch": {"type": "categorical", "choices": ["resnet18", "resnet5O"]}}),
+        "s.yaml: search_space.model.arch: model.arch: unknown architecture 'resnet5O' (did you mean resnet50",
+    ),
+    "freeze_epochs not below epochs": (
+        lambda d: _create(d, train={"epochs": 2, "freeze_epochs": 2}),
+        "s.yaml: train.freeze_epochs: must be below train.epochs (the head-only phase is followed by full",
+    ),
+    "an EMA decay of 1": (
+        lambda d: _create(d, train={"epochs": 2, "ema_decay": 1.0}),
+        "s.yaml: train.ema_decay: must be >= 0 and < 1, got 1.0",
+    ),
+    "an augmentation key that does not exist": (
+        lambda d: _create(d, train={"epochs": 2, "augment": {"crop": "resized", "mixupp": 0.2}}),
+        "s.yaml: train.augment.mixupp: unknown key",
+    ),
     "status on a mistyped SQLite path": (
         lambda d: ["--storage", f"sqlite:///{d}/typo.db", "status", "t"],
         "typo.db does not exist (nothing was created)",
@@ -111,9 +146,12 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_users_mistake_is_one_line_naming_it(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_argv, expected = CASES[case]
-    code, _, err = _cli(make_argv(tmp_path), capsys)
+    argv = make_argv(tmp_path)
+    code, _, err = _cli(argv, capsys)
     assert code != 0
     assert expected in _one_line(err)
+    if "create" in argv:
+        assert not (tmp_path / "s.db").exists(), "a refused study file wrote nothing, not even a storage"
     assert "pw" not in err.replace("psycopg", "")
     assert not (tmp_path / "typo.db").exists() and not (tmp_path / "typo.log").exists(), "a look-up created a storage"
 
