@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--decoder-sample", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of sft-optuna's side and the baseline")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -159,18 +161,22 @@ def main() -> None:
     print(f"folder: {args.images} JPEGs under {root} ({time.perf_counter() - start:.0f} s to make or find)")
     files = _list(root)
     cache = args.dir / "cache.npy"
-    cache.unlink(missing_ok=True)
-
-    start = time.perf_counter()
-    decoded = decode_images(files, SIZE, "center_crop", cache, "decoding", workers=args.workers)
-    first = len(files) / (time.perf_counter() - start)
+    # rounds alternate the two sides: a shared machine that gets busier or quieter slows both alike
+    firsts, cacheds, loaders, baselines = [], [], [], []
+    for r in range(args.rounds):
+        cache.unlink(missing_ok=True)
+        start = time.perf_counter()
+        decoded = decode_images(files, SIZE, "center_crop", cache, "decoding", workers=args.workers)
+        firsts.append(len(files) / (time.perf_counter() - start))
+        start = time.perf_counter()
+        x = np.array(np.load(cache, mmap_mode="r"))  # what a re-run reads: the memory map, into memory
+        cacheds.append(len(files) / (time.perf_counter() - start))
+        loaders.append(_loader(x, decoded.y, args.device, args.workers))
+        baselines.append(_baseline(root, args.workers, args.images))
+        print(f"round {r + 1}: first decode {firsts[-1]:.0f}, baseline {baselines[-1]:.0f} images/s", flush=True)
+    first, cached = statistics.median(firsts), statistics.median(cacheds)
+    loader, baseline = statistics.median(loaders), statistics.median(baselines)
     decoders = _decoders(files, args.decoder_sample)
-    start = time.perf_counter()
-    x = np.array(np.load(cache, mmap_mode="r"))  # what a re-run reads: the memory map, into memory
-    cached = len(files) / (time.perf_counter() - start)
-    loader = _loader(x, decoded.y, args.device, args.workers)
-    baseline = _baseline(root, args.workers, args.images)
-
     rows = [
         ("baseline: ImageFolder + RandomResizedCrop + DataLoader, one epoch", baseline, ""),
         ("sft-optuna first decode (into the cache)", first, f"goal >= {baseline:.0f} (baseline epoch)"),
@@ -178,8 +184,8 @@ def main() -> None:
         ("sft-optuna loader, RandomResizedCrop 224 + flip", loader, f"goal >= {10 * baseline:.0f} (10x baseline)"),
     ]
     print(
-        f"\n{args.images} JPEGs 300-1,000 px, stored at {SIZE} px, trained at {CROP} px; {args.workers} cores; "
-        f"loader on {args.device}"
+        f"\nmedians of {args.rounds} rounds; {args.images} JPEGs 300-1,000 px, stored at {SIZE} px, trained at "
+        f"{CROP} px; {args.workers} cores; loader on {args.device}"
     )
     print(f"{'':66s} {'images/s':>9s}  {'x baseline':>10s}")
     for name, ips, goal in rows:
@@ -195,6 +201,7 @@ def main() -> None:
         "device": args.device,
         "cpu": platform.processor() or platform.machine(),
         "images_per_s": {"baseline_epoch": baseline, "first_decode": first, "cached_read": cached, "loader": loader},
+        "rounds": {"first_decode": firsts, "cached_read": cacheds, "loader": loaders, "baseline_epoch": baselines},
         "decoders_images_per_s": decoders,
         "goals": {"loader_vs_baseline": loader / baseline, "first_decode_vs_baseline": first / baseline},
     }

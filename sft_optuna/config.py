@@ -194,7 +194,8 @@ class TrainConfig:
     ``false`` for none. Searchable as a whole (``augment``: true/false) or key by key (``augment.mixup``)."""
     backbone_lr_scale: float = 1.0
     """Discriminative learning rates: the new head trains at ``lr``, the pretrained backbone at
-    ``lr * backbone_lr_scale`` (0: a linear probe throughout)."""
+    ``lr * backbone_lr_scale`` (0: the backbone's weights stay; its BatchNorm statistics still move unless
+    ``bn: frozen``)."""
     freeze_epochs: int = 0
     """LP-FT (Kumar et al., 2022): the first ``freeze_epochs`` epochs train the head only (the backbone's weights
     and BatchNorm statistics frozen: a linear probe), then everything; must be below ``epochs``."""

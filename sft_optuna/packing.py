@@ -158,9 +158,9 @@ def _store(config: StudyConfig, calibration: Calibration, path: Path = CACHE) ->
         log.warning("cannot cache the calibration in %s (%s)", path, exc)
 
 
-def _run_together(config: StudyConfig, k: int, gpu: str | None, cores: int, seconds: float) -> float:
-    """Aggregate images/s of ``k`` calibration processes started together (on GPU ``gpu``, else the CPU with
-    the cores split between them)."""
+def _run_together(config: StudyConfig, k: int, gpu: str | None, cores: int, seconds: float) -> tuple[float, int]:
+    """(aggregate images/s, the most device memory one of them took) of ``k`` calibration processes started
+    together (on GPU ``gpu``, else the CPU with the cores split between them)."""
     payload = json.dumps(config.to_dict())
     threads = max(1, cores // k)
     procs: list[tuple[subprocess.Popen[str], Any]] = []
@@ -179,7 +179,7 @@ def _run_together(config: StudyConfig, k: int, gpu: str | None, cores: int, seco
             proc.stdin.write(payload)  # every process gets its config before any is waited for: they meet
             proc.stdin.close()  # at the barrier
             procs.append((proc, errors))
-        total = 0.0
+        total, peak = 0.0, 0
         for proc, errors in procs:
             assert proc.stdout is not None
             out = proc.stdout.read()
@@ -190,8 +190,27 @@ def _run_together(config: StudyConfig, k: int, gpu: str | None, cores: int, seco
             if proc.returncode != 0:
                 last = (err.strip().splitlines() or ["no output"])[-1]
                 raise UserError(f"--workers-per-gpu auto: a calibration process failed ({last[:200]})")
-            total += float(json.loads(out.strip().splitlines()[-1])["images_per_s"])
-    return total
+            result = json.loads(out.strip().splitlines()[-1])
+            total += float(result["images_per_s"])
+            peak = max(peak, int(result["peak_bytes"]))
+    return total, peak
+
+
+def _gpu(gpu: str) -> tuple[str, int | None]:
+    """(``cuda (NAME)``, free bytes) of GPU ``gpu`` from ``nvidia-smi``: the launcher never opens a CUDA context of
+    its own (it would hold memory on the GPU for as long as its workers run); (``cuda``, None) without it."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "-i", gpu, "--query-gpu=name,memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+        name, free_mib = (field.strip() for field in out.splitlines()[0].rsplit(",", 1))
+        return f"cuda ({name})", int(free_mib) * 2**20
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return "cuda", None
 
 
 def calibrate_node(
@@ -204,34 +223,26 @@ def calibrate_node(
     stop_early: bool = True,
 ) -> Calibration:
     """Measure 1, 2, 4, ... concurrent workers on GPU ``gpu`` (None: the CPU) and choose (see the module);
-    ``stop_early``: no larger count once a doubling did not pay (``False``: every count that fits, a benchmark)."""
+    ``stop_early``: no larger count once a doubling did not pay (``False``: every count that fits, a benchmark).
+    The memory one worker's step takes is measured by the first (lone) calibration process."""
     cores = cores or len(os.sched_getaffinity(0))
-    device_name, cap = "cpu", None
-    if gpu is not None:
-        import torch
-
-        from sft_optuna.training.placement import measure_step_memory, study_archs
-
-        index = torch.device("cuda", int(gpu))
-        device_name = device_label(index)
-        step = measure_step_memory(config, study_archs(config), 10, index)
-        cap = memory_cap(int(torch.cuda.mem_get_info(index)[0]), step)
-    else:
-        cap = cores  # a worker needs at least a core of its own
+    device_name, free = _gpu(gpu) if gpu is not None else ("cpu", None)
     if cache is not None and (hit := cached_calibration(config, device_name, cache)) is not None:
         return hit
+    cap: int | None = cores if gpu is None else None  # a CPU worker needs a core of its own
     rates: dict[int, float] = {}
     for k in counts:
         if cap is not None and k > cap:
             break
         start = time.perf_counter()
-        rates[k] = _run_together(config, k, gpu, cores, seconds)
+        rates[k], peak = _run_together(config, k, gpu, cores, seconds)
         log.info("calibration: %d worker(s) together: %.0f images/s (%.0f s)", k, rates[k], time.perf_counter() - start)
+        if k == counts[0] and gpu is not None and free is not None and peak:
+            cap = memory_cap(free, peak)
         if stop_early and len(rates) > 1 and choose_workers(rates, cap=cap) < k:
             break  # this doubling did not pay: larger counts are not measured
-    calibration = Calibration(
-        device_name, rates, choose_workers(rates, cap=cap), gpu is not None and mps_running(), cap
-    )
+    workers = choose_workers(rates, cap=cap)
+    calibration = Calibration(device_name, rates, workers, gpu is not None and mps_running(), cap)
     if cache is not None:
         _store(config, calibration, cache)
     return calibration
@@ -270,7 +281,8 @@ def _calibrate_one(device_name: str, seconds: float, barrier: Path, k: int) -> d
     while elapsed < seconds:
         _, _, images, secs, _ = trainer.train_steps()
         seen, elapsed = seen + images, elapsed + secs
-    return {"images_per_s": seen / max(elapsed, 1e-9)}
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return {"images_per_s": seen / max(elapsed, 1e-9), "peak_bytes": peak}
 
 
 if __name__ == "__main__":

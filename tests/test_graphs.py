@@ -68,3 +68,15 @@ def test_the_graphed_step_follows_the_eager_loss_curve() -> None:
             assert trainer.graph is not None and not trainer.graph.failed and trainer.graph.graphs
     for eager, graphed in zip(curves["off"], curves["on"], strict=True):
         assert graphed == pytest.approx(eager, rel=0.03), curves  # bf16 rounding, not another trajectory
+
+
+def test_an_epochs_figures_stay_plain_data_when_learning_rates_are_tensors() -> None:
+    import json
+
+    trainer = Trainer(
+        _splits(128), ModelConfig(image_size=16), TrainConfig(epochs=1, batch_size=64), torch.device("cpu")
+    )
+    tensor_learning_rates(trainer.optimizer, torch.device("cpu"))  # as a graphed trainer's are
+    result = trainer.run_epoch()
+    assert isinstance(result.lr, float)
+    json.dumps(result.to_dict())  # the trial's history attribute is JSON in the storage

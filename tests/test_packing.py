@@ -39,7 +39,7 @@ def test_a_cpu_node_is_calibrated_with_concurrent_processes_and_cached(
     assert calibration.workers == choose_workers(calibration.rates, cap=2) and calibration.cap == 2
     assert "workers per node on cpu: aggregate training images/s 1:" in calibration.describe()
 
-    def measured_again(*args: object) -> float:
+    def measured_again(*args: object) -> tuple[float, int]:
         raise AssertionError("measured again despite the cache")
 
     monkeypatch.setattr(packing, "_run_together", measured_again)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sft_optuna.config import AugmentConfig
-from sft_optuna.training.policies import apply_ops, draw_ops, magnitude_table
+from sft_optuna.training.policies import apply_ops, draw_ops, magnitude_table, signed_ops
 
 __all__ = [
     "BatchPipeline",
@@ -93,10 +93,20 @@ def normalize_nhwc(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return torch.addcmul(-mean / std, x.float(), 1.0 / (255.0 * std))
 
 
-def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std in [0, 1] units of a uint8 image tensor (N x C x H x W)."""
-    flat = x.transpose(0, 1).reshape(x.shape[1], -1).double() / 255.0
-    return flat.mean(1).float(), flat.std(1).float()
+def channel_stats(x: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std in [0, 1] units of a uint8 image tensor (N x C x H x W), summed ``chunk`` images
+    at a time in float64: a 20 GB split of photos is read once, never copied whole into floats."""
+    c = x.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    squares = torch.zeros(c, dtype=torch.float64)
+    for start in range(0, len(x), chunk):
+        part = x[start : start + chunk].transpose(0, 1).reshape(c, -1).double()
+        total += part.sum(1)
+        squares += (part * part).sum(1)
+    n = x.numel() // c
+    mean = total / n
+    var = (squares - n * mean * mean) / max(n - 1, 1)  # the unbiased variance, as Tensor.std
+    return (mean / 255.0).float(), (var.clamp(min=0).sqrt() / 255.0).float()
 
 
 def resized_crop_boxes(
@@ -133,8 +143,17 @@ def resized_crop_boxes(
         fh = float(round(fw * max_ratio))
     elif in_ratio > max_ratio:
         fw = float(round(fh * max_ratio))
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], device=device)
+    fallback = _on_device([(height - fh) // 2, (width - fw) // 2, fh, fw], device)
     return torch.where(ok.any(1, keepdim=True), boxes, fallback)
+
+
+def _on_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """A small float vector made on ``device`` by fills (``torch.tensor(..., device=cuda)`` is a copy from
+    pageable host memory, which waits for the GPU's queue: a sync per batch)."""
+    out = torch.empty(len(values), device=device)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
 
 
 def resized_crop(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor | None, size: int) -> torch.Tensor:
@@ -165,7 +184,7 @@ def center_boxes(b: int, side: int, fraction: float, device: torch.device) -> to
     """``B x 4`` boxes of the centre square with ``fraction`` of a ``side`` px image's side (evaluation)."""
     c = max(round(side * fraction), 1)
     start = (side - c) / 2
-    return torch.tensor([start, start, c, c], device=device, dtype=torch.float32).expand(b, 4)
+    return _on_device([start, start, c, c], device).expand(b, 4)
 
 
 class Mixer:
@@ -284,7 +303,7 @@ class BatchPipeline:
         self.image_size = image_size
         self.channels_last = channels_last
         self.aug = augment if augment is not None else AugmentConfig()
-        self.table = None if self.aug.policy == "none" else magnitude_table(self.aug.policy, image_size).to(device)
+        self.tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # policy tables per image side, on device
 
     def __len__(self) -> int:
         return len(self.y)
@@ -305,11 +324,19 @@ class BatchPipeline:
         return self._layout(torch.addcmul((-self.mean / self.std)[None, :, None, None], out, scale))
 
     def _policy(self, xb: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """TrivialAugment / RandAugment on uint8 NCHW images."""
-        assert self.table is not None
+        """TrivialAugment / RandAugment on uint8 NCHW images, their magnitudes (translations in pixels) for the
+        images' own side: the stored size before a pad-crop's resize, the model's after RandomResizedCrop."""
+        side = xb.shape[-1]
+        if side not in self.tables:
+            self.tables[side] = (
+                magnitude_table(self.aug.policy, side).to(self.device),
+                signed_ops().to(self.device),
+            )
+        table, signed = self.tables[side]
         randaugment = self.aug.policy == "randaugment"
         for _ in range(self.aug.num_ops if randaugment else 1):
-            op, mag = draw_ops(len(xb), self.table, generator, self.device, self.aug.magnitude if randaugment else None)
+            magnitude = self.aug.magnitude if randaugment else None
+            op, mag = draw_ops(len(xb), table, signed, generator, self.device, magnitude)
             xb = apply_ops(xb, op, mag)
         return xb
 
@@ -320,7 +347,7 @@ class BatchPipeline:
             boxes = resized_crop_boxes(b, xb.shape[1], xb.shape[2], aug.min_scale, aug.max_ratio, generator, dev)
             flips = torch.rand(b, device=dev, generator=generator) < 0.5 if aug.flip else None
             out = resized_crop(xb, boxes, flips, self.image_size)
-            if self.table is not None:
+            if self.aug.policy != "none":
                 out = self._policy(out.round().clamp(0, 255).to(torch.uint8), generator).float()
             return self._normalize255(out)
         if aug.crop == "pad":
@@ -330,7 +357,7 @@ class BatchPipeline:
         flips = torch.rand(b, device=dev, generator=generator) < 0.5 if aug.flip else None
         if aug.crop == "pad" or flips is not None:
             xb = crop_nhwc(xb, offsets, flips)
-        if self.table is not None:
+        if self.aug.policy != "none":
             xb = self._policy(xb.permute(0, 3, 1, 2), generator).permute(0, 2, 3, 1)
         return self.prepare(xb)
 

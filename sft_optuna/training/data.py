@@ -210,12 +210,16 @@ def _decode_cached(
     try:
         if not (pixels.is_file() and meta.is_file()):
             tmp = base.with_name(f"{base.name}.{os.getpid()}.tmp.npy")
-            decoded = _decode(files, size, resize, tmp, f"decoding {split_dir}")
-            _report(decoded, split_dir, size)
             tmp_meta = base.with_name(f"{base.name}.{os.getpid()}.tmp.npz")
-            np.savez(tmp_meta, y=decoded.y, ok=decoded.ok)
-            tmp_meta.replace(meta)
-            tmp.replace(pixels)  # last: a cache with pixels is whole
+            try:
+                decoded = _decode(files, size, resize, tmp, f"decoding {split_dir}")
+                _report(decoded, split_dir, size)
+                np.savez(tmp_meta, y=decoded.y, ok=decoded.ok)
+                tmp_meta.replace(meta)
+                tmp.replace(pixels)  # last: a cache with pixels is whole
+            finally:  # a decode cut short (Ctrl-C, a full disk) leaves no half-written file of the split's size
+                tmp.unlink(missing_ok=True)
+                tmp_meta.unlink(missing_ok=True)
     finally:
         lock.release()
     with np.load(meta) as labels:

@@ -100,7 +100,8 @@ def choose_placement(
 
 
 def largest_choices(config: StudyConfig) -> StudyConfig:
-    """The study's config at its largest batch size and image size (for the memory of a step)."""
+    """The study's config at its largest batch size and image size, with an EMA if any trial may keep one (for
+    the memory of a step)."""
     space = config.search_space
 
     def biggest(name: str, fixed: int) -> int:
@@ -112,6 +113,9 @@ def largest_choices(config: StudyConfig) -> StudyConfig:
         return int(spec.high if spec.high is not None else fixed)
 
     train = dataclasses.replace(config.train, batch_size=biggest("batch_size", config.train.batch_size))
+    ema = space.get("ema_decay")  # a searched EMA keeps a second copy of the model: count it if any trial may
+    if ema is not None and max([*(ema.choices or []), ema.high or 0.0, config.train.ema_decay]) > 0:
+        train = dataclasses.replace(train, ema_decay=0.9)
     model = dataclasses.replace(config.model, image_size=biggest("model.image_size", config.model.image_size))
     return dataclasses.replace(config, train=train, model=model)
 

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["OPS", "apply_ops", "draw_ops", "magnitude_table"]
+__all__ = ["OPS", "apply_ops", "draw_ops", "magnitude_table", "signed_ops"]
 
 OPS = (
     "Identity",
@@ -67,20 +67,30 @@ def magnitude_table(policy: str, size: int) -> torch.Tensor:
     return torch.stack([rows[name] for name in OPS])
 
 
+def signed_ops() -> torch.Tensor:
+    """Which of :data:`OPS` take a random sign (a bool vector, to be put on the device once)."""
+    return torch.tensor([name in SIGNED for name in OPS])
+
+
 def draw_ops(
-    b: int, table: torch.Tensor, generator: torch.Generator | None, device: torch.device, magnitude: int | None = None
+    b: int,
+    table: torch.Tensor,
+    signed: torch.Tensor,
+    generator: torch.Generator | None,
+    device: torch.device,
+    magnitude: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image: an op (uniform over :data:`OPS`) and its signed magnitude — a random bin (TrivialAugment) or
-    bin ``magnitude`` (RandAugment), negated with probability 1/2 for the signed ops."""
+    bin ``magnitude`` (RandAugment), negated with probability 1/2 for the signed ops (``signed``: on the device,
+    as ``table``)."""
     op = torch.randint(0, len(OPS), (b,), device=device, generator=generator)
     if magnitude is None:
         bins = torch.randint(0, BINS, (b,), device=device, generator=generator)
     else:
         bins = torch.full((b,), magnitude, device=device, dtype=torch.long)
     negative = torch.rand(b, device=device, generator=generator) < 0.5
-    signed = torch.tensor([name in SIGNED for name in OPS], device=device)[op]
-    mag = table.to(device)[op, bins]
-    return op, torch.where(signed & negative, -mag, mag)
+    mag = table[op, bins]
+    return op, torch.where(signed[op] & negative, -mag, mag)
 
 
 def _affine_theta(op: torch.Tensor, mag: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -120,8 +130,10 @@ def _geometric(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor) -> torch.Te
     xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=x.device)
     ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=x.device)
     base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=x.device)], -1)
-    scale = torch.tensor([0.5 * w, 0.5 * h], device=x.device)
-    grid = base.view(1, h * w, 3).expand(b, -1, -1).bmm(theta.transpose(1, 2) / scale).view(b, h, w, 2)
+    rescaled = theta.transpose(1, 2).clone()  # torchvision's _affine_grid, its divisor as two scalar divisions
+    rescaled[..., 0] /= 0.5 * w
+    rescaled[..., 1] /= 0.5 * h
+    grid = base.view(1, h * w, 3).expand(b, -1, -1).bmm(rescaled).view(b, h, w, 2)
     out = F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return out.round().to(torch.uint8)
 
@@ -138,7 +150,9 @@ def _blends(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor) -> torch.Tenso
     is_ = lambda name: (op == _OP[name])[:, None, None, None]  # noqa: E731
     xf = x.float()
     gray = _gray(x)
-    kernel = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], device=x.device) / 13.0
+    kernel = torch.ones(3, 3, device=x.device)  # torchvision's smoothing kernel: 1s around a 5, over 13
+    kernel[1, 1] = 5.0
+    kernel /= 13.0
     blurred = F.conv2d(xf, kernel.expand(3, 1, 3, 3), groups=3).round()
     blurred = F.pad(blurred, (1, 1, 1, 1))
     border = torch.ones_like(gray, dtype=torch.bool)

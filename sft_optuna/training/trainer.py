@@ -324,7 +324,7 @@ class Trainer:
             train_loss=train_loss,
             train_acc=train_acc,
             val_acc=val_acc,
-            lr=self.optimizer.param_groups[0]["lr"],
+            lr=float(self.optimizer.param_groups[0]["lr"]),  # a device tensor when the step is graphed
             seconds=time.perf_counter() - start,
             images_per_s=seen / max(train_seconds, 1e-9),
             peak_memory_mb=_peak_memory_mb(self.device),
@@ -379,12 +379,19 @@ class Trainer:
         """Resume from :meth:`state_dict`: the next :meth:`run_epoch` is epoch ``state['epoch'] + 1``."""
         self.model.load_state_dict(state["model"])
         self._weights_version += 1
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.graphed:  # the saved groups' flags are the saving trainer's: ours graph a fused step
-            for group in self.optimizer.param_groups:
-                group["fused"] = True
-                if "capturable" in group:
-                    group["capturable"] = True
+        optimizer_state = state["optimizer"]
+        if self.graphed:
+            # the saved groups' flags are the saving trainer's (maybe an eager one on another node): ours replay a
+            # fused, capturable step, and torch decides from the loaded flags where AdamW's step counts live
+            own = {
+                k: self.optimizer.param_groups[0][k]
+                for k in ("fused", "capturable")
+                if k in self.optimizer.param_groups[0]
+            }
+            groups = [{**g, **own} for g in optimizer_state["param_groups"]]
+            optimizer_state = {**optimizer_state, "param_groups": groups}
+        self.optimizer.load_state_dict(optimizer_state)
+        if self.graphed:
             tensor_learning_rates(self.optimizer, self.device)
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"].cpu())
