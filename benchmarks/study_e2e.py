@@ -60,6 +60,9 @@ def study_file(path: Path, root: Path, trials: int, epochs: int, size: int, val:
     """The shipped TPE study, shrunk: same sampler and space, no pruning, ``trials`` x ``epochs``."""
     raw = yaml.safe_load((REPO / "studies" / "cifar10-resnet18-tpe.yaml").read_text())
     raw.update(name="e2e", pruner={"name": "none"}, budget={"n_trials": trials, "max_retries": 2})
+    # a worker left without a trial looks for one every heartbeat interval: the shipped 30 s would add up to 30 s
+    # of idle tail to a study of minutes (a long study does not notice)
+    raw["heartbeat"] = {"interval": 2.0, "grace_period": 20.0}
     raw["data"] = {"dataset": "cifar10", "root": str(root), "val_size": val, "download": False}
     raw["model"] = {"weights": "none", "stem": "imagenet", "image_size": size}
     raw["train"] = {**raw["train"], "epochs": epochs, "warmup_epochs": min(raw["train"]["warmup_epochs"], epochs / 2)}

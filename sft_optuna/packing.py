@@ -61,13 +61,17 @@ class Calibration:
 
     def describe(self) -> str:
         """One line for the log and ``plan``."""
+        gpu = self.device.startswith("cuda")
         figures = ", ".join(f"{k}: {r:.0f}" for k, r in sorted(self.rates.items()))
-        sharing = "with CUDA MPS" if self.mps else ("time-sliced (no MPS daemon)" if "cuda" in self.device else "")
-        cap = f", memory holds {self.cap}" if self.cap is not None else ""
+        notes = []
+        if gpu:
+            notes.append("with CUDA MPS" if self.mps else "time-sliced (no MPS daemon)")
+        if self.cap is not None:
+            notes.append(f"{'memory holds' if gpu else 'cores allow'} {self.cap}")
         return (
-            f"workers per {'GPU' if 'cuda' in self.device else 'node'} on {self.device}: aggregate training "
-            f"images/s {figures} {sharing}{cap} -> {self.workers} (each doubling must add {GAIN:.0%})"
-        ).replace("  ", " ")
+            f"workers per {'GPU' if gpu else 'node'} on {self.device}: aggregate training images/s {figures} "
+            f"({'; '.join(notes)}) -> {self.workers} (each doubling must add {GAIN:.0%})"
+        )
 
 
 def choose_workers(rates: dict[int, float], gain: float = GAIN, cap: int | None = None) -> int:
