@@ -211,8 +211,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = load_study_file(args.study_file)
     device = resolve_device(args.device)
     use_threads(args.threads)
+    images = train_image_count(config, args.data_root)
+    if images <= 0:
+        where = args.data_root or config.data.root
+        raise UserError(
+            f"plan: no training images left at {where} after data.val_size {config.data.val_size} (the data is not "
+            "on this node, or too small): give --data-root, or lower data.val_size"
+        )
     ips = calibrate(config, device, data_root=args.data_root)
-    plan = make_plan(config, ips, train_image_count(config, args.data_root))
+    plan = make_plan(config, ips, images)
     print(describe(config, plan, str(device)))
     from sft_optuna.packing import cached_calibration, device_label
 
@@ -412,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("best", help="the best trial's parameters as a train: block")
+    p = sub.add_parser("best", help="the best trial's recipe as model: and train: blocks")
     p.add_argument("name")
     p.add_argument("--format", choices=["yaml", "json"], default="yaml")
     p.set_defaults(func=cmd_best)

@@ -82,6 +82,13 @@ def _warm_points(config: StudyConfig, storage: Storage, other: str, top: int) ->
     for slot, w in enumerate(points[: config.budget.n_trials]):
         left = f"; left to the sampler: {', '.join(w.dropped)}" if w.dropped else ""
         log.info("warm start: slot %d runs %s's configuration %s%s", slot, w.source, w.params, left)
+    if len(points) < top:
+        log.info(
+            "warm start: study %r has %d distinct completed configuration(s) that fit this space, fewer than --top %d",
+            other,
+            len(points),
+            top,
+        )
     return points
 
 

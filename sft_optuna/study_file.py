@@ -13,8 +13,9 @@ import yaml
 
 from sft_optuna.config import StudyConfig, parse_config
 from sft_optuna.errors import ConfigError
-from sft_optuna.search.asha import study_rungs
+from sft_optuna.search.asha import reduction_factor, study_rungs
 from sft_optuna.search.samplers import check_pruner, check_sampler
+from sft_optuna.search.space import is_grid
 
 __all__ = ["check_models", "load_study_file", "parse_study"]
 
@@ -49,7 +50,25 @@ def load_study_file(path: str | Path) -> StudyConfig:
         raise ConfigError(f"{path}: not valid YAML{line}: {getattr(exc, 'problem', exc)}") from None
     config = parse_study(raw, str(path))
     check_models(config, str(path))
+    _check_asha_budget(config, str(path))
     return config
+
+
+def _check_asha_budget(config: StudyConfig, source: str) -> None:
+    """ASHA promotes the top 1/eta of a rung: with fewer configurations than eta^rungs none reaches the end, and
+    the study finishes without a completed trial (nothing to retrain). Checked for study files, not for stored
+    configs (a study created before this check still loads)."""
+    rungs = study_rungs(config)
+    if config.pruner.name != "asha" or not rungs or is_grid(config):
+        return
+    eta = reduction_factor(config)
+    need = eta ** len(rungs)
+    if config.budget.n_trials < need:
+        raise ConfigError(
+            f"{source}: budget.n_trials: {config.budget.n_trials} configurations are too few for ASHA's "
+            f"{len(rungs)} rung(s) at reduction factor {eta:g}: none would reach train.epochs (it takes at least "
+            f"{need:g}); raise n_trials, raise pruner.min_epochs, or use the median pruner"
+        )
 
 
 def _values(config: StudyConfig, name: str, fixed: Any) -> list[Any]:
@@ -71,7 +90,13 @@ def check_models(config: StudyConfig, source: str) -> None:
 
     model, train = config.model, config.train
     bn = train.bn if "bn" not in config.search_space else "train"
-    for arch in _values(config, "model.arch", model.arch):
+    archs = _values(config, "model.arch", model.arch)
+    if "model.arch" in config.search_space:  # the fixed value is a default a person reads: it must exist too
+        try:
+            check_architecture(dataclasses.replace(model, arch=model.arch), dataclasses.replace(train, bn="train"))
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    for arch in archs:
         for size in _values(config, "model.image_size", model.image_size):
             candidate = dataclasses.replace(model, arch=str(arch), image_size=int(size))
             try:

@@ -328,7 +328,8 @@ def run_worker(study: optuna.Study, config: StudyConfig, options: WorkerOptions,
                 stop.event.wait(poll_s)
                 continue
             waiting = False
-            log.info("trial %d: %s", trial.number, trial.params)
+            source = trial.user_attrs.get(attrs.WARM_START)
+            log.info("trial %d: %s%s", trial.number, trial.params, f" (warm start from {source})" if source else "")
             current.add(trial.number)
             try:
                 trial.set_user_attr(attrs.HOST, host)

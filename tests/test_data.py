@@ -277,3 +277,10 @@ def test_a_photo_stored_turned_comes_out_upright(tmp_path: Path, side: int, orie
     top, bottom = out[:10, 10:].mean((0, 1)), out[-10:, 10:].mean((0, 1))
     assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0], (top, bottom)
     assert out[:, :4, 1].mean() > 200 > out[:, -4:, 1].mean(), "the green band on the left: not mirrored"
+
+
+def test_a_validation_split_as_large_as_the_folder_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    root = write_imagefolder(tmp_path / "d", n_train=30, n_test=4, num_classes=3)
+    with pytest.raises(DataError) as err:
+        load_splits(DataConfig(dataset="imagefolder", root=str(root), val_size=30, image_size=16))
+    assert str(err.value).startswith("data.val_size 30: the training folder has only 30 images")

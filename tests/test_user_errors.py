@@ -109,6 +109,32 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
         lambda d: _create(d, train={"epochs": 2, "augment": {"crop": "resized", "mixupp": 0.2}}),
         "s.yaml: train.augment.mixupp: unknown key",
     ),
+    "a fixed architecture that is not one, beside a searched one": (
+        lambda d: _create(
+            d,
+            model={"arch": "resnet81", "weights": "none", "image_size": 16},
+            search_space={"model.arch": {"type": "categorical", "choices": ["resnet18"]}},
+        ),
+        "s.yaml: model.arch: unknown architecture 'resnet81'",
+    ),
+    "too few trials for ASHA's rungs": (
+        lambda d: _create(
+            d,
+            pruner={"name": "asha", "min_epochs": 1, "reduction_factor": 3},
+            budget={"n_trials": 4},
+            train={"epochs": 4},
+        ),
+        "s.yaml: budget.n_trials: 4 configurations are too few for ASHA's 2 rung(s) at reduction factor 3",
+    ),
+    "plan without the data on this node": (
+        lambda d: [
+            "plan",
+            str(_file(d, "p.yaml", yaml.safe_dump(study_dict(d / "nowhere")).encode())),
+            "--device",
+            "cpu",
+        ],
+        "plan: no training images left at",
+    ),
     "status on a mistyped SQLite path": (
         lambda d: ["--storage", f"sqlite:///{d}/typo.db", "status", "t"],
         "typo.db does not exist (nothing was created)",

@@ -17,6 +17,7 @@ from sft_optuna.cli import main
 from sft_optuna.config import ParamSpec
 from sft_optuna.coordination.claims import claim_trial
 from sft_optuna.coordination.storage import open_storage
+from sft_optuna.results.status import status_lines
 from sft_optuna.search.warm_start import fits
 from sft_optuna.study import load_study
 
@@ -79,6 +80,8 @@ def test_the_best_configurations_run_first_projected_into_the_new_space(
         assert "momentum (not searched in this study)" in line
         if src.params["batch_size"] == 16:
             assert "batch_size (16 is not among the choices [32, 64])" in line
+    status = "\n".join(status_lines(study, config))
+    assert f"warm start: trial {queued[0].number} runs src#{ranked[0].number} (WAITING)" in status
     # the first claim runs the best configuration; the sampler fills in what it leaves out
     first = claim_trial(study, config)
     assert first is not None and first.params["lr"] == ranked[0].params["lr"]

@@ -75,6 +75,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "rung": t.user_attrs.get(attrs.RUNG, ""),
             "resumed_from_epoch": t.user_attrs.get(attrs.RESUMED_FROM_EPOCH, ""),
             "audit_stopped_at": t.user_attrs.get(attrs.AUDITED, ""),
+            "warm_start_from": t.user_attrs.get(attrs.WARM_START, ""),
         }
         rows.append(row)
     return rows

@@ -202,6 +202,8 @@ def retrain_best(
     # the study's own cap unless told otherwise: its smoke study's 4,000 images must not become 50,000 (and an
     # image folder decodes only those)
     train_subset = config.data.train_subset if train_subset is None else train_subset
+    if data_root is not None:  # the card says which folder the model was trained on, not the study file's default
+        recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, root=str(data_root)))
     data = load_dataset(config.data, data_root, train_subset)
     if train_subset is not None:
         data = subset_training(data, train_subset, config.data.seed)

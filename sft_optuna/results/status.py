@@ -68,6 +68,12 @@ def status_lines(study: optuna.Study, config: StudyConfig) -> list[str]:
             "verdicts not counted): "
             + ", ".join(f"lineage {n}: {attempts[n]} retried, {retries_used(trials, n, wrong)} used" for n in retried)
         )
+    warm = [t for t in trials if attrs.WARM_START in t.user_attrs]
+    if warm:
+        lines.append(
+            "warm start: "
+            + ", ".join(f"trial {t.number} runs {t.user_attrs[attrs.WARM_START]} ({t.state.name})" for t in warm)
+        )
     try:
         best = study.best_trial
         lines.append(f"best: trial {best.number} value {best.value:.4f} params {json.dumps(best.params)}")

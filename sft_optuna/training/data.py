@@ -171,7 +171,10 @@ def _cache_key(files: list[tuple[Path, int]], size: int, resize: str) -> str:
 def _list_split(root: Path, split: str) -> tuple[list[str], list[tuple[Path, int]]]:
     split_dir = root / split
     if not split_dir.is_dir():
-        raise DataError(f"image folder not found: expected {split_dir}/<class>/*.png|jpg")
+        raise DataError(
+            f"image folder not found: expected {split_dir}/<class>/*.jpg (or {', '.join(IMAGE_EXTENSIONS[:2])}, ...): "
+            "set data.root, or give this command --data-root"
+        )
     return _list_images(split_dir)
 
 
@@ -207,8 +210,10 @@ def _decode_cached(
         decoded = _decode(files, size, resize, None, f"decoding {split_dir}")
         _report(decoded, split_dir, size)
         return decoded.x, decoded.y, decoded.ok
+    decoded_now = False
     try:
         if not (pixels.is_file() and meta.is_file()):
+            decoded_now = True
             tmp = base.with_name(f"{base.name}.{os.getpid()}.tmp.npy")
             tmp_meta = base.with_name(f"{base.name}.{os.getpid()}.tmp.npz")
             try:
@@ -224,8 +229,15 @@ def _decode_cached(
         lock.release()
     with np.load(meta) as labels:
         y, ok = labels["y"], labels["ok"]
-    if not ok.all():
-        log.warning("%s: %d image(s) that cannot be decoded are skipped", split_dir, int((~ok).sum()))
+    if not ok.all() and not decoded_now:  # (a fresh decode has said so, naming them)
+        log.warning(
+            "%s: %d image(s) that could not be decoded are skipped (cached in %s)",
+            split_dir,
+            int((~ok).sum()),
+            cache_dir,
+        )
+    elif not decoded_now:
+        log.info("%s: decoded images read from the cache in %s", split_dir, cache_dir)
     # copy-on-write: torch wants writable arrays; nothing writes, so the pages stay the shared page cache's
     return np.load(pixels, mmap_mode="c"), y, ok
 
@@ -361,6 +373,11 @@ def stratified_split(labels: torch.Tensor, n_first: int, seed: int) -> tuple[tor
 def split_indices(labels: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted indices (validation, training) into the training set: ``val_size`` held out, the rest capped at
     ``train_subset``; both stratified and seeded."""
+    if cfg.val_size >= len(labels):
+        raise DataError(
+            f"data.val_size {cfg.val_size}: the training folder has only {len(labels)} images, which would leave "
+            f"none to train on; set data.val_size below {len(labels)} (about a tenth of them)"
+        )
     val_idx, train_idx = stratified_split(labels, cfg.val_size, cfg.seed)
     if cfg.train_subset is not None and cfg.train_subset < len(train_idx):
         keep, _ = stratified_split(labels[train_idx], cfg.train_subset, cfg.seed + 1)

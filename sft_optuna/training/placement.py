@@ -52,11 +52,10 @@ class Placement:
 
     def describe(self, device: torch.device) -> str:
         """One line: where the data lives and why."""
-        gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
         place = f"on {device}" if self.where == "device" else "in pinned host memory, copied a batch ahead"
         return (
-            f"data ({gb(self.split_bytes)}) {place}: {self.why} (free on {device}: {gb(self.free_bytes)}, "
-            f"a training step: {gb(self.step_bytes) if self.step_bytes else 'not measured on the CPU'})"
+            f"data ({_size(self.split_bytes)}) {place}: {self.why} (free on {device}: {_size(self.free_bytes)}, "
+            f"a training step: {_size(self.step_bytes) if self.step_bytes else 'not measured on the CPU'})"
         )
 
 
@@ -74,11 +73,11 @@ def free_memory(device: torch.device, cap: int | None = None) -> int:
 
 
 def choose_placement(
-    requested: str, device: torch.device, split_bytes: int, step_bytes: int, free_bytes: int
+    requested: str, device: torch.device, split_bytes: int, step_bytes: int, free_bytes: int, capped: bool = False
 ) -> Placement:
     """``data.placement`` -> where the split lives. ``device`` that cannot fit beside a training step is a
     :class:`DataError` (one line, before any claim); ``auto`` takes the device when it fits, else the host. On
-    the CPU the host *is* the device."""
+    the CPU the host *is* the device. ``capped``: ``free_bytes`` is the worker's ``--device-memory``."""
     need = split_bytes + step_bytes
     fits = need <= HEADROOM * free_bytes
     if requested == "host":
@@ -86,10 +85,11 @@ def choose_placement(
             "host" if device.type == "cuda" else "device", split_bytes, step_bytes, free_bytes, "data.placement: host"
         )
     if requested == "device" and not fits:
+        free = f"{_size(free_bytes)} {'this worker may use (--device-memory)' if capped else 'free'} on {device}"
         raise DataError(
-            f"data.placement: device: the split ({split_bytes / 1e9:.2f} GB) and a training step "
-            f"({step_bytes / 1e9:.2f} GB) do not fit in {HEADROOM:.0%} of the {free_bytes / 1e9:.2f} GB free on "
-            f"{device}; use data.placement: auto or host, a smaller data.image_size or train_subset"
+            f"data.placement: device: the split ({_size(split_bytes)}) and a training step ({_size(step_bytes)}) "
+            f"do not fit in {HEADROOM:.0%} of the {free}; use data.placement: auto or host, a smaller "
+            "data.image_size or train_subset"
         )
     if device.type != "cuda":
         return Placement("device", split_bytes, step_bytes, free_bytes, "the CPU holds the data either way")
@@ -97,6 +97,15 @@ def choose_placement(
         why = "data.placement: device" if requested == "device" else "it fits beside a training step"
         return Placement("device", split_bytes, step_bytes, free_bytes, why)
     return Placement("host", split_bytes, step_bytes, free_bytes, "it does not fit beside a training step")
+
+
+def _size(n: int) -> str:
+    """Bytes as a person reads them: 15.00 GB, 320.0 MB, 10 KB."""
+    if n >= 10**9:
+        return f"{n / 1e9:.2f} GB"
+    if n >= 10**6:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e3:.0f} KB"
 
 
 def largest_choices(config: StudyConfig) -> StudyConfig:
@@ -160,7 +169,9 @@ def decide_placement(
     step = 0
     if config.data.placement != "host":
         step = measure_step_memory(config, study_archs(config), num_classes, device)
-    return choose_placement(config.data.placement, device, split_bytes, step, free_memory(device, cap))
+    free = free_memory(device, cap)
+    capped = cap is not None and free == cap
+    return choose_placement(config.data.placement, device, split_bytes, step, free, capped)
 
 
 def pin_splits(splits: Splits) -> Splits:
