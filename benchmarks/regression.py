@@ -32,7 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 def import_ref(ref: str, tmp: Path) -> Any:
     """``--ref``'s package, importable as ``sft_optuna_ref`` (its own imports rewritten to point at itself)."""
     tree = tmp / "tree"
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), ref], check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), ref], check=True, capture_output=True
+    )
     try:
         dest = tmp / "sft_optuna_ref"
         shutil.copytree(tree / "sft_optuna", dest)
@@ -77,7 +79,10 @@ def main() -> None:
             trainer = trainer_mod.Trainer(splits, model, train, device, seed=0)
             trainer.train_steps(1)  # warm-up
             sides[name] = (pipe, trainer)
-        rates: dict[str, dict[str, list[float]]] = {"ref": {"loader": [], "train": []}, "head": {"loader": [], "train": []}}
+        rates: dict[str, dict[str, list[float]]] = {
+            "ref": {"loader": [], "train": []},
+            "head": {"loader": [], "train": []},
+        }
         for r in range(args.rounds):
             order = ("ref", "head") if r % 2 == 0 else ("head", "ref")
             for name in order:
@@ -101,8 +106,17 @@ def main() -> None:
         figures[key] = {"ref": before, "head": after, "median_pair_ratio": statistics.median(pairs)}
         print(f"{label:40s} {before:12.0f} {after:12.0f} {statistics.median(pairs) - 1:+8.1%}")
     if args.json:
-        args.json.write_text(json.dumps({"ref": args.ref, "args": {k: str(v) for k, v in vars(args).items()},
-                                         "figures": figures, "rates": rates}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "ref": args.ref,
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "figures": figures,
+                    "rates": rates,
+                },
+                indent=1,
+            )
+        )
         print(f"wrote {args.json}")
 
 
