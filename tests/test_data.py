@@ -146,7 +146,7 @@ def test_splits_hold_out_validation_cap_training_and_never_contain_test(tmp_path
 
 
 def test_val_size_larger_than_the_data_is_a_clear_error(cifar_root: Path) -> None:
-    with pytest.raises(DataError, match="cannot take 5000 of 500 images"):
+    with pytest.raises(DataError, match=r"data\.val_size 5000: the training folder has only 500 images"):
         make_splits(load_cifar10(cifar_root), DataConfig(val_size=5000))
 
 
