@@ -23,6 +23,7 @@ from sft_optuna.search.asha import pause_epochs
 from sft_optuna.search.audit import audit_rate, is_audited
 from sft_optuna.training.data import Splits
 from sft_optuna.training.model import check_architecture
+from sft_optuna.training.packs import Pack
 from sft_optuna.training.trainer import EpochResult, Trainer
 
 __all__ = ["HistoryWriter", "Interrupted", "InvalidValueError", "Objective", "Paused"]
@@ -146,6 +147,7 @@ class Objective:
         on_epoch: Callable[[int, EpochResult], None] | None = None,
         on_step: Callable[[int, int, int, int], None] | None = None,
         placement: str = "device",
+        pack: Pack | None = None,
     ) -> None:
         self.config = config
         self.splits = splits
@@ -157,6 +159,8 @@ class Objective:
         self.on_epoch = on_epoch
         self.on_step = on_step
         """``on_step(trial number, epoch, step, steps per epoch)``: progress for a person at a terminal."""
+        self.pack = pack
+        """Trials called on several threads train as members of this fused pack (``worker --pack K``)."""
         self.study_identity: str | None = None
         """The study's identity (``study.identity``): checkpoints are bound to it and to the trial's parameters."""
 
@@ -167,19 +171,31 @@ class Objective:
 
         def fresh() -> Trainer:
             seed = train_cfg.seed + lineage
-            return Trainer(self.splits, config.model, train_cfg, self.device, seed=seed, placement=self.placement)
+            return Trainer(
+                self.splits, config.model, train_cfg, self.device, seed=seed, placement=self.placement, pack=self.pack
+            )
 
         trainer = fresh()
-        self._owner = owner(self.study_identity, trial.params) if self.study_identity is not None else None
-        if not self._resume(trial, trainer, lineage):
-            trainer = fresh()  # a checkpoint this version cannot restore was ignored: start from a clean slate
+        try:
+            # local, not on self: with a pack, trials run on several threads at once
+            bound = owner(self.study_identity, trial.params) if self.study_identity is not None else None
+            if not self._resume(trial, trainer, lineage, bound):
+                trainer.close()
+                trainer = fresh()  # a checkpoint this version cannot restore was ignored: start from a clean slate
+            return self._trained(trial, trainer, train_cfg, lineage, bound)
+        finally:
+            trainer.close()  # leaves its pack: the other members go on
+
+    def _trained(
+        self, trial: optuna.Trial, trainer: Trainer, train_cfg: TrainConfig, lineage: int, bound: dict[str, Any] | None
+    ) -> float:
         if self.on_step is not None:
             report_step = self.on_step
             trainer.on_step = lambda step, total: report_step(trial.number, trainer.epoch + 1, step, total)
         # ASHA: pause after these epochs (only at rungs above the one this lineage was promoted from)
         pause_at = pause_epochs(self.config, int(trial.user_attrs.get(attrs.FROM_RUNG, -1)))
         with HistoryWriter(trial) as history:
-            return self._train(trial, trainer, train_cfg, lineage, pause_at, history)
+            return self._train(trial, trainer, train_cfg, lineage, pause_at, history, bound)
 
     def _train(
         self,
@@ -189,6 +205,7 @@ class Objective:
         lineage: int,
         pause_at: dict[int, int],
         history: HistoryWriter,
+        bound: dict[str, Any] | None,
     ) -> float:
         while trainer.epoch < train_cfg.epochs:
             result = trainer.run_epoch()
@@ -202,7 +219,7 @@ class Objective:
                 trial.set_user_attr(attrs.REASON, f"pruned at epoch {result.epoch}")
                 raise optuna.TrialPruned(f"pruned at epoch {result.epoch} (val acc {result.val_acc:.4f})")
             if self.checkpoints is not None:
-                self.checkpoints.save(lineage, trainer.state_dict(), self._owner)
+                self.checkpoints.save(lineage, trainer.state_dict(), bound)
             if trainer.epoch in pause_at and trainer.epoch < train_cfg.epochs:
                 if not self._audit(trial, lineage, trainer.epoch):
                     raise Paused(pause_at[trainer.epoch], trainer.epoch)
@@ -226,11 +243,11 @@ class Objective:
             log.info("trial %d: the pruner would stop it at epoch %d; the audit lets it run on", trial.number, epoch)
         return True
 
-    def _resume(self, trial: optuna.Trial, trainer: Trainer, lineage: int) -> bool:
+    def _resume(self, trial: optuna.Trial, trainer: Trainer, lineage: int, bound: dict[str, Any] | None) -> bool:
         """Restore the lineage's checkpoint into ``trainer``; False when one was found but does not fit it (then
         ``trainer`` may be half-restored and is not to be used)."""
         store = self.checkpoints
-        state = store.load(lineage, self.device, self._owner) if store is not None else None
+        state = store.load(lineage, self.device, bound) if store is not None else None
         if state is None:
             trial.set_user_attr(attrs.RESUMED_FROM_EPOCH, 0)
             return True

@@ -25,6 +25,7 @@ from sft_optuna.training.augment import BatchPipeline, Mixer, channel_stats
 from sft_optuna.training.data import Splits
 from sft_optuna.training.graphs import GraphedStep, float_learning_rates, graphs_enabled, tensor_learning_rates
 from sft_optuna.training.model import build_model, head_parameters
+from sft_optuna.training.packs import Member, Pack, pack_key
 
 __all__ = ["DivergedError", "EpochResult", "Trainer", "WeightEMA", "lr_factor", "predict"]
 
@@ -174,7 +175,8 @@ class Trainer:
     """Fine-tunes a fresh ``model_cfg.arch`` on ``splits`` with ``train_cfg``, one epoch per :meth:`run_epoch`.
 
     ``placement``: where the uint8 splits live while training (``device`` or ``host``; see
-    :class:`BatchPipeline`)."""
+    :class:`BatchPipeline`). ``pack``: train as a member of a fused pack (:mod:`~sft_optuna.training.packs`),
+    each step fused with those of the pack's other trainers of the same shape; :meth:`close` leaves it."""
 
     def __init__(
         self,
@@ -184,15 +186,19 @@ class Trainer:
         device: torch.device,
         seed: int | None = None,
         placement: str = "device",
+        pack: Pack | None = None,
     ) -> None:
         self.cfg = train_cfg
         self.device = device
         self.num_classes = splits.num_classes
         seed = train_cfg.seed if seed is None else seed
-        torch.manual_seed(seed)  # model init
+        key = pack_key(model_cfg, train_cfg) if pack is not None else None
+        # a pack's members are made on several threads: torch's global generator seeds one model at a time
+        with pack.init_lock if pack is not None else contextlib.nullcontext():
+            torch.manual_seed(seed)  # model init
+            model = build_model(splits.num_classes, model_cfg, train_cfg.head_dropout).to(device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-        model = build_model(splits.num_classes, model_cfg, train_cfg.head_dropout).to(device)
         if train_cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -200,16 +206,25 @@ class Trainer:
         head_ids = {id(p) for p in self.head.parameters()}
         self.backbone_params = [p for p in model.parameters() if id(p) not in head_ids]
         self.step_model: Callable[..., torch.Tensor] = torch.compile(model) if train_cfg.compile else model
-        mean, std = channel_stats(splits.train_x)
-        self.mean, self.std = mean, std
         size, last, aug = model_cfg.image_size, train_cfg.channels_last, train_cfg.augment
-        self.train_data = BatchPipeline(splits.train_x, splits.train_y, mean, std, device, size, last, aug, placement)
-        self.val_data = BatchPipeline(splits.val_x, splits.val_y, mean, std, device, size, last, aug, placement)
+
+        def pipelines() -> tuple[torch.Tensor, torch.Tensor, BatchPipeline, BatchPipeline]:
+            mean, std = channel_stats(splits.train_x)
+            train = BatchPipeline(splits.train_x, splits.train_y, mean, std, device, size, last, aug, placement)
+            val = BatchPipeline(splits.val_x, splits.val_y, mean, std, device, size, last, aug, placement)
+            return mean, std, train, val
+
+        # a pack's members share one copy of the splits on the device, not one each
+        shared = (id(splits), device, size, last, aug, placement)
+        made: tuple[torch.Tensor, torch.Tensor, BatchPipeline, BatchPipeline] = (
+            pack.shared(shared, pipelines) if pack is not None else pipelines()
+        )
+        self.mean, self.std, self.train_data, self.val_data = made
         self.ema = WeightEMA(model, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
         self.mixer = Mixer(aug.mixup, aug.cutmix, seed)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         # torch.compile captures graphs of its own when asked; ours serve the eager model
-        self.graphed = graphs_enabled(train_cfg.cuda_graph, device) and not train_cfg.compile
+        self.graphed = graphs_enabled(train_cfg.cuda_graph, device) and not train_cfg.compile and key is None
         self.optimizer = _make_optimizer(model, train_cfg, self.graphed)
         self.graph: GraphedStep | None = None
         if self.graphed:
@@ -231,6 +246,13 @@ class Trainer:
         self._compiled = not train_cfg.compile
         self._weights_version = 0  # bumped whenever the weights change; keys the cached predictions
         self._predictions: tuple[BatchPipeline, int, torch.Tensor] | None = None
+        self.member: Member | None = pack.join(self, key) if pack is not None and key is not None else None
+
+    def close(self) -> None:
+        """Leave the pack (if any): its other members go on without this trainer."""
+        if self.member is not None:
+            self.member.leave()
+            self.member = None
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.train_data.batches(
@@ -258,7 +280,9 @@ class Trainer:
             y_a, y_b, lam = yb, yb, 1.0
             if self.mixer.active:
                 xb, y_a, y_b, lam = self.mixer(xb, yb)
-            if self.graph is not None:  # forward, backward and the optimizer's step in one replay
+            if self.member is not None:  # forward, backward and step fused with the pack's other members
+                loss, logits = self.member.step(xb, y_a, y_b, lam)
+            elif self.graph is not None:  # forward, backward and the optimizer's step in one replay
                 phase = (self.epoch < cfg.freeze_epochs, cfg.bn)
                 loss, logits = self.graph.step(xb, y_a, y_b, torch.full((), lam, device=device), phase)
             else:
@@ -283,6 +307,8 @@ class Trainer:
                 _sync(device)
                 compile_seconds = time.perf_counter() - start
                 self._compiled = True
+        if self.member is not None:
+            self.member.sync()  # this trainer's own weights, for its evaluation and checkpoint
         mean_loss = float(loss_sum) / max(seen, 1)  # the one host sync of the pass
         seconds = time.perf_counter() - start - compile_seconds
         return mean_loss, int(correct) / max(seen, 1), seen, seconds, compile_seconds
