@@ -51,6 +51,7 @@ def _worker_options(args: argparse.Namespace) -> Any:
         checkpoint_dir=None if args.checkpoint_dir == "none" else args.checkpoint_dir,
         threads=args.threads,
         device_memory=getattr(args, "device_memory", None),
+        pack=args.pack,
     )
 
 
@@ -134,6 +135,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
         argv += ["--data-root", args.data_root]
     if args.max_trials is not None:
         argv += ["--max-trials", str(args.max_trials)]
+    if args.pack > 1:
+        argv += ["--pack", str(args.pack)]
     return launch(gpus, workers_per_gpu, argv, storage.url, threads)
 
 
@@ -336,6 +339,12 @@ def _add_worker_args(p: argparse.ArgumentParser, device: bool = True) -> None:
         help=f"shared directory for per-epoch checkpoints, or 'none' (default: {DEFAULT_CHECKPOINT_DIR})",
     )
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: $OMP_NUM_THREADS)")
+    p.add_argument(
+        "--pack",
+        type=_positive_int,
+        default=1,
+        help="trials this worker trains at once, those of one shape fused into one model (default 1)",
+    )
     if device:
         p.add_argument(
             "--device-memory",
@@ -443,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
     p.add_argument("--data-root", default=None)
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: $OMP_NUM_THREADS)")
+    p.add_argument(
+        "--pack",
+        type=_positive_int,
+        default=1,
+        help="trials this worker trains at once, those of one shape fused into one model (default 1)",
+    )
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("plan", help="budget preview of a study file, from a short measured calibration")

@@ -53,6 +53,7 @@ from sft_optuna.search.samplers import CachedCompletedPruner
 from sft_optuna.study import identity
 from sft_optuna.training.data import PROGRESS_EVERY_S, Splits, load_splits
 from sft_optuna.training.model import build_model
+from sft_optuna.training.packs import Pack
 from sft_optuna.training.placement import decide_placement, pin_splits, study_archs
 from sft_optuna.training.trainer import DivergedError, EpochResult
 
@@ -85,6 +86,9 @@ class WorkerOptions:
     device_memory: int | None = None
     """Bytes of its device this worker may use (its share when workers share a GPU); default: all that is free.
     ``data.placement`` decides against it."""
+    pack: int = 1
+    """Trials this worker trains at once; those of one shape (architecture, image size, batch size, ...) as one
+    fused model (``--pack``)."""
 
 
 class _StopFlag:
@@ -276,6 +280,10 @@ def run_worker(study: optuna.Study, config: StudyConfig, options: WorkerOptions,
 
     Done means: the budget is spent, nothing is left to retry, and no trial is still running — a trial
     running elsewhere may lose its worker, and its retry must find someone to run it, even the last one.
+
+    With ``options.pack`` K > 1, K slots pull trials side by side, each on a thread of its own, and the trials
+    of one shape train as one fused model (:mod:`~sft_optuna.training.packs`); each trial keeps its own claim,
+    heartbeat, reports, checkpoint and ending, exactly as when it runs alone.
     """
     if study_done(study.get_trials(deepcopy=False), config):
         log.info("study %r: done (budget of %d trials spent, nothing to retry)", config.name, config.budget.n_trials)
@@ -283,6 +291,9 @@ def run_worker(study: optuna.Study, config: StudyConfig, options: WorkerOptions,
     node = node or prepare_node(config, options)
     stop = _StopFlag()
     progress = _Progress()
+    pack = Pack() if options.pack > 1 else None
+    if pack is not None:
+        progress.enabled = False  # several trials' bars would overwrite each other: the ~30 s log lines stay
 
     def on_epoch(number: int, r: EpochResult) -> None:
         progress.close()
@@ -290,29 +301,129 @@ def run_worker(study: optuna.Study, config: StudyConfig, options: WorkerOptions,
 
     checkpoints = node.checkpoints
     objective = Objective(
-        config, node.splits, node.device, checkpoints, stop.event.is_set, on_epoch, progress.step, node.placement
+        config, node.splits, node.device, checkpoints, stop.event.is_set, on_epoch, progress.step, node.placement, pack
     )
     objective.study_identity = identity(study, config)
-    host = f"{socket.gethostname()}:{os.getpid()} {node.device}"
-    poll_s = options.poll_s or config.heartbeat.interval
-    done = failures = 0
-    waiting = False
-    current: set[int] = set()  # the trial this worker runs: alive, whatever its beats look like after an outage
+    slots = _Slots(study, config, options, node, objective, stop)
     evidence = StaleTrials(config.heartbeat.grace_period, getattr(study._storage, "health", None))
     watcher = Watcher(
         watch_interval(config.heartbeat.interval, config.heartbeat.grace_period),
-        lambda: recover_trials(study, config, evidence, set(current)),
+        lambda: recover_trials(study, config, evidence, slots.running()),
         "stale-trial watcher",
     )
     with stop.installed(), watcher:
-        while not stop.event.is_set() and (options.max_trials is None or done < options.max_trials):
-            trial = claim_trial(study, config)
+        if pack is None:
+            return slots.work()
+        log.info("worker: %d trials at a time, those of one shape fused into one model", options.pack)
+        return slots.work_packed(options.pack, pack)
+
+
+class _Slots:
+    """The claim-run-tell loop of one worker, run by one slot (the main thread) or by several side by side."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        config: StudyConfig,
+        options: WorkerOptions,
+        node: Node,
+        objective: Objective,
+        stop: _StopFlag,
+    ) -> None:
+        self.study, self.config, self.options, self.node, self.objective, self.stop = (
+            study,
+            config,
+            options,
+            node,
+            objective,
+            stop,
+        )
+        self.host = f"{socket.gethostname()}:{os.getpid()} {node.device}"
+        self.poll_s = options.poll_s or config.heartbeat.interval
+        self._claiming = threading.Lock()  # one claim at a time
+        self._lock = threading.Lock()  # the fields below (held briefly: the watcher reads them)
+        self._current: set[int] = set()  # trials this worker runs: alive, whatever their beats look like
+        self._claimed = 0
+        self._failures = 0
+        self._freed = False
+        self.code = 0
+
+    def running(self) -> set[int]:
+        """The trials this worker runs now (the watcher never fails them)."""
+        with self._lock:
+            return set(self._current)
+
+    def work_packed(self, k: int, pack: Pack) -> int:
+        """K slots on threads of their own; the first error of one (an outage, a node fault) stops the others
+        after their epoch (their trials are given back, uncounted) and is raised here, once they have."""
+        errors: list[BaseException] = []
+
+        def slot() -> None:
+            try:
+                self.work()
+            except BaseException as exc:  # noqa: BLE001 - raised on the main thread below
+                errors.append(exc)
+                self.stop.event.set()
+
+        threads = [threading.Thread(target=slot, name=f"slot-{i}", daemon=True) for i in range(k)]
+        for t in threads:
+            t.start()
+        try:
+            while any(t.is_alive() for t in threads):
+                for t in threads:
+                    t.join(timeout=0.2)  # short waits: the main thread takes the signals
+        except KeyboardInterrupt:
+            pack.abort()  # stop now: every member's step raises, and its trial is given back
+            self.stop.event.set()
+            for t in threads:
+                t.join()
+            raise
+        if pack.fused_steps:
+            log.info(
+                "worker: %d training steps of trials in %d fused steps (%.2f trials per step)",
+                pack.member_steps,
+                pack.fused_steps,
+                pack.member_steps / pack.fused_steps,
+            )
+        first = next((e for e in errors if not isinstance(e, KeyboardInterrupt)), errors[0] if errors else None)
+        if first is not None:
+            raise first
+        return self.code
+
+    def _enough(self) -> bool:
+        limit = self.options.max_trials
+        return self.stop.event.is_set() or self.code != 0 or (limit is not None and self._claimed >= limit)
+
+    def _claim(self) -> optuna.Trial | None:
+        with self._claiming:
+            with self._lock:
+                if self._enough():
+                    raise _SlotDone
+            trial = claim_trial(self.study, self.config)
+            if trial is not None:
+                with self._lock:
+                    self._claimed += 1
+                    self._current.add(trial.number)
+            return trial
+
+    def work(self) -> int:
+        """Claim and run trials until the study is done, the worker is told to stop, or this node fails."""
+        study, config = self.study, self.config
+        waiting = False
+        while True:
+            try:
+                trial = self._claim()
+            except _SlotDone:
+                return self.code
             if trial is None:
                 trials = study.get_trials(deepcopy=False)
                 if study_done(trials, config, wrong_verdicts(study) if unretried(trials) else ()):
                     log.info("study %r: budget spent, worker done", config.name)
-                    _free_paused_checkpoints(trials, checkpoints)
-                    break
+                    with self._lock:
+                        free, self._freed = not self._freed, True
+                    if free:
+                        _free_paused_checkpoints(trials, self.node.checkpoints)
+                    return self.code
                 if not waiting and slots_to_queue(trials, config):
                     log.info("study %r: no queued trial yet; waiting for the next budget slots", config.name)
                     waiting = True
@@ -325,34 +436,44 @@ def run_worker(study: optuna.Study, config: StudyConfig, options: WorkerOptions,
                         running,
                     )
                     waiting = True
-                stop.event.wait(poll_s)
+                self.stop.event.wait(self.poll_s)
                 continue
             waiting = False
-            source = trial.user_attrs.get(attrs.WARM_START)
-            log.info("trial %d: %s%s", trial.number, trial.params, f" (warm start from {source})" if source else "")
-            current.add(trial.number)
-            try:
-                trial.set_user_attr(attrs.HOST, host)
-                state = _run_one(study, config, trial, objective, checkpoints)
-            except Exception as exc:
-                if not _outage(exc):
-                    raise
-                # The storage stayed away longer than the outage window, wherever it surfaced: never the
-                # trial's error. Give it back (uncounted) if the storage answers again; stop (exit 3).
-                _give_back_after_outage(study, config, trial, exc)
-                raise StorageUnavailable(
-                    str(exc) if isinstance(exc, StorageUnavailable) else error_reason(exc)
-                ) from exc
-            finally:
-                current.discard(trial.number)
+            state = self._run(trial)
             if state is not None:
-                _annotate(study, trial, config, node.classes, state)
-            done += 1
-            failures = failures + 1 if state == TrialState.FAIL else 0
-            if failures >= options.max_consecutive_failures:
-                log.error("%d trials failed in a row on %s: this node looks broken, exiting", failures, host)
-                return 1
-    return 0
+                _annotate(study, trial, config, self.node.classes, state)
+            with self._lock:
+                self._failures = self._failures + 1 if state == TrialState.FAIL else 0
+                if self._failures >= self.options.max_consecutive_failures and self.code == 0:
+                    log.error(
+                        "%d trials failed in a row on %s: this node looks broken, exiting", self._failures, self.host
+                    )
+                    self.code = 1
+                    self.stop.event.set()  # the other slots give their trials back after their epoch
+            if self.code != 0:
+                return self.code
+
+    def _run(self, trial: optuna.Trial) -> TrialState | None:
+        study, config = self.study, self.config
+        source = trial.user_attrs.get(attrs.WARM_START)
+        log.info("trial %d: %s%s", trial.number, trial.params, f" (warm start from {source})" if source else "")
+        try:
+            trial.set_user_attr(attrs.HOST, self.host)
+            return _run_one(study, config, trial, self.objective, self.node.checkpoints)
+        except Exception as exc:
+            if not _outage(exc):
+                raise
+            # The storage stayed away longer than the outage window, wherever it surfaced: never the
+            # trial's error. Give it back (uncounted) if the storage answers again; stop (exit 3).
+            _give_back_after_outage(study, config, trial, exc)
+            raise StorageUnavailable(str(exc) if isinstance(exc, StorageUnavailable) else error_reason(exc)) from exc
+        finally:
+            with self._lock:
+                self._current.discard(trial.number)
+
+
+class _SlotDone(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """This slot claims no more trials (stop asked, ``--max-trials`` reached, or the node failed)."""
 
 
 def _run_one(

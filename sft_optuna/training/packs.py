@@ -131,6 +131,8 @@ class Pack:
         self._shared: dict[Hashable, Any] = {}
         self.fused_steps = 0
         """Fused steps run so far (one per group step, whatever its number of members)."""
+        self.member_steps = 0
+        """Training steps of members so far: ``member_steps / fused_steps`` trials trained per step on average."""
 
     def shared(self, key: Hashable, make: Callable[[], Any]) -> Any:
         """One object per ``key`` for all members (the data pipelines: one copy of the splits, not K)."""
@@ -208,6 +210,7 @@ class Pack:
             error = exc
         with self._cond:
             self.fused_steps += 1
+            self.member_steps += len(requests)
             for i, r in enumerate(requests):
                 if error is not None:
                     r.error = error

@@ -1,0 +1,92 @@
+"""``worker --pack K``: real worker processes training several trials at once, fused where their shapes match."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import spawn_worker, study_dict
+from optuna.trial import TrialState
+
+from sft_optuna import attrs
+from sft_optuna.cli import main
+from sft_optuna.coordination.storage import open_storage
+
+pytestmark = pytest.mark.slow
+
+
+def _trials(url: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="t", storage=open_storage(url).optuna).get_trials()
+
+
+def _wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_a_packed_worker_runs_the_budget_several_trials_at_a_time(
+    folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, tmp_path: Path
+) -> None:
+    # two batch sizes: trials of one fuse, a trial of the other trains in a group of its own beside them
+    cfg = study_dict(
+        folder_root,
+        budget={"n_trials": 4},
+        search_space={
+            "lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True},
+            "batch_size": {"type": "categorical", "choices": [16, 32]},
+        },
+    )
+    assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
+    proc = spawn_worker(sqlite_url, "t", tmp_path / "ck", "--pack", "3")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "3 trials at a time" in out
+    fused = re.search(r"(\d+) training steps of trials in (\d+) fused steps", out)
+    assert fused is not None and int(fused[1]) > int(fused[2]), out[-3000:]  # some steps trained several trials
+    trials = _trials(sqlite_url)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4, out[-3000:]
+    for t in trials:
+        assert sorted(t.intermediate_values) == [1, 2]
+        assert [h["epoch"] for h in t.user_attrs[attrs.HISTORY]] == [1, 2]
+        assert t.value == max(t.intermediate_values.values())
+    # they ran side by side: the first three started before any of them finished
+    first = sorted(trials, key=lambda t: t.datetime_start)[:3]
+    assert max(t.datetime_start for t in first) < min(t.datetime_complete for t in first)  # type: ignore[type-var]
+
+
+def test_a_killed_packed_worker_leaves_every_trial_to_resume_from_its_checkpoint(
+    folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, tmp_path: Path
+) -> None:
+    cfg = study_dict(
+        folder_root, budget={"n_trials": 2}, train={"epochs": 12}, heartbeat={"interval": 0.5, "grace_period": 2}
+    )
+    assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
+    ckpt = tmp_path / "ck"
+    proc = spawn_worker(sqlite_url, "t", ckpt, "--pack", "2")
+    _wait_for(lambda: all((ckpt / "t" / f"trial-{n}.pt").is_file() for n in (0, 1)), 180, "both trials' checkpoints")
+    proc.kill()
+    proc.communicate(timeout=30)
+    dead = _trials(sqlite_url)
+    assert [t.state for t in dead] == [TrialState.RUNNING] * 2
+
+    log = tmp_path / "second.log"
+    with log.open("w") as fh:
+        second = spawn_worker(sqlite_url, "t", ckpt, "--pack", "2", stdout=fh)
+        assert second.wait(timeout=300) == 0, log.read_text()[-3000:]
+    trials = _trials(sqlite_url)
+    states = sorted((t.state for t in trials), key=lambda s: s.name)
+    assert states == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] * 2, log.read_text()[-3000:]
+    for old in dead:
+        retry = next(t for t in trials if t.user_attrs.get(attrs.RETRY_OF) == old.number)
+        assert retry.state == TrialState.COMPLETE and retry.params == old.params
+        resumed = retry.user_attrs[attrs.RESUMED_FROM_EPOCH]
+        assert resumed >= 1, "resumed from the killed worker's checkpoint, not from scratch"
+        assert sorted(retry.intermediate_values) == list(range(1, 13))
+        for step in range(1, resumed + 1):
+            assert retry.intermediate_values[step] == old.intermediate_values[step]
