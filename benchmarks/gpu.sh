@@ -6,9 +6,10 @@
 #      shipped studies), side by side with the textbook loop (images/s, MFU);
 #   2. the CUDA graph's loss curve equal to eager's (tests/test_graphs.py, skipped without CUDA);
 #   3. packed processes: aggregate training images/s of 1, 2, 4, 8 workers on one GPU (sft_optuna.packing);
-#      fused packs (worker --pack K) are not built yet: the script says so;
+#      fused packs: aggregate images/s and MFU of 1, 2, 4, 8 trials trained as one fused model (packs.py);
 #   4. a whole study: 24 trials x 3 epochs on 10,000 images at 64 px, sft-optuna with 1 and with auto workers per
-#      GPU against plain Optuna + the textbook loop (study_e2e.py: trials/hour, GPU-s/trial, aggregate MFU);
+#      GPU and with fused packs of 4 against plain Optuna + the textbook loop (study_e2e.py: trials/hour, GPU-s
+#      per trial, aggregate MFU);
 #   5. the photo loader on the GPU (decode.py, 5,000 JPEGs, RandomResizedCrop 224) against the textbook's.
 #
 # The device image has torch, torchvision, PyYAML, tqdm, numpy, pillow, pytest; optuna and SQLAlchemy travel as
@@ -71,7 +72,8 @@ c = calibrate_node(config, "0" if device == "cuda" else None, counts=counts, sec
 print(c.describe())
 json.dump(dataclasses.asdict(c), open(path, "w"), indent=1)
 EOF
-echo "fused packs (worker --pack K): not built yet, nothing to measure" | tee -a "$log"
+if [ -n "$dry" ]; then packs=(--dry-run); else packs=(--device cuda --packs 1,2,4,8); fi
+"$py" benchmarks/packs.py "${packs[@]}" --json "$out/packs.json" 2>&1 | tee -a "$log"
 
 stage "4. a whole study: sft-optuna against plain Optuna + the textbook loop"
 "$py" benchmarks/study_e2e.py "${e2e[@]}" --json "$out/study.json" 2>&1 | tee -a "$log"

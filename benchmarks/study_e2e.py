@@ -8,6 +8,8 @@ utilisation (the training images of all trials x FLOPs per image / wall / a meas
 
 - ``sft-optuna, 1 worker``: ``sft-optuna launch NAME --gpus 0`` on a fresh SQLite storage;
 - ``sft-optuna, K workers``: the same with ``--workers-per-gpu K`` (``auto``: measured and chosen by the launcher);
+- ``sft-optuna, 1 worker, fused packs of K``: one worker per GPU with ``--pack K`` (trials of one shape trained
+  as one fused model);
 - ``plain Optuna + textbook loop``: ``optuna.create_study(TPESampler)`` + ``study.optimize`` of an objective that
   trains with torchvision transforms on PIL images in a ``DataLoader(num_workers=2)``, fp32, ``loss.item()`` per
   step — what the textbook does.
@@ -71,23 +73,24 @@ def study_file(path: Path, root: Path, trials: int, epochs: int, size: int, val:
     return path
 
 
-def run_ours(study: Path, work: Path, workers: str, gpus: str) -> float:
+def run_ours(study: Path, work: Path, workers: str, gpus: str, pack: int = 1) -> float:
     """Wall seconds of ``create`` + ``launch`` until the study is done."""
-    url = f"sqlite:///{work / f'ours-{workers}.db'}"
+    tag = f"{workers}-pack{pack}"
+    url = f"sqlite:///{work / f'ours-{tag}.db'}"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cli = [sys.executable, "-m", "sft_optuna", "--storage", url]
     made = subprocess.run([*cli, "create", str(study)], env=env, capture_output=True, text=True)
     if made.returncode != 0:
         raise SystemExit(f"sft-optuna create failed: {made.stderr.strip()[-1000:]}")
     start = time.perf_counter()
-    launch = [*cli, "launch", "e2e", "--gpus", gpus, "--workers-per-gpu", workers]
+    launch = [*cli, "launch", "e2e", "--gpus", gpus, "--workers-per-gpu", workers, "--pack", str(pack)]
     proc = subprocess.run(
-        [*launch, "--checkpoint-dir", str(work / f"ck-{workers}")], env=env, capture_output=True, text=True
+        [*launch, "--checkpoint-dir", str(work / f"ck-{tag}")], env=env, capture_output=True, text=True
     )
     wall = time.perf_counter() - start
-    (work / f"ours-{workers}.log").write_text(proc.stdout + proc.stderr)
+    (work / f"ours-{tag}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise SystemExit(f"sft-optuna launch --workers-per-gpu {workers} failed: {proc.stdout[-2000:]}")
+        raise SystemExit(f"sft-optuna launch --workers-per-gpu {workers} --pack {pack} failed: {proc.stdout[-2000:]}")
     return wall
 
 
@@ -121,13 +124,14 @@ def main() -> None:
     p.add_argument("--images", type=int, default=10_000)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--workers", default="1,auto", help="sft-optuna rows: workers per GPU, comma-separated")
+    p.add_argument("--packs", default="4", help="rows of one worker per GPU with --pack K, comma-separated ('' none)")
     p.add_argument("--no-plain", action="store_true", help="skip plain Optuna + the textbook loop")
     p.add_argument("--dry-run", action="store_true", help="every stage for seconds, on the CPU")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     device, gpus = "cuda", "0"
     if args.dry_run:
-        args.trials, args.epochs, args.images, args.image_size = 2, 1, 600, 32
+        args.trials, args.epochs, args.images, args.image_size, args.packs = 2, 1, 600, 32, "2"
         device, gpus = "cpu", "cpu"
     val = max(args.images // 10, 100)
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,6 +153,10 @@ def main() -> None:
                 f"sft-optuna --workers-per-gpu {workers}: {walls[f'sft-optuna, {workers} worker(s) per GPU']:.1f} s",
                 flush=True,
             )
+        for k in [int(v) for v in args.packs.split(",") if v]:
+            name = f"sft-optuna, 1 worker per GPU, fused packs of {k}"
+            walls[name] = run_ours(study, work, "1", gpus, k)
+            print(f"sft-optuna --pack {k}: {walls[name]:.1f} s", flush=True)
         if not args.no_plain:
             walls["plain Optuna + textbook loop"] = run_plain(
                 root, args.trials, args.epochs, args.image_size, val, device
@@ -160,7 +168,7 @@ def main() -> None:
     base = walls.get("plain Optuna + textbook loop")
     shape = f"{args.trials} trials x {args.epochs} epochs x {args.images - val} images at {args.image_size} px"
     print(f"\n{shape} on {device}")
-    print(f"{'':44s} {'wall s':>8s} {'trials/h':>9s} {'GPU-s/trial':>12s} {'MFU':>7s} {'x plain':>8s}")
+    print(f"{'':50s} {'wall s':>8s} {'trials/h':>9s} {'GPU-s/trial':>12s} {'MFU':>7s} {'x plain':>8s}")
     for name, wall in walls.items():
         row = {
             "wall_s": round(wall, 1),
@@ -172,7 +180,7 @@ def main() -> None:
         rows[name] = row
         vs = f"{row['vs_plain']:.2f}x" if row["vs_plain"] else "–"
         print(
-            f"{name:44s} {wall:8.1f} {row['trials_per_hour']:9.1f} {row['gpu_seconds_per_trial']:12.1f} "
+            f"{name:50s} {wall:8.1f} {row['trials_per_hour']:9.1f} {row['gpu_seconds_per_trial']:12.1f} "
             f"{row['aggregate_mfu']:7.1%} {vs:>8s}"
         )
     if args.json:

@@ -59,6 +59,16 @@ def test_the_prepared_gpu_script_parses_and_passes_only_options_the_benchmark_ha
     assert used and used <= set(re.findall(r"(--[a-z][a-z-]+)", helped.stdout)), used
 
 
+def test_the_fused_pack_benchmark_measures_one_trial_and_each_pack_side_by_side(tmp_path: Path) -> None:
+    out = tmp_path / "packs.json"
+    proc = _bench("packs.py", "--dry-run", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["one trial, plain eager step", "fused pack of 1", "fused pack of 2"]
+    assert all(r["images_per_s"] > 0 and r["mfu"] > 0 for r in rows)
+    assert rows[0]["speedup"] == 1.0
+
+
 def _record(tarball: Path, out: Path, limit_s: int, configs: int) -> str:
     """``record_curves_gpu.sh`` on the CPU, as small as it goes; its log."""
     env = worker_env(

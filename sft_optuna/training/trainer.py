@@ -12,6 +12,7 @@ import math
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -247,6 +248,8 @@ class Trainer:
         self._weights_version = 0  # bumped whenever the weights change; keys the cached predictions
         self._predictions: tuple[BatchPipeline, int, torch.Tensor] | None = None
         self.member: Member | None = pack.join(self, key) if pack is not None and key is not None else None
+        if self.member is not None:  # the pack steps the weights; this trainer's optimizer only holds the rates
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
 
     def close(self) -> None:
         """Leave the pack (if any): its other members go on without this trainer."""
