@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from sft_optuna.config import AugmentConfig, DataConfig, ModelConfig, TrainConfig
+from sft_optuna.training import packs
 from sft_optuna.training.data import load_imagefolder, make_splits
 from sft_optuna.training.packs import Pack, pack_key
 from sft_optuna.training.trainer import Trainer
@@ -197,3 +198,26 @@ def test_a_pack_shares_one_copy_of_the_splits(splits) -> None:  # type: ignore[n
     a.close()
     b.close()
     assert pack.size() == 0
+
+
+def test_a_fused_step_that_does_not_fit_is_taken_in_halves_with_the_same_result(
+    splits: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The device's memory is simulated (a CPU has none to run out of): any step of more than one member raises
+    # CUDA's out-of-memory error, after it moved the BatchNorm statistics, as a real one in the backward would.
+    real = packs._gradients
+    sizes: list[int] = []
+
+    def small_memory(group: Any, stack: Any, inputs: Any, start: int, stop: int) -> Any:
+        sizes.append(stop - start)
+        out = real(group, stack, inputs, start, stop)
+        if stop - start > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return out
+
+    monkeypatch.setattr(packs, "_gradients", small_memory)
+    trainers, _ = _packed(splits, CONFIGS[:2], [1, 1])
+    assert "a fused step of 2 trials did not fit in device memory: stepping 1 at a time" in caplog.text
+    assert sizes[:3] == [2, 1, 1] and set(sizes[3:]) == {1}  # halved once, then kept
+    for packed, cfg in zip(trainers, CONFIGS[:2], strict=True):
+        _assert_same(packed, splits, cfg, epochs=1)

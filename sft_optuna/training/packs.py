@@ -18,6 +18,7 @@ group restack before its next step.
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from sft_optuna.training.trainer import Trainer
 
 __all__ = ["Member", "Pack", "PackAborted", "pack_key"]
+
+log = logging.getLogger(__name__)
 
 
 class PackAborted(KeyboardInterrupt):
@@ -88,6 +91,7 @@ class _Group:
     pending: dict[int, _Request] = field(default_factory=dict)  # id(member) -> its request
     busy: bool = False
     stack: _Stack | None = None
+    max_fused: int | None = None  # members per fused step after one ran out of device memory (None: all)
 
 
 def _lr_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -295,22 +299,67 @@ def _set_mode(template: nn.Module, bn: str) -> None:
 def _fused_step(
     group: _Group, members: tuple[Member, ...], requests: list[_Request]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One training step of every member at once; returns each one's (loss, logits)."""
-    from sft_optuna.training.trainer import _autocast
+    """One training step of every member at once; returns each one's (loss, logits).
 
+    A step that runs out of device memory is taken again in halves (then quarters, ...) of the members — the
+    same arithmetic, member by member, only less of it at once — and the group keeps that size; only a single
+    member's step that does not fit raises (as a trainer of its own's would). The BatchNorm statistics a failed
+    attempt had already moved are put back first; the weights are updated only once every part has its
+    gradients."""
     stack = group.stack
     assert stack is not None
     cfg0 = members[0].trainer.cfg
     device = requests[0].x.device
-    template = group.template
-    _set_mode(template, cfg0.bn)
+    _set_mode(group.template, cfg0.bn)
     dtype = next(iter(stack.params.values())).dtype  # float32; a test trains in float64
-    x = torch.stack([r.x for r in requests]).to(dtype)
-    y_a = torch.stack([r.y_a for r in requests])
-    y_b = torch.stack([r.y_b for r in requests])
-    # the loss's weights in float64 (as the Python floats of a trainer of its own), cast where they are used
-    lam = torch.tensor([r.lam for r in requests], device=device, dtype=torch.float64)
-    eps = torch.tensor([m.trainer.cfg.label_smoothing for m in members], device=device, dtype=torch.float64)
+    inputs = (
+        torch.stack([r.x for r in requests]).to(dtype),
+        torch.stack([r.y_a for r in requests]),
+        torch.stack([r.y_b for r in requests]),
+        # the loss's weights in float64 (as the Python floats of a trainer of its own), cast where they are used
+        torch.tensor([r.lam for r in requests], device=device, dtype=torch.float64),
+        torch.tensor([m.trainer.cfg.label_smoothing for m in members], device=device, dtype=torch.float64),
+    )
+    n = len(members)
+    while True:
+        size = min(group.max_fused or n, n)
+        before = {k: b.clone() for k, b in stack.buffers.items()}
+        try:
+            parts = [_gradients(group, stack, inputs, start, min(start + size, n)) for start in range(0, n, size)]
+            break
+        except torch.cuda.OutOfMemoryError:
+            for k, b in stack.buffers.items():
+                b.copy_(before[k])
+            del before
+            if size == 1:
+                raise
+            group.max_fused = size // 2
+            log.warning(
+                "a fused step of %d trials did not fit in device memory: stepping %d at a time", size, size // 2
+            )
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    grads = tuple(torch.cat([part[0][i] for part in parts]) for i in range(len(stack.params)))
+    loss = torch.cat([part[1] for part in parts])
+    logits = torch.cat([part[2] for part in parts])
+    _update(stack, members, list(stack.params.values()), grads)
+    return [(loss[i], logits[i]) for i in range(n)]
+
+
+def _gradients(
+    group: _Group, stack: _Stack, inputs: tuple[torch.Tensor, ...], start: int, stop: int
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+    """(gradients, losses, logits) of members ``start:stop`` of the stack; their BatchNorm statistics move."""
+    from sft_optuna.training.trainer import _autocast
+
+    template = group.template
+    whole = start == 0 and stop == len(stack.members)
+    # the stack's own leaves, or leaves viewing a slice of them (the buffers' slices are updated in place)
+    params = (
+        stack.params if whole else {k: p[start:stop].detach().requires_grad_(True) for k, p in stack.params.items()}
+    )
+    buffers = stack.buffers if whole else {k: b[start:stop] for k, b in stack.buffers.items()}
+    x, y_a, y_b, lam, eps = (t[start:stop] for t in inputs)
 
     def loss_of(
         params: dict[str, torch.Tensor],
@@ -331,13 +380,11 @@ def _fused_step(
 
         return lam_k * ce(ya) + (1.0 - lam_k) * ce(yb), logits
 
-    with _autocast(device, cfg0.precision):
-        loss, logits = vmap(loss_of, randomness="different")(stack.params, stack.buffers, x, y_a, y_b, lam, eps)
-    tensors = list(stack.params.values())
-    grads = torch.autograd.grad(loss.sum(), tensors)
-    _update(stack, members, tensors, grads)
-    loss, logits = loss.detach(), logits.detach()
-    return [(loss[i], logits[i]) for i in range(len(members))]
+    cfg0 = stack.members[0].trainer.cfg
+    with _autocast(x.device, cfg0.precision):
+        loss, logits = vmap(loss_of, randomness="different")(params, buffers, x, y_a, y_b, lam, eps)
+    grads = torch.autograd.grad(loss.sum(), list(params.values()))
+    return grads, loss.detach(), logits.detach()
 
 
 @torch.no_grad()
