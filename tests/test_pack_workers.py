@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -91,3 +92,28 @@ def test_a_killed_packed_worker_leaves_every_trial_to_resume_from_its_checkpoint
         assert sorted(retry.intermediate_values) == list(range(1, 13))
         for step in range(1, resumed + 1):
             assert retry.intermediate_values[step] == old.intermediate_values[step]
+
+
+def test_ctrl_c_stops_every_slot_after_its_epoch_and_each_trial_resumes(
+    folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, tmp_path: Path
+) -> None:
+    cfg = study_dict(folder_root, budget={"n_trials": 2}, train={"epochs": 12})
+    assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
+    ckpt = tmp_path / "ck"
+    proc = spawn_worker(sqlite_url, "t", ckpt, "--pack", "2")
+    _wait_for(lambda: all((ckpt / "t" / f"trial-{n}.pt").is_file() for n in (0, 1)), 180, "both trials' checkpoints")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    stopped = _trials(sqlite_url)[:2]  # and their retries, queued
+    assert [t.state for t in stopped] == [TrialState.FAIL] * 2, out[-3000:]
+    assert all(t.user_attrs[attrs.REASON] == attrs.INTERRUPTED for t in stopped)
+
+    again = spawn_worker(sqlite_url, "t", ckpt, "--pack", "2")
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out[-3000:]
+    trials = _trials(sqlite_url)
+    for old in stopped:
+        retry = next(t for t in trials if t.user_attrs.get(attrs.RETRY_OF) == old.number)
+        assert retry.state == TrialState.COMPLETE
+        assert retry.user_attrs[attrs.RESUMED_FROM_EPOCH] == len(old.intermediate_values) >= 1
