@@ -452,12 +452,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=DEFAULT_DEVICE, help=DEVICE_HELP)
     p.add_argument("--data-root", default=None)
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: $OMP_NUM_THREADS)")
-    p.add_argument(
-        "--pack",
-        type=_positive_int,
-        default=1,
-        help="trials this worker trains at once, those of one shape fused into one model (default 1)",
-    )
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("plan", help="budget preview of a study file, from a short measured calibration")

@@ -443,7 +443,11 @@ class _Slots:
             if state is not None:
                 _annotate(study, trial, config, self.node.classes, state)
             with self._lock:
-                self._failures = self._failures + 1 if state == TrialState.FAIL else 0
+                # a trial ended by a stop (interrupted, given back) says nothing about this node
+                if state == TrialState.FAIL and not self.stop.event.is_set():
+                    self._failures += 1
+                elif state != TrialState.FAIL:
+                    self._failures = 0
                 if self._failures >= self.options.max_consecutive_failures and self.code == 0:
                     log.error(
                         "%d trials failed in a row on %s: this node looks broken, exiting", self._failures, self.host

@@ -190,13 +190,49 @@ def test_a_configuration_that_cannot_be_fused_trains_alone_beside_the_pack(split
         _assert_same(packed, splits, cfg, epochs=len(packed.history))
 
 
-def test_a_pack_shares_one_copy_of_the_splits(splits) -> None:  # type: ignore[no-untyped-def]
+def test_a_pack_shares_one_copy_of_the_splits_whatever_the_members_augmentation(splits) -> None:  # type: ignore[no-untyped-def]
     pack = Pack()
     a = Trainer(splits, MODEL, CONFIGS[0], CPU, pack=pack)
-    b = Trainer(splits, MODEL, CONFIGS[1], CPU, pack=pack)
-    assert a.train_data is b.train_data and a.val_data is b.val_data
+    b = Trainer(splits, MODEL, CONFIGS[2], CPU, pack=pack)  # mixup, no flip
+    assert a.train_data.x is b.train_data.x and a.val_data.x is b.val_data.x
+    assert a.train_data.aug != b.train_data.aug
     a.close()
     b.close()
+    assert pack.size() == 0
+
+
+def test_members_fuse_only_with_the_same_dropout_rate() -> None:
+    with_dropout = TrainConfig(head_dropout=0.1)
+    assert pack_key(MODEL, with_dropout) != pack_key(MODEL, TrainConfig(head_dropout=0.2))
+    assert pack_key(MODEL, with_dropout) == pack_key(MODEL, TrainConfig(head_dropout=0.1, lr=0.5, seed=3))
+
+
+def test_a_step_that_fails_before_it_starts_fails_every_member_and_none_waits_forever(
+    splits: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_memory(group: Any, members: Any) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated, while stacking)")
+
+    monkeypatch.setattr(packs, "_restack", no_memory)
+    pack = Pack()
+    trainers = [Trainer(splits, MODEL, cfg, CPU, pack=pack) for cfg in CONFIGS[:2]]
+    errors: list[BaseException] = []
+
+    def run(t: Trainer) -> None:
+        try:
+            t.run_epoch()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            t.close()
+
+    threads = [threading.Thread(target=run, args=(t,), daemon=True) for t in trainers]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert not any(th.is_alive() for th in threads), "a member waits forever"
+    assert len(errors) == 2 and all(isinstance(e, torch.cuda.OutOfMemoryError) for e in errors)
     assert pack.size() == 0
 
 

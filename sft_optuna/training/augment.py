@@ -9,6 +9,7 @@ tensor ops on a whole batch (the approach of the fastest CIFAR-10 trainers, e.g.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -307,6 +308,13 @@ class BatchPipeline:
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def variant(self, image_size: int, channels_last: bool, augment: AugmentConfig) -> BatchPipeline:
+        """This pipeline for another image size, layout or augmentation, sharing its split (no copy)."""
+        other = copy.copy(self)
+        other.image_size, other.channels_last, other.aug = image_size, channels_last, augment
+        other.tables = {}
+        return other
 
     def _layout(self, out: torch.Tensor) -> torch.Tensor:
         return out.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)

@@ -57,7 +57,7 @@ def pack_key(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Hashable | None:
         train_cfg.bn,
         train_cfg.precision,
         train_cfg.channels_last,
-        train_cfg.head_dropout > 0,  # a module with or without its dropout layer
+        train_cfg.head_dropout,  # the template's dropout hook carries its rate
     )
 
 
@@ -175,8 +175,8 @@ class Pack:
             if member in group.members:
                 group.members.remove(member)
                 group.pending.pop(id(member), None)
-            if not group.members:
-                self._groups.pop(group.key, None)
+            if not group.members and self._groups.get(group.key) is group:
+                del self._groups[group.key]
             self._cond.notify_all()  # the others may all be waiting for a step now
 
     def _sync(self, member: Member) -> None:
@@ -202,13 +202,13 @@ class Pack:
                 if not group.busy and group.members and len(group.pending) == len(group.members):
                     break  # everyone has handed in a batch: this thread runs the step
                 self._cond.wait()
-            group.busy = True
+            group.busy = True  # no other step of this group, no sync and no leave of its members until False
             requests = [group.pending.pop(id(m)) for m in group.members]
             members = tuple(group.members)
-            if group.stack is None or group.stack.members != members:
-                _restack(group, members)
         error: BaseException | None = None
         try:
+            if group.stack is None or group.stack.members != members:
+                _restack(group, members)
             results = _fused_step(group, members, requests)
         except BaseException as exc:  # noqa: BLE001 - every member of the step gets it, as its own step would
             error = exc
@@ -222,7 +222,9 @@ class Pack:
                     r.result = results[i]
             group.busy = False
             if error is not None:
-                group.stack = None  # half-updated: the members' own modules hold their last synced state
+                # half-updated: every member of the step gets the error and ends; the others restack from
+                # their own modules
+                group.stack = None
             self._cond.notify_all()
         if request.error is not None:
             raise request.error
@@ -339,9 +341,12 @@ def _fused_step(
             )
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    grads = tuple(torch.cat([part[0][i] for part in parts]) for i in range(len(stack.params)))
-    loss = torch.cat([part[1] for part in parts])
-    logits = torch.cat([part[2] for part in parts])
+    if len(parts) == 1:
+        grads, loss, logits = parts[0]
+    else:
+        grads = tuple(torch.cat([part[0][i] for part in parts]) for i in range(len(stack.params)))
+        loss = torch.cat([part[1] for part in parts])
+        logits = torch.cat([part[2] for part in parts])
     _update(stack, members, list(stack.params.values()), grads)
     return [(loss[i], logits[i]) for i in range(n)]
 

@@ -215,11 +215,12 @@ class Trainer:
             val = BatchPipeline(splits.val_x, splits.val_y, mean, std, device, size, last, aug, placement)
             return mean, std, train, val
 
-        # a pack's members share one copy of the splits on the device, not one each
-        shared = (id(splits), device, size, last, aug, placement)
-        made: tuple[torch.Tensor, torch.Tensor, BatchPipeline, BatchPipeline] = (
-            pack.shared(shared, pipelines) if pack is not None else pipelines()
-        )
+        made: tuple[torch.Tensor, torch.Tensor, BatchPipeline, BatchPipeline]
+        if pack is None:
+            made = pipelines()
+        else:  # a pack's members share one copy of the splits on the device, whatever their sizes and augmentation
+            mean, std, train, val = pack.shared((id(splits), device, placement), pipelines)
+            made = (mean, std, train.variant(size, last, aug), val.variant(size, last, aug))
         self.mean, self.std, self.train_data, self.val_data = made
         self.ema = WeightEMA(model, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
         self.mixer = Mixer(aug.mixup, aug.cutmix, seed)
