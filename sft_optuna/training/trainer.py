@@ -194,8 +194,12 @@ class Trainer:
         self.num_classes = splits.num_classes
         seed = train_cfg.seed if seed is None else seed
         key = pack_key(model_cfg, train_cfg) if pack is not None else None
-        # a pack's members are made on several threads: torch's global generator seeds one model at a time
-        with pack.init_lock if pack is not None else contextlib.nullcontext():
+        # torch's global generators are shared by a pack's threads: seeding, reading and restoring them is
+        # one thread at a time
+        self._rng_lock: contextlib.AbstractContextManager[Any] = (
+            pack.init_lock if pack is not None else contextlib.nullcontext()
+        )
+        with self._rng_lock:
             torch.manual_seed(seed)  # model init
             model = build_model(splits.num_classes, model_cfg, train_cfg.head_dropout).to(device)
         if device.type == "cuda":
@@ -390,6 +394,9 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: model, optimizer, schedule position, RNG, learning curve."""
+        with self._rng_lock:
+            rng = torch.get_rng_state()
+            cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return {
             "model": self.model.state_dict(),
             # float learning rates: a graphed trial's checkpoint resumes on any device, graphed or not
@@ -401,8 +408,8 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "mixer": self.mixer.state_dict(),
             # dropout and stochastic depth draw from torch's global generators (seeded per trial in __init__)
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "torch_rng": rng,
+            "cuda_rng": cuda_rng,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -429,9 +436,10 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         if "mixer" in state:
             self.mixer.load_state_dict(state["mixer"])
-        if "torch_rng" in state:
-            torch.set_rng_state(state["torch_rng"].cpu())
-        if state.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+        with self._rng_lock:
+            if "torch_rng" in state:
+                torch.set_rng_state(state["torch_rng"].cpu())
+            if state.get("cuda_rng") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self.epoch = int(state["epoch"])
         self.history = [EpochResult(**r) for r in state["history"]]
