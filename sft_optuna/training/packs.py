@@ -156,6 +156,11 @@ class Pack:
             group.members.append(member)
             return member
 
+    @property
+    def aborted(self) -> bool:
+        """Was :meth:`abort` called?"""
+        return self._aborted
+
     def abort(self) -> None:
         """Stop now: every waiting and future step raises :class:`PackAborted`."""
         with self._cond:

@@ -26,7 +26,7 @@ from sft_optuna.training.augment import BatchPipeline, Mixer, channel_stats
 from sft_optuna.training.data import Splits
 from sft_optuna.training.graphs import GraphedStep, float_learning_rates, graphs_enabled, tensor_learning_rates
 from sft_optuna.training.model import build_model, head_parameters
-from sft_optuna.training.packs import Member, Pack, pack_key
+from sft_optuna.training.packs import Member, Pack, PackAborted, pack_key
 
 __all__ = ["DivergedError", "EpochResult", "Trainer", "WeightEMA", "lr_factor", "predict"]
 
@@ -252,6 +252,7 @@ class Trainer:
         self._compiled = not train_cfg.compile
         self._weights_version = 0  # bumped whenever the weights change; keys the cached predictions
         self._predictions: tuple[BatchPipeline, int, torch.Tensor] | None = None
+        self.pack = pack
         self.member: Member | None = pack.join(self, key) if pack is not None and key is not None else None
         if self.member is not None:  # the pack steps the weights; this trainer's optimizer only holds the rates
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
@@ -285,6 +286,8 @@ class Trainer:
         for step, (xb, yb) in enumerate(self._batches()):
             if max_steps is not None and step >= max_steps:
                 break
+            if self.pack is not None and self.pack.aborted:  # stop now, fused with the others or not
+                raise PackAborted("stopped now")
             y_a, y_b, lam = yb, yb, 1.0
             if self.mixer.active:
                 xb, y_a, y_b, lam = self.mixer(xb, yb)
