@@ -268,7 +268,9 @@ def prepare_node(config: StudyConfig, options: WorkerOptions) -> Node:
         build_model(2, dataclasses.replace(config.model, arch=arch))
     splits, classes = load_splits(config.data, options.data_root)
     split_bytes = sum(t.numel() * t.element_size() for t in (splits.train_x, splits.val_x))
-    placement = decide_placement(config, split_bytes, splits.num_classes, device, options.device_memory)
+    placement = decide_placement(
+        config, split_bytes, splits.num_classes, device, options.device_memory, trials=options.pack
+    )
     log.info("%s", placement.describe(device))
     if placement.where == "host" and device.type == "cuda":
         splits = pin_splits(splits)

@@ -162,13 +162,19 @@ def study_archs(config: StudyConfig) -> list[str]:
 
 
 def decide_placement(
-    config: StudyConfig, split_bytes: int, num_classes: int, device: torch.device, cap: int | None = None
+    config: StudyConfig,
+    split_bytes: int,
+    num_classes: int,
+    device: torch.device,
+    cap: int | None = None,
+    trials: int = 1,
 ) -> Placement:
     """``data.placement`` for a split of ``split_bytes`` on ``device`` (at most ``cap`` bytes of it): the step's
-    memory measured where it matters (not for ``host``, not off CUDA)."""
+    memory measured where it matters (not for ``host``, not off CUDA), times the ``trials`` a packed worker
+    trains at once."""
     step = 0
     if config.data.placement != "host":
-        step = measure_step_memory(config, study_archs(config), num_classes, device)
+        step = trials * measure_step_memory(config, study_archs(config), num_classes, device)
     free = free_memory(device, cap)
     capped = cap is not None and free == cap
     return choose_placement(config.data.placement, device, split_bytes, step, free, capped)
