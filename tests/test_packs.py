@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 from typing import Any
@@ -149,27 +150,10 @@ def test_a_member_that_leaves_early_does_not_disturb_the_others(splits) -> None:
 
 
 def test_adamw_members_equal_adamw_trainers(splits) -> None:  # type: ignore[no-untyped-def]
+    adamw = TrainConfig(epochs=1, batch_size=32, optimizer="adamw", channels_last=False)
     configs = [
-        TrainConfig(
-            epochs=1,
-            batch_size=32,
-            optimizer="adamw",
-            channels_last=False,
-            lr=1e-3,
-            momentum=0.9,
-            weight_decay=0.05,
-            seed=1,
-        ),
-        TrainConfig(
-            epochs=1,
-            batch_size=32,
-            optimizer="adamw",
-            channels_last=False,
-            lr=3e-3,
-            momentum=0.8,
-            weight_decay=0.0,
-            seed=2,
-        ),
+        dataclasses.replace(adamw, lr=1e-3, momentum=0.9, weight_decay=0.05, seed=1),
+        dataclasses.replace(adamw, lr=3e-3, momentum=0.8, weight_decay=0.0, seed=2),
     ]
     trainers, _ = _packed(splits, configs, [1, 1])
     for packed, cfg in zip(trainers, configs, strict=True):
