@@ -332,14 +332,12 @@ class _Slots:
         objective: Objective,
         stop: _StopFlag,
     ) -> None:
-        self.study, self.config, self.options, self.node, self.objective, self.stop = (
-            study,
-            config,
-            options,
-            node,
-            objective,
-            stop,
-        )
+        self.study = study
+        self.config = config
+        self.options = options
+        self.node = node
+        self.objective = objective
+        self.stop = stop
         self.host = f"{socket.gethostname()}:{os.getpid()} {node.device}"
         self.poll_s = options.poll_s or config.heartbeat.interval
         self._claiming = threading.Lock()  # one claim at a time

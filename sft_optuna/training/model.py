@@ -119,6 +119,16 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(model.get_submodule(model.sft_head).parameters())  # type: ignore[arg-type]
 
 
+def train_mode(model: nn.Module, bn: str) -> None:
+    """``model`` in training mode; with ``bn: frozen`` every BatchNorm layer normalises with its running
+    statistics and leaves them as they are."""
+    model.train()
+    if bn == "frozen":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
 def has_batchnorm(model: nn.Module) -> bool:
     """Does ``model`` normalise with BatchNorm (``bn: frozen`` applies)?"""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

@@ -30,6 +30,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from sft_optuna.config import ModelConfig, TrainConfig
+from sft_optuna.training.model import train_mode
 
 if TYPE_CHECKING:
     from sft_optuna.training.trainer import Trainer
@@ -268,10 +269,8 @@ def _restack(group: _Group, members: tuple[Member, ...]) -> None:
                 v = m.trainer.optimizer.state.get(t, {}).get(slot)
                 values.append(torch.zeros_like(t) if v is None else v)
             state[name][slot] = torch.stack(values)
-    buffers = {
-        name: torch.stack([dict(m.trainer.model.named_buffers())[name] for m in members])
-        for name, _ in first.model.named_buffers()
-    }
+    member_buffers = [dict(m.trainer.model.named_buffers()) for m in members]
+    buffers = {name: torch.stack([mb[name] for mb in member_buffers]) for name, _ in first.model.named_buffers()}
     device = params[names[0]].device
     group.stack = _Stack(members, params, buffers, state, torch.tensor(steps, device=device), groups)
 
@@ -295,14 +294,6 @@ def _write_back(stack: _Stack, i: int) -> None:
         b.copy_(stack.buffers[name][i])
 
 
-def _set_mode(template: nn.Module, bn: str) -> None:
-    template.train()
-    if bn == "frozen":
-        for m in template.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-
-
 def _fused_step(
     group: _Group, members: tuple[Member, ...], requests: list[_Request]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -317,7 +308,7 @@ def _fused_step(
     assert stack is not None
     cfg0 = members[0].trainer.cfg
     device = requests[0].x.device
-    _set_mode(group.template, cfg0.bn)
+    train_mode(group.template, cfg0.bn)
     dtype = next(iter(stack.params.values())).dtype  # float32; a test trains in float64
     inputs = (
         torch.stack([r.x for r in requests]).to(dtype),
@@ -404,27 +395,26 @@ def _update(
     """Each member's own optimizer step on its slice: SGD (momentum, nesterov, weight decay) as
     ``torch.optim.SGD`` computes it, or AdamW as ``torch.optim.AdamW``, with each member's rates."""
     device = params[0].device
-    n_groups = len(members[0].trainer.optimizer.param_groups)
-    lr = torch.tensor(
+    # [member, param group], built on the host and copied to the device once per step
+    lr_host = torch.tensor(
         [[float(g["lr"]) for g in m.trainer.optimizer.param_groups] for m in members], dtype=torch.float64
     )
-    wd = torch.tensor(
+    wd_host = torch.tensor(
         [[float(g["weight_decay"]) for g in m.trainer.optimizer.param_groups] for m in members],
         dtype=torch.float64,
     )
-    assert lr.shape[1] == n_groups
-    mom = torch.tensor([m.trainer.cfg.momentum for m in members], dtype=torch.float64)
-    cfg0 = members[0].trainer.cfg
+    decays = (wd_host != 0).any(dim=0).tolist()  # per param group, read on the host: no device sync per tensor
+    lr, wd = lr_host.to(device), wd_host.to(device)
+    mom = torch.tensor([m.trainer.cfg.momentum for m in members], dtype=torch.float64, device=device)
     states = list(stack.state.values())
-    if cfg0.optimizer == "adamw":
+    if members[0].trainer.cfg.optimizer == "adamw":
         stack.steps += 1
-        b1 = mom.to(device)
-        bc1 = 1 - b1.double() ** stack.steps.double()
+        bc1 = 1 - mom ** stack.steps.double()
         bc2 = 1 - 0.999 ** stack.steps.double()
         for p, g, st, gi in zip(params, grads, states, stack.groups, strict=True):
-            lr_g, wd_g = lr[:, gi].to(device), wd[:, gi].to(device)
+            lr_g, wd_g = lr[:, gi], wd[:, gi]
             p.mul_(_lr_view(1 - lr_g * wd_g, p))
-            st["exp_avg"].lerp_(g, _lr_view(1 - b1, p))
+            st["exp_avg"].lerp_(g, _lr_view(1 - mom, p))
             st["exp_avg_sq"].mul_(0.999).addcmul_(g, g, value=1 - 0.999)
             denom = (st["exp_avg_sq"].sqrt() / _lr_view(bc2.sqrt(), p)).add_(1e-8)
             p.addcdiv_(st["exp_avg"] * _lr_view(-(lr_g / bc1), p), denom)
@@ -432,11 +422,10 @@ def _update(
     # the same operations as torch.optim.SGD's (x.add(y, alpha=a) as addcmul with a per-member tensor), so that a
     # member's weights follow a trainer of its own's to the last bits on the CPU
     nesterov = torch.tensor([m.trainer.cfg.nesterov and m.trainer.cfg.momentum > 0 for m in members], device=device)
-    mom_d = mom.to(device)
     for p, g, st, gi in zip(params, grads, states, stack.groups, strict=True):
-        lr_g, wd_g = lr[:, gi].to(device), wd[:, gi].to(device)
-        d_p = torch.addcmul(g, p, _lr_view(wd_g, p)) if bool((wd_g != 0).any()) else g
+        lr_g, wd_g = lr[:, gi], wd[:, gi]
+        d_p = torch.addcmul(g, p, _lr_view(wd_g, p)) if decays[gi] else g
         buf = st["momentum_buffer"]
-        buf.mul_(_lr_view(mom_d, p)).add_(d_p)
-        step = torch.where(nesterov.view(-1, *([1] * (p.dim() - 1))), torch.addcmul(d_p, buf, _lr_view(mom_d, p)), buf)
+        buf.mul_(_lr_view(mom, p)).add_(d_p)
+        step = torch.where(nesterov.view(-1, *([1] * (p.dim() - 1))), torch.addcmul(d_p, buf, _lr_view(mom, p)), buf)
         p.addcmul_(step, _lr_view(-lr_g, p))

@@ -25,7 +25,7 @@ from sft_optuna.config import ModelConfig, TrainConfig
 from sft_optuna.training.augment import BatchPipeline, Mixer, channel_stats
 from sft_optuna.training.data import Splits
 from sft_optuna.training.graphs import GraphedStep, float_learning_rates, graphs_enabled, tensor_learning_rates
-from sft_optuna.training.model import build_model, head_parameters
+from sft_optuna.training.model import build_model, head_parameters, train_mode
 from sft_optuna.training.packs import Member, Pack, PackAborted, pack_key
 
 __all__ = ["DivergedError", "EpochResult", "Trainer", "WeightEMA", "lr_factor", "predict"]
@@ -335,11 +335,7 @@ class Trainer:
             self.model.eval()
             self.head.train()
             return
-        self.model.train()
-        if self.cfg.bn == "frozen":
-            for m in self.model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+        train_mode(self.model, self.cfg.bn)
 
     @property
     def final_model(self) -> nn.Module:
