@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -309,6 +310,37 @@ def started(study: Any) -> list[Any]:
     from optuna.trial import TrialState
 
     return list(study.get_trials(states=tuple(TrialState[s] for s in STARTED)))
+
+
+def stored_trials(url: str, name: str = "t") -> list[Any]:
+    """Every trial of study ``name`` at ``url``, read afresh."""
+    import optuna
+
+    from sft_optuna.coordination.storage import open_storage
+
+    return list(optuna.load_study(study_name=name, storage=open_storage(url).optuna).get_trials())
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def assert_resumed_from_checkpoint(retry: Any, dead: Any, epochs: int) -> None:
+    """``retry`` continued ``dead``'s lineage from its checkpoint, not from scratch: its curve has every epoch
+    1..``epochs``, equal to the dead trial's up to the epoch it resumed from."""
+    from sft_optuna import attrs
+
+    resumed = retry.user_attrs[attrs.RESUMED_FROM_EPOCH]
+    assert resumed >= 1, "resumed from the dead worker's checkpoint, not from scratch"
+    assert sorted(retry.intermediate_values) == list(range(1, epochs + 1))
+    for step in range(1, resumed + 1):
+        assert retry.intermediate_values[step] == dead.intermediate_values[step]
 
 
 STORAGES = ["sqlite", "journal", "postgresql", "grpc"]

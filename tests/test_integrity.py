@@ -14,7 +14,7 @@ from typing import Any
 import optuna
 import pytest
 import torch
-from conftest import run_on_cpu, spawn_worker, study_dict
+from conftest import run_on_cpu, spawn_worker, stored_trials, study_dict
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
@@ -25,10 +25,6 @@ from sft_optuna.coordination.claims import claim_trial
 from sft_optuna.coordination.storage import open_storage
 from sft_optuna.errors import NodeFault
 from sft_optuna.study import create_study
-
-
-def _trials(url: str, name: str = "t") -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=open_storage(url).optuna).get_trials()
 
 
 def test_a_new_study_under_an_old_name_never_resumes_the_old_studys_checkpoint(
@@ -59,7 +55,7 @@ def test_a_new_study_under_an_old_name_never_resumes_the_old_studys_checkpoint(
     )
     assert main(run_on_cpu(new_url, write_study(new, "new.yaml"), ckpt)) == 0
     err = caplog.text
-    (trial,) = _trials(new_url)
+    (trial,) = stored_trials(new_url)
     assert trial.state == TrialState.COMPLETE
     assert trial.user_attrs[attrs.RESUMED_FROM_EPOCH] == 0, "it resumed another study's weights"
     assert sorted(trial.intermediate_values) == [1, 2]
@@ -96,7 +92,7 @@ def test_a_full_checkpoint_disk_keeps_the_last_good_checkpoint_and_gives_the_tri
     code = main(run_on_cpu(sqlite_url, study_file, ckpt))
     filler.join()
     assert code == 1, "a node whose checkpoint disk is full stops non-zero"
-    trials = _trials(sqlite_url)
+    trials = stored_trials(sqlite_url)
     first = trials[0]
     assert first.state == TrialState.FAIL and first.user_attrs[attrs.REASON] == attrs.NODE_FAULT
     assert "cannot write checkpoint" in first.user_attrs[attrs.NODE_FAULT_DETAIL]
@@ -155,7 +151,7 @@ def test_a_trials_own_os_error_is_its_error_not_a_storage_outage(
     monkeypatch.setattr("sft_optuna.training.trainer.Trainer.run_epoch", missing)
     cfg = study_dict(folder_root, budget={"n_trials": 1})
     assert main(run_on_cpu(sqlite_url, write_study(cfg), "none")) == 0
-    (trial,) = [t for t in _trials(sqlite_url) if t.state != TrialState.WAITING]
+    (trial,) = [t for t in stored_trials(sqlite_url) if t.state != TrialState.WAITING]
     assert trial.state == TrialState.FAIL
     assert trial.user_attrs[attrs.REASON].startswith("error: FileNotFoundError"), trial.user_attrs
 

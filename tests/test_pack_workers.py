@@ -4,31 +4,17 @@ from __future__ import annotations
 
 import re
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import optuna
 import pytest
-from conftest import spawn_worker, study_dict
+from conftest import assert_resumed_from_checkpoint, spawn_worker, stored_trials, study_dict, wait_for
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
 from sft_optuna.cli import main
-from sft_optuna.coordination.storage import open_storage
 
 pytestmark = pytest.mark.slow
-
-
-def _trials(url: str) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name="t", storage=open_storage(url).optuna).get_trials()
-
-
-def _wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_a_packed_worker_runs_the_budget_several_trials_at_a_time(
@@ -50,7 +36,7 @@ def test_a_packed_worker_runs_the_budget_several_trials_at_a_time(
     assert "3 trials at a time" in out
     fused = re.search(r"(\d+) training steps of trials in (\d+) fused steps", out)
     assert fused is not None and int(fused[1]) > int(fused[2]), out[-3000:]  # some steps trained several trials
-    trials = _trials(sqlite_url)
+    trials = stored_trials(sqlite_url)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4, out[-3000:]
     for t in trials:
         assert sorted(t.intermediate_values) == [1, 2]
@@ -71,27 +57,23 @@ def test_a_killed_packed_worker_leaves_every_trial_to_resume_from_its_checkpoint
     assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
     ckpt = tmp_path / "ck"
     proc = spawn_worker(sqlite_url, "t", ckpt, "--pack", "2")
-    _wait_for(lambda: all((ckpt / "t" / f"trial-{n}.pt").is_file() for n in (0, 1)), 180, "both trials' checkpoints")
+    wait_for(lambda: all((ckpt / "t" / f"trial-{n}.pt").is_file() for n in (0, 1)), 180, "both trials' checkpoints")
     proc.kill()
     proc.communicate(timeout=30)
-    dead = _trials(sqlite_url)
+    dead = stored_trials(sqlite_url)
     assert [t.state for t in dead] == [TrialState.RUNNING] * 2
 
     log = tmp_path / "second.log"
     with log.open("w") as fh:
         second = spawn_worker(sqlite_url, "t", ckpt, "--pack", "2", stdout=fh)
         assert second.wait(timeout=300) == 0, log.read_text()[-3000:]
-    trials = _trials(sqlite_url)
+    trials = stored_trials(sqlite_url)
     states = sorted((t.state for t in trials), key=lambda s: s.name)
     assert states == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] * 2, log.read_text()[-3000:]
     for old in dead:
         retry = next(t for t in trials if t.user_attrs.get(attrs.RETRY_OF) == old.number)
         assert retry.state == TrialState.COMPLETE and retry.params == old.params
-        resumed = retry.user_attrs[attrs.RESUMED_FROM_EPOCH]
-        assert resumed >= 1, "resumed from the killed worker's checkpoint, not from scratch"
-        assert sorted(retry.intermediate_values) == list(range(1, 13))
-        for step in range(1, resumed + 1):
-            assert retry.intermediate_values[step] == old.intermediate_values[step]
+        assert_resumed_from_checkpoint(retry, old, 12)
 
 
 def test_ctrl_c_stops_every_slot_after_its_epoch_and_each_trial_resumes(
@@ -101,18 +83,18 @@ def test_ctrl_c_stops_every_slot_after_its_epoch_and_each_trial_resumes(
     assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
     ckpt = tmp_path / "ck"
     proc = spawn_worker(sqlite_url, "t", ckpt, "--pack", "2")
-    _wait_for(lambda: all((ckpt / "t" / f"trial-{n}.pt").is_file() for n in (0, 1)), 180, "both trials' checkpoints")
+    wait_for(lambda: all((ckpt / "t" / f"trial-{n}.pt").is_file() for n in (0, 1)), 180, "both trials' checkpoints")
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
-    stopped = _trials(sqlite_url)[:2]  # and their retries, queued
+    stopped = stored_trials(sqlite_url)[:2]  # and their retries, queued
     assert [t.state for t in stopped] == [TrialState.FAIL] * 2, out[-3000:]
     assert all(t.user_attrs[attrs.REASON] == attrs.INTERRUPTED for t in stopped)
 
     again = spawn_worker(sqlite_url, "t", ckpt, "--pack", "2")
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out[-3000:]
-    trials = _trials(sqlite_url)
+    trials = stored_trials(sqlite_url)
     for old in stopped:
         retry = next(t for t in trials if t.user_attrs.get(attrs.RETRY_OF) == old.number)
         assert retry.state == TrialState.COMPLETE

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import spawn_worker, started, study_dict
+from conftest import assert_resumed_from_checkpoint, spawn_worker, started, study_dict, wait_for
 from optuna.trial import TrialState
 
 from sft_optuna import attrs
@@ -70,15 +70,6 @@ def test_grid_with_three_workers_trains_no_point_twice(
     assert all(t.state == TrialState.COMPLETE for t in trials)
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.parametrize("n_trials, max_retries", [(2, 2), (1, 2), (1, 0)])
 def test_ctrl_c_fails_the_trial_and_the_next_worker_resumes_it_from_its_checkpoint(
     n_trials: int,
@@ -100,7 +91,7 @@ def test_ctrl_c_fails_the_trial_and_the_next_worker_resumes_it_from_its_checkpoi
         trials = _study(sqlite_url).get_trials()
         return bool(trials) and len(trials[0].intermediate_values) >= 1
 
-    _wait_for(first_epoch_reported, 120, "the first epoch")
+    wait_for(first_epoch_reported, 120, "the first epoch")
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out[-3000:]
@@ -221,12 +212,12 @@ def test_a_worker_killed_on_the_last_trial_is_retried_by_a_worker_that_waits_out
     assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
     ckpt = tmp_path / "ck"
     proc = spawn_worker(sqlite_url, "t", ckpt)
-    _wait_for(lambda: (ckpt / "t" / "trial-0.pt").is_file(), 120, "the first checkpoint")
+    wait_for(lambda: (ckpt / "t" / "trial-0.pt").is_file(), 120, "the first checkpoint")
     # A second worker arrives while the last trial runs: the budget is spent, but it must not leave.
     log = tmp_path / "second.log"
     with log.open("w") as fh:
         second = spawn_worker(sqlite_url, "t", ckpt, stdout=fh)
-    _wait_for(lambda: "waiting for running trial(s) [0]" in log.read_text(), 120, "the second worker to wait")
+    wait_for(lambda: "waiting for running trial(s) [0]" in log.read_text(), 120, "the second worker to wait")
     proc.kill()
     proc.communicate(timeout=30)
     first = _study(sqlite_url).get_trials()[0]
@@ -239,11 +230,7 @@ def test_a_worker_killed_on_the_last_trial_is_retried_by_a_worker_that_waits_out
     retry = trials[1]
     assert retry.user_attrs[attrs.RETRY_OF] == 0 and retry.params == first.params
     assert "heartbeat did not advance for" in out, "the waiting worker failed the dead trial itself"
-    resumed = retry.user_attrs[attrs.RESUMED_FROM_EPOCH]
-    assert resumed >= 1, "resumed from the dead worker's checkpoint, not from scratch"
-    assert sorted(retry.intermediate_values) == list(range(1, 41))
-    for step in range(1, resumed + 1):
-        assert retry.intermediate_values[step] == first.intermediate_values[step]
+    assert_resumed_from_checkpoint(retry, first, 40)
 
 
 def test_ctrl_c_twice_stops_at_once_with_one_line_and_the_trial_resumable(
@@ -258,7 +245,7 @@ def test_ctrl_c_twice_stops_at_once_with_one_line_and_the_trial_resumable(
         trials = _study(sqlite_url).get_trials()
         return bool(trials) and len(trials[0].intermediate_values) >= 1
 
-    _wait_for(first_epoch_reported, 120, "the first epoch")
+    wait_for(first_epoch_reported, 120, "the first epoch")
     time.sleep(0.5)  # into epoch 2 (about 3 s here): both presses land inside it
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
