@@ -357,26 +357,37 @@ class _Slots:
         """K slots on threads of their own; the first error of one (an outage, a node fault) stops the others
         after their epoch (their trials are given back, uncounted) and is raised here, once they have."""
         errors: list[BaseException] = []
+        done = [threading.Event() for _ in range(k)]
 
-        def slot() -> None:
+        def slot(finished: threading.Event) -> None:
             try:
                 self.work()
             except BaseException as exc:  # noqa: BLE001 - raised on the main thread below
                 errors.append(exc)
                 self.stop.event.set()
+            finally:
+                finished.set()
 
-        threads = [threading.Thread(target=slot, name=f"slot-{i}", daemon=True) for i in range(k)]
-        for t in threads:
-            t.start()
+        def wait(interruptible: bool) -> None:
+            # Events, not Thread.join: a KeyboardInterrupt inside join() marks a running thread as stopped
+            # (CPython's bpo-45274 handling), and the process would then exit under a training thread
+            for finished in done:
+                while True:
+                    try:
+                        if finished.wait(0.2):  # short waits: the main thread takes the signals
+                            break
+                    except KeyboardInterrupt:
+                        if interruptible:
+                            raise
+
+        for i, finished in enumerate(done):
+            threading.Thread(target=slot, args=(finished,), name=f"slot-{i}", daemon=True).start()
         try:
-            while any(t.is_alive() for t in threads):
-                for t in threads:
-                    t.join(timeout=0.2)  # short waits: the main thread takes the signals
+            wait(interruptible=True)
         except KeyboardInterrupt:
             pack.abort()  # stop now: every member's step raises, and its trial is given back
             self.stop.event.set()
-            for t in threads:
-                t.join()
+            wait(interruptible=False)  # each slot marks its trial interrupted first; a third Ctrl-C changes nothing
             raise
         if pack.fused_steps:
             log.info(

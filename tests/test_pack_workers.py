@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,3 +100,25 @@ def test_ctrl_c_stops_every_slot_after_its_epoch_and_each_trial_resumes(
         retry = next(t for t in trials if t.user_attrs.get(attrs.RETRY_OF) == old.number)
         assert retry.state == TrialState.COMPLETE
         assert retry.user_attrs[attrs.RESUMED_FROM_EPOCH] == len(old.intermediate_values) >= 1
+
+
+def test_ctrl_c_twice_stops_a_packed_worker_at_once_and_leaves_no_trial_running(
+    folder_root: Path, write_study: Callable[..., Path], sqlite_url: str, tmp_path: Path
+) -> None:
+    # 48 px: epochs of several seconds, so that the second Ctrl-C lands inside one
+    cfg = study_dict(
+        folder_root, budget={"n_trials": 2}, model={"image_size": 48}, train={"epochs": 12}, data={"image_size": 16}
+    )
+    assert main(["--storage", sqlite_url, "create", str(write_study(cfg))]) == 0
+    ckpt = tmp_path / "ck"
+    proc = spawn_worker(sqlite_url, "t", ckpt, "--pack", "2")
+    wait_for(lambda: all((ckpt / "t" / f"trial-{n}.pt").is_file() for n in (0, 1)), 180, "both trials' checkpoints")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "terminate called" not in out, out[-3000:]  # the process never exits under a training thread
+    trials = stored_trials(sqlite_url)
+    assert not [t for t in trials if t.state == TrialState.RUNNING], out[-3000:]
+    assert [t.user_attrs.get(attrs.REASON) for t in trials[:2]] == [attrs.INTERRUPTED] * 2, out[-3000:]
